@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:
+#   make demo   set everything up, then run the main job
+#   make test   set everything up, then run the tests
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: all install demo test bench clean
+
+all: test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Build tools and runtime deps, once per venv.
+$(VENV)/.deps: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" numpy "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
+	    pytest psutil safetensors
+	touch $@
+
+# A real (non-editable) install: tests import what users would get.
+install: $(VENV)/.deps
+	$(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall .
+
+demo: install
+	$(BIN)/python examples/save_load.py
+
+test: install
+	cd tests && ../$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/save_load.py
+
+clean:
+	rm -rf build $(VENV)

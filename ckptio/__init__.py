@@ -1,0 +1,33 @@
+"""ckptio: PyTorch checkpoints at the speed of the disk.
+
+Files are torch.save's own zip format (plain ``torch.load`` reads them),
+written by a native engine with O_DIRECT, parallel CRC-32 and an atomic,
+fsynced commit, so a checkpoint is either the old one or the new one, never
+half of each.
+"""
+
+from .api import SaveResult, VerifyResult, load, save, verify
+from .errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CkptioError,
+    ConfigError,
+    CorruptCheckpointError,
+    SaveCancelledError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "save",
+    "load",
+    "verify",
+    "SaveResult",
+    "VerifyResult",
+    "CkptioError",
+    "CheckpointIOError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "ConfigError",
+    "SaveCancelledError",
+]

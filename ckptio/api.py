@@ -1,0 +1,171 @@
+"""ckptio's user-facing verbs: save, load, verify."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.serialization
+
+from . import archive as _archive
+from ._engine import get_engine
+from ._paths import check_destination, remove_stale_temporaries
+from .config import verify_by_default
+from .errors import CkptioError, CorruptCheckpointError
+from .pickling import ALIGNMENT, plan_records
+
+__all__ = ["SaveResult", "VerifyResult", "save", "load", "verify"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    path: str
+    bytes: int          # size of the checkpoint file
+    write_seconds: float  # from handing the records to the engine to durable
+    direct_io: bool     # whether O_DIRECT carried the writes
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    path: str
+    records: int
+    bytes: int
+
+
+def _wait(ticket) -> None:
+    """Wait for an engine job; on Ctrl-C cancel it (nothing is committed) and re-raise."""
+    try:
+        ticket.wait()
+    except BaseException:
+        ticket.cancel()
+        ticket.wait_uninterruptible()
+        raise
+    ticket.check()
+
+
+def write_plan(plan, path: str):
+    """Hand a SavePlan to the engine; returns its ticket (the plan must outlive it)."""
+    check_destination(path)
+    remove_stale_temporaries(os.path.dirname(path))
+    return get_engine().save(path, plan.records, ALIGNMENT, plan.keepalive)
+
+
+def save(obj, path: str | os.PathLike) -> SaveResult:
+    """Write `obj` to `path` as torch.save would, durably.
+
+    When this returns the file is complete, fsynced and renamed into place; if
+    it raises, whatever was at `path` before is untouched and no temporary
+    file remains.
+    """
+    path = os.fspath(path)
+    plan = plan_records(obj, path)
+    ticket = write_plan(plan, path)
+    _wait(ticket)
+    st = ticket.stats()
+    return SaveResult(path, st["bytes"], st["seconds"], st["direct_io"])
+
+
+def _resolve_weights_only(weights_only) -> bool:
+    # The same rules as torch.load, including its environment overrides.
+    true_values = ("1", "y", "yes", "true")
+    if os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in true_values:
+        return True
+    if weights_only is None:
+        return os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() not in true_values
+    return bool(weights_only)
+
+
+def _is_meta(map_location) -> bool:
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location).type == "meta"
+    return False
+
+
+def load(
+    path: str | os.PathLike,
+    map_location=None,
+    *,
+    weights_only: bool | None = True,
+    mmap: bool = False,
+    verify: bool | None = None,
+):
+    """Load a checkpoint written by ckptio.save or torch.save.
+
+    The result is what ``torch.load(path, map_location, weights_only=...,
+    mmap=...)`` returns: torch's own unpickler (and, with weights_only=True,
+    its allowlist) rebuilds the object. The payloads are read in parallel by
+    the engine and, unless verify=False (or CKPTIO_VERIFY=0), every record's
+    CRC-32 is checked first: a damaged file raises CorruptCheckpointError
+    naming the record instead of returning wrong tensors.
+
+    mmap=True and map_location="meta" read no payloads here; verify then
+    reads the file once to check it before torch.load maps it.
+    """
+    path = os.fspath(path)
+    verify = verify_by_default() if verify is None else bool(verify)
+    weights_only = _resolve_weights_only(weights_only)
+    if not os.path.exists(path):
+        raise _archive.CheckpointNotFoundError(2, "no such checkpoint", path)
+    if os.path.isfile(path) and os.path.getsize(path) > 0 and not _archive.is_zip_checkpoint(path):
+        return _load_legacy(path, map_location, weights_only)
+
+    arc = _archive.open_archive(path)
+    if "constants.pkl" in arc.records:
+        raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
+    if mmap or _is_meta(map_location):
+        if verify:
+            _archive.read_records(arc, list(arc.records), verify=True, keep=False)
+        return _torch_load(path, map_location, weights_only, mmap=mmap)
+
+    buffers = _archive.read_records(arc, list(arc.records), verify=verify)
+    reader = _archive.LoadedArchive(arc, buffers)
+    unpickler_module = torch._weights_only_unpickler if weights_only else pickle
+    try:
+        return torch.serialization._load(reader, map_location, unpickler_module, encoding="utf-8")
+    except pickle.UnpicklingError as e:
+        if weights_only:
+            raise pickle.UnpicklingError(
+                f"Weights only load failed for {path}: {e}\nckptio.load(weights_only=True) refuses what "
+                "torch.load(weights_only=True) refuses. If you trust this file, pass weights_only=False, or "
+                "allow the named globals with torch.serialization.add_safe_globals."
+            ) from None
+        raise
+
+
+def _torch_load(path, map_location, weights_only, mmap):
+    return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+
+
+def _load_legacy(path, map_location, weights_only):
+    """Files from before torch 1.6 (not zip): torch.load reads them; nothing to verify."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] != b"\x80":  # a legacy torch file starts with a pickle PROTO opcode
+        raise CorruptCheckpointError(
+            f"{path}: not a checkpoint (neither a torch.save zip archive nor a legacy torch file)", path=path
+        )
+    try:
+        return _torch_load(path, map_location, weights_only, mmap=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
+            raise
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint: {e}", path=path) from e
+
+
+def verify(path: str | os.PathLike) -> VerifyResult:
+    """Check the structure and every CRC-32 of a checkpoint without loading it.
+
+    Raises CorruptCheckpointError naming the damaged record. Records written
+    without a CRC (torch.save with compute_crc32=False stores 0) are checked
+    for structure only.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise _archive.CheckpointNotFoundError(2, "no such checkpoint", path)
+    if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):
+        raise CorruptCheckpointError(f"{path}: not a torch.save zip archive", path=path)
+    arc = _archive.open_archive(path)
+    _archive.read_records(arc, list(arc.records), verify=True, keep=False)
+    return VerifyResult(path, len(arc.records), sum(r.size for r in arc.records.values()))

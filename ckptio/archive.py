@@ -1,0 +1,184 @@
+"""Reading a checkpoint archive: its directory, its records, and the object
+torch's own unpickling code reads them through."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._engine import get_engine
+from .errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
+from . import _C
+
+__all__ = ["Archive", "Record", "open_archive", "read_records", "LoadedArchive"]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PAGE = 4096
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str          # without the archive prefix, e.g. "data/0"
+    header_offset: int
+    data_offset: int
+    size: int
+    crc: int
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: str
+    file_size: int
+    prefix: str
+    records: dict  # name -> Record, in file order
+
+    def record(self, name: str) -> Record:
+        try:
+            return self.records[name]
+        except KeyError:
+            raise CorruptCheckpointError(
+                f"{self.path}: the archive has no '{name}' record", path=self.path, record=name
+            ) from None
+
+
+def is_zip_checkpoint(path: str) -> bool:
+    """True if the file starts like a zip archive (torch.save's format since 1.6)."""
+    with open(path, "rb") as f:
+        return f.read(4) == _ZIP_MAGIC
+
+
+def open_archive(path: str) -> Archive:
+    """Parse and check the archive directory of `path`.
+
+    Raises CorruptCheckpointError for anything torch.load could not read: a
+    truncated or non-zip file, records outside one top-level directory, no
+    ``data.pkl`` or ``version`` record.
+    """
+    if os.path.isdir(path):
+        raise CheckpointIOError(21, "is a directory, not a checkpoint file", path)
+    file_size, entries = get_engine().read_directory(path)
+    if not entries:
+        raise CorruptCheckpointError(f"{path}: the archive holds no records", path=path)
+    with open(path, "rb") as f:
+        if f.read(4) != _ZIP_MAGIC:
+            raise CorruptCheckpointError(
+                f"{path}: does not start with a zip local header, so torch.load cannot read it", path=path
+            )
+    first = _decode(entries[0][0], path)
+    if "/" not in first:
+        raise CorruptCheckpointError(f"{path}: record '{first}' is not inside the archive directory", path=path)
+    prefix = first.split("/", 1)[0]
+    records = {}
+    for raw, header_offset, data_offset, size, crc in entries:
+        full = _decode(raw, path)
+        if not full.startswith(prefix + "/"):
+            raise CorruptCheckpointError(
+                f"{path}: record '{full}' is outside the archive directory '{prefix}/'", path=path, record=full
+            )
+        name = full[len(prefix) + 1 :]
+        if name in records:
+            raise CorruptCheckpointError(f"{path}: record '{name}' appears twice", path=path, record=name)
+        records[name] = Record(name, header_offset, data_offset, size, crc)
+    archive = Archive(path, file_size, prefix, records)
+    archive.record("data.pkl")
+    if "version" not in records and ".data/version" not in records:
+        raise CorruptCheckpointError(f"{path}: the archive has no 'version' record", path=path, record="version")
+    return archive
+
+
+def _decode(raw: bytes, path: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(f"{path}: a record name is not valid UTF-8: {raw[:80]!r}", path=path) from None
+
+
+def _checks(record: Record, verify: bool) -> bool:
+    # torch.save(..., compute_crc32=False) records CRC 0: nothing to compare against.
+    return verify and not (record.crc == 0 and record.size > 0)
+
+
+def read_records(archive: Archive, names, *, verify: bool, keep: bool = True) -> dict:
+    """Read records in parallel through the engine, checking CRC-32s if `verify`.
+
+    Returns {name: AlignedBuffer} (page-aligned, exactly `size` long), or {}
+    when keep=False (verification only).
+    """
+    buffers = {}
+    requests = []
+    for name in names:
+        r = archive.record(name)
+        if keep:
+            buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
+            buffers[name] = buf
+            address, capacity = buf.address, buf.capacity
+        else:
+            address, capacity = 0, 0
+        requests.append((name, r.data_offset, r.size, r.crc, _checks(r, verify), address, capacity))
+    ticket = get_engine().read(archive.path, requests, buffers)
+    try:
+        ticket.wait()
+    except BaseException:
+        ticket.cancel()
+        ticket.wait_uninterruptible()
+        raise
+    ticket.check()
+    return buffers
+
+
+def storage_from_buffer(buf) -> torch.UntypedStorage:
+    """Wrap an engine buffer as a CPU storage without copying; the storage keeps it alive."""
+    if len(buf) == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(buf, dtype=torch.uint8).untyped_storage()
+
+
+class _RecordStorage:
+    """What torch's zip reader returns from get_storage_from_record: _load
+    unwraps it with ``._typed_storage()._untyped_storage``."""
+
+    def __init__(self, storage: torch.UntypedStorage):
+        self._untyped_storage = storage
+
+    def _typed_storage(self):
+        return self
+
+
+class LoadedArchive:
+    """The reader interface torch.serialization._load calls, served from
+    records the engine already read and verified."""
+
+    def __init__(self, archive: Archive, buffers: dict):
+        self._archive = archive
+        self._buffers = buffers
+
+    def has_record(self, name: str) -> bool:
+        return name in self._archive.records
+
+    def get_record(self, name: str) -> bytes:
+        if name not in self._buffers:
+            self._buffers.update(read_records(self._archive, [name], verify=True))
+        return bytes(self._buffers[name])
+
+    def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
+        record = self._archive.record(name)
+        if record.size != numel:
+            raise CorruptCheckpointError(
+                f"{self._archive.path}: record '{name}' holds {record.size} bytes but the pickle expects {numel}",
+                path=self._archive.path,
+                record=name,
+            )
+        return _RecordStorage(storage_from_buffer(self._buffers[name]))
+
+    def get_record_offset(self, name: str) -> int:
+        return self._archive.record(name).data_offset
+
+    def get_all_records(self) -> list:
+        return list(self._archive.records)
+
+    def serialization_id(self) -> str:
+        if ".data/serialization_id" in self._archive.records:
+            return self.get_record(".data/serialization_id").decode(errors="replace")
+        return ""

@@ -1,0 +1,67 @@
+"""Every tuning knob, its environment variable, default and accepted range.
+
+This is the one place environment variables are read. Values are validated at
+first use; a bad value raises :class:`ckptio.errors.ConfigError` naming the
+variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+__all__ = ["EngineConfig", "engine_config", "verify_by_default"]
+
+
+def _int_var(name: str, default: int, lo: int, hi: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer; expected an integer in [{lo}, {hi}]") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name}={raw!r} is out of range; expected an integer in [{lo}, {hi}]")
+    return value
+
+
+def _choice_var(name: str, default: str, choices: dict[str, object]) -> object:
+    raw = os.environ.get(name)
+    key = default if raw is None or raw.strip() == "" else raw.strip().lower()
+    if key not in choices:
+        raise ConfigError(f"{name}={raw!r} is not accepted; expected one of {', '.join(choices)}")
+    return choices[key]
+
+
+# csrc/engine/file_io.h: DirectIoMode.
+DIRECT_AUTO, DIRECT_REQUIRE, DIRECT_OFF = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_threads: int   # CKPTIO_NUM_THREADS: engine I/O + CRC threads
+    block_bytes: int   # CKPTIO_BLOCK_MB: one aligned read/write request
+    queue_depth: int   # CKPTIO_QUEUE_DEPTH: requests in flight per file
+    direct: int        # CKPTIO_DIRECT_IO: auto / 1 (require) / 0 (buffered + fdatasync)
+
+
+def engine_config() -> EngineConfig:
+    """Read and validate the engine's environment variables."""
+    return EngineConfig(
+        num_threads=_int_var("CKPTIO_NUM_THREADS", min(4, os.cpu_count() or 1), 1, 256),
+        block_bytes=_int_var("CKPTIO_BLOCK_MB", 8, 1, 1024) << 20,
+        queue_depth=_int_var("CKPTIO_QUEUE_DEPTH", 4, 1, 256),
+        direct=_choice_var(
+            "CKPTIO_DIRECT_IO",
+            "auto",
+            {"auto": DIRECT_AUTO, "1": DIRECT_REQUIRE, "true": DIRECT_REQUIRE, "0": DIRECT_OFF, "false": DIRECT_OFF},
+        ),
+    )
+
+
+def verify_by_default() -> bool:
+    """CKPTIO_VERIFY: whether ckptio.load checks CRC-32s when not told (default 1)."""
+    return bool(_choice_var("CKPTIO_VERIFY", "1", {"1": True, "true": True, "0": False, "false": False}))

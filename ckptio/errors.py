@@ -1,0 +1,71 @@
+"""ckptio's exception hierarchy.
+
+Every error ckptio raises derives from :class:`CkptioError`, and also from the
+builtin a caller would catch without knowing ckptio (``OSError``,
+``FileNotFoundError``, ``ValueError``), so existing ``except`` clauses keep
+working.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+__all__ = [
+    "CkptioError",
+    "CheckpointIOError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "ConfigError",
+    "SaveCancelledError",
+]
+
+
+class CkptioError(Exception):
+    """Base class of every error ckptio raises."""
+
+
+class CheckpointIOError(CkptioError, OSError):
+    """A system call failed while reading or writing a checkpoint.
+
+    ``errno``, ``strerror`` and ``filename`` are set as on any ``OSError``.
+    """
+
+
+class CheckpointNotFoundError(CheckpointIOError, FileNotFoundError):
+    """The checkpoint (or its directory) does not exist."""
+
+
+class CorruptCheckpointError(CkptioError, ValueError):
+    """The file is not an intact checkpoint. ``record`` names the damaged part."""
+
+    def __init__(self, message: str, *, path: str | None = None, record: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.record = record
+
+
+class ConfigError(CkptioError, ValueError):
+    """A tuning environment variable has a value ckptio cannot use."""
+
+
+class SaveCancelledError(CkptioError):
+    """A save was cancelled (e.g. by Ctrl-C) before it committed; nothing was written."""
+
+
+# Codes of ckptio::Status::Code in csrc/engine/status.h.
+_IO_ERROR, _NOT_FOUND, _CORRUPT, _INVALID_ARGUMENT, _CANCELLED = 1, 2, 3, 4, 5
+
+
+def from_engine_status(code: int, err: int, path: str, record: str, message: str) -> Exception:
+    """Turn an engine Status into the matching exception (called by ckptio._C)."""
+    if code == _CORRUPT:
+        where = f" in record '{record}'" if record else ""
+        return CorruptCheckpointError(f"{path}: {message}{where}", path=path, record=record or None)
+    if code in (_IO_ERROR, _NOT_FOUND):
+        err = err or _errno.EIO
+        cls = CheckpointNotFoundError if err == _errno.ENOENT else CheckpointIOError
+        return cls(err, f"{message} [{os.strerror(err)}]", path)
+    if code == _CANCELLED:
+        return SaveCancelledError(f"{path}: cancelled before it completed; nothing was written")
+    return CkptioError(f"{path}: {message}" if path else message)

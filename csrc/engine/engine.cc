@@ -1,0 +1,44 @@
+#include "engine.h"
+
+#include <unistd.h>
+
+namespace ckptio {
+
+Engine::Engine(const EngineOptions& options)
+    : options_(options), owner_pid_(::getpid()),
+      buffers_(options.block_bytes + 2 * kPageSize),
+      pool_(std::make_unique<ThreadPool>(options.num_threads)) {}
+
+Engine::~Engine() {
+  // After fork() only the forking thread exists in the child; joining the
+  // parent's workers would hang, so the child leaks them.
+  if (::getpid() != owner_pid_) (void)pool_.release();
+}
+
+std::shared_ptr<Ticket> Engine::Save(const std::string& path, std::vector<RecordSpec> records,
+                                     uint64_t alignment) {
+  WriteOptions w;
+  w.block_bytes = options_.block_bytes;
+  w.queue_depth = options_.queue_depth;
+  w.direct = options_.direct;
+  w.alignment = alignment;
+  return StartSave(path, std::move(records), w, pool_.get(), &buffers_);
+}
+
+std::shared_ptr<Ticket> Engine::Read(const std::string& path, std::vector<ReadRequest> requests) {
+  ReadOptions r;
+  r.block_bytes = options_.block_bytes;
+  r.queue_depth = options_.queue_depth;
+  r.direct = options_.direct;
+  return StartRead(path, std::move(requests), r, pool_.get(), &buffers_);
+}
+
+Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size) {
+  ReadableFile file;
+  Status s = ReadableFile::Open(path, DirectIoMode::kOff, &file);
+  if (!s.ok()) return s;
+  *file_size = file.size();
+  return ReadZipDirectory(&file, entries);
+}
+
+}  // namespace ckptio

@@ -1,0 +1,52 @@
+// Engine: the process-wide owner of the worker threads and I/O buffers that
+// every save, load and verify job runs on. Knows bytes, files and records,
+// never tensors or Python objects.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "read_job.h"
+#include "save_job.h"
+#include "thread_pool.h"
+#include "ticket.h"
+#include "zip_directory.h"
+
+namespace ckptio {
+
+struct EngineOptions {
+  size_t num_threads = 2;
+  size_t block_bytes = 8 << 20;  // multiple of 4096
+  size_t queue_depth = 4;
+  DirectIoMode direct = DirectIoMode::kAuto;
+};
+
+class Engine {
+ public:
+  // REQUIRES: options validated by the caller (ckptio/config.py does it).
+  explicit Engine(const EngineOptions& options);
+  // Finishes every queued job, then joins the workers. In a forked child,
+  // where the workers do not exist, it abandons them instead.
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // See StartSave: `records` must stay valid until the ticket is done.
+  std::shared_ptr<Ticket> Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment);
+  // See StartRead: destinations must stay valid until the ticket is done.
+  std::shared_ptr<Ticket> Read(const std::string& path, std::vector<ReadRequest> requests);
+  // Synchronous: parses the archive directory of `path`.
+  Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size);
+
+  const EngineOptions& options() const { return options_; }
+
+ private:
+  const EngineOptions options_;
+  const int owner_pid_;
+  BufferPool buffers_;  // declared before pool_: outlives the workers using it
+  std::unique_ptr<ThreadPool> pool_;
+};
+
+}  // namespace ckptio

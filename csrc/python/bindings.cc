@@ -1,0 +1,240 @@
+// ckptio._C: the only file that knows both the engine and Python.
+//
+// Every blocking call converts its arguments, then releases the GIL and waits
+// in 100 ms slices so Ctrl-C is noticed. Status -> exception happens in
+// RaiseStatus and nowhere else.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/aligned_buffer.h"
+#include "engine/crc32.h"
+#include "engine/engine.h"
+
+namespace py = pybind11;
+using namespace ckptio;
+
+namespace {
+
+[[noreturn]] void RaiseStatus(const Status& s) {
+  py::object make = py::module_::import("ckptio.errors").attr("from_engine_status");
+  py::object exc = make(static_cast<int>(s.code()), s.error_number(), s.path(), s.record(), s.message());
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
+  throw py::error_already_set();
+}
+
+// Waits for `t` with the GIL released; true when done, false on timeout.
+// Raises KeyboardInterrupt (or whatever a signal handler raises) if asked.
+bool WaitInterruptibly(Ticket& t, double timeout_seconds) {
+  using Clock = std::chrono::steady_clock;
+  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_seconds < 0 ? 0 : timeout_seconds);
+  for (;;) {
+    double slice = 0.1;
+    if (timeout_seconds >= 0)
+      slice = std::min(slice, std::max(0.0, std::chrono::duration<double>(deadline - Clock::now()).count()));
+    bool done;
+    {
+      py::gil_scoped_release release;
+      done = t.Wait(slice);
+    }
+    if (done) return true;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    if (timeout_seconds >= 0 && Clock::now() >= deadline) return false;
+  }
+}
+
+// A job handle that also owns the Python objects whose memory the job reads
+// or writes, so they outlive it.
+class PyTicket {
+ public:
+  PyTicket(std::shared_ptr<Ticket> t, py::object keepalive) : t_(std::move(t)), keepalive_(std::move(keepalive)) {}
+  ~PyTicket() {
+    if (!t_->done()) {  // never free memory a worker may still touch
+      t_->Cancel();
+      py::gil_scoped_release release;
+      t_->Wait(-1);
+    }
+  }
+  bool wait(py::object timeout) {
+    return WaitInterruptibly(*t_, timeout.is_none() ? -1.0 : timeout.cast<double>());
+  }
+  // Waits without being interruptible: used after cancel() to know when
+  // buffers are free.
+  void wait_uninterruptible() {
+    py::gil_scoped_release release;
+    t_->Wait(-1);
+  }
+  bool done() const { return t_->done(); }
+  void cancel() { t_->Cancel(); }
+  // REQUIRES: done(). Raises the job's error, if any.
+  void check() const {
+    Status s = t_->status();
+    if (!s.ok()) RaiseStatus(s);
+  }
+  py::dict stats() const {
+    JobStats st = t_->stats();
+    py::dict d;
+    d["path"] = st.path;
+    d["bytes"] = st.bytes;
+    d["seconds"] = st.seconds;
+    d["direct_io"] = st.direct_io;
+    return d;
+  }
+
+ private:
+  std::shared_ptr<Ticket> t_;
+  py::object keepalive_;
+};
+
+// Page-aligned memory exposed through the buffer protocol, so torch.frombuffer
+// can wrap it without a copy; the tensor then keeps this object alive.
+class PyAlignedBuffer {
+ public:
+  PyAlignedBuffer(size_t size, size_t capacity) : size_(size), buf_(std::max(size, capacity), false) {
+    if (std::max(size, capacity) > 0 && buf_.data() == nullptr) throw std::bad_alloc();
+  }
+  uint8_t* data() { return buf_.data(); }
+  size_t size() const { return size_; }
+  size_t capacity() const { return buf_.capacity(); }
+
+ private:
+  size_t size_;
+  AlignedBuffer buf_;
+};
+
+// A record's bytes: a Python buffer (bytes, memoryview) or an (address, size) pair.
+struct Bytes {
+  const uint8_t* data;
+  uint64_t size;
+};
+Bytes BytesOf(py::handle data) {
+  if (py::isinstance<py::tuple>(data)) {
+    auto t = data.cast<py::tuple>();
+    return {reinterpret_cast<const uint8_t*>(t[0].cast<uintptr_t>()), t[1].cast<uint64_t>()};
+  }
+  py::buffer_info info = py::reinterpret_borrow<py::buffer>(data).request();
+  return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size * info.itemsize)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ckptio's native engine: zip layout, CRC-32, parallel O_DIRECT I/O, durable commit.";
+
+  py::class_<PyTicket>(m, "Ticket")
+      .def("wait", &PyTicket::wait, py::arg("timeout") = py::none(),
+           "Block until the job is done (True) or `timeout` seconds pass (False).")
+      .def("wait_uninterruptible", &PyTicket::wait_uninterruptible)
+      .def("done", &PyTicket::done)
+      .def("cancel", &PyTicket::cancel)
+      .def("check", &PyTicket::check, "Raise the job's error, if it failed. Requires done().")
+      .def("stats", &PyTicket::stats);
+
+  py::class_<PyAlignedBuffer>(m, "AlignedBuffer", py::buffer_protocol())
+      .def(py::init<size_t, size_t>(), py::arg("size"), py::arg("capacity") = 0)
+      .def_property_readonly("address", [](PyAlignedBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+      .def_property_readonly("capacity", &PyAlignedBuffer::capacity)
+      .def("__len__", &PyAlignedBuffer::size)
+      .def_buffer([](PyAlignedBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {1});
+      });
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init([](size_t num_threads, size_t block_bytes, size_t queue_depth, int direct) {
+             EngineOptions o;
+             o.num_threads = num_threads;
+             o.block_bytes = block_bytes;
+             o.queue_depth = queue_depth;
+             o.direct = static_cast<DirectIoMode>(direct);
+             return std::make_unique<Engine>(o);
+           }),
+           py::arg("num_threads"), py::arg("block_bytes"), py::arg("queue_depth"), py::arg("direct"))
+      .def(
+          "save",
+          [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive) {
+            std::vector<RecordSpec> specs;
+            specs.reserve(records.size());
+            for (py::handle item : records) {
+              auto t = item.cast<py::tuple>();
+              Bytes b = BytesOf(t[1]);
+              specs.push_back(RecordSpec{t[0].cast<std::string>(), b.data, b.size});
+            }
+            std::shared_ptr<Ticket> ticket;
+            {
+              py::gil_scoped_release release;
+              ticket = e.Save(path, std::move(specs), alignment);
+            }
+            return std::make_unique<PyTicket>(std::move(ticket), std::move(keepalive));
+          },
+          py::arg("path"), py::arg("records"), py::arg("alignment"), py::arg("keepalive"),
+          "Start writing records [(name, bytes | (address, size))] to path; returns a Ticket.")
+      .def(
+          "read",
+          [](Engine& e, const std::string& path, py::list requests, py::object keepalive) {
+            std::vector<ReadRequest> reqs;
+            reqs.reserve(requests.size());
+            for (py::handle item : requests) {
+              auto t = item.cast<py::tuple>();
+              ReadRequest r;
+              r.name = t[0].cast<std::string>();
+              r.offset = t[1].cast<uint64_t>();
+              r.size = t[2].cast<uint64_t>();
+              r.crc = t[3].cast<uint32_t>();
+              r.verify = t[4].cast<bool>();
+              r.dest = reinterpret_cast<uint8_t*>(t[5].cast<uintptr_t>());
+              r.dest_capacity = t[6].cast<uint64_t>();
+              reqs.push_back(std::move(r));
+            }
+            std::shared_ptr<Ticket> ticket;
+            {
+              py::gil_scoped_release release;
+              ticket = e.Read(path, std::move(reqs));
+            }
+            return std::make_unique<PyTicket>(std::move(ticket), std::move(keepalive));
+          },
+          py::arg("path"), py::arg("requests"), py::arg("keepalive"),
+          "Start reading [(name, offset, size, crc, verify, dest_address, dest_capacity)]; returns a Ticket.")
+      .def(
+          "read_directory",
+          [](Engine& e, const std::string& path) {
+            std::vector<ZipEntry> entries;
+            uint64_t file_size = 0;
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = e.ReadDirectory(path, &entries, &file_size);
+            }
+            if (!s.ok()) RaiseStatus(s);
+            py::list out;
+            for (const ZipEntry& z : entries)
+              out.append(py::make_tuple(py::bytes(z.name), z.header_offset, z.data_offset, z.size, z.crc));
+            return py::make_tuple(file_size, out);
+          },
+          py::arg("path"), "(file_size, [(name: bytes, header_offset, data_offset, size, crc)])");
+
+  m.def(
+      "crc32",
+      [](py::buffer data, uint32_t crc) {
+        py::buffer_info info = data.request();
+        const size_t n = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release release;
+        return Crc32(crc, info.ptr, n);
+      },
+      py::arg("data"), py::arg("crc") = 0);
+  m.def(
+      "crc32_portable",
+      [](py::buffer data, uint32_t crc) {
+        py::buffer_info info = data.request();
+        const size_t n = static_cast<size_t>(info.size * info.itemsize);
+        py::gil_scoped_release release;
+        return Crc32Portable(crc, info.ptr, n);
+      },
+      py::arg("data"), py::arg("crc") = 0);
+  m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
+  m.def("crc32_backend", &Crc32Backend);
+}

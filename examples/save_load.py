@@ -1,0 +1,36 @@
+"""Save a model's state with ckptio, load it back with ckptio and with plain
+torch.load, and show what each took."""
+
+import os
+import tempfile
+import time
+
+import torch
+
+import ckptio
+
+
+def main():
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 1024))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(8, 1024)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}
+
+    with tempfile.TemporaryDirectory(dir=os.getcwd()) as d:
+        path = os.path.join(d, "step_1.pt")
+        result = ckptio.save(state, path)
+        print(f"ckptio.save: {result.bytes / 2**20:.1f} MiB durable in {result.write_seconds * 1e3:.1f} ms "
+              f"(O_DIRECT: {result.direct_io})")
+        t = time.perf_counter()
+        loaded = ckptio.load(path)
+        print(f"ckptio.load (CRC-32 verified): {(time.perf_counter() - t) * 1e3:.1f} ms")
+        plain = torch.load(path, weights_only=True)
+        same = all(torch.equal(loaded["model"][k], plain["model"][k]) and torch.equal(plain["model"][k], v)
+                   for k, v in state["model"].items())
+        print(f"plain torch.load reads the same tensors: {same}")
+        print(ckptio.verify(path))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,9 +7,12 @@
 #include <cstring>
 #include <new>
 
+#include <sys/mman.h>
+
 namespace ckptio {
 
 constexpr size_t kPageSize = 4096;
+constexpr size_t kHugePageSize = 2 << 20;
 
 inline uint64_t RoundUp(uint64_t n, uint64_t align) { return (n + align - 1) / align * align; }
 inline uint64_t RoundDown(uint64_t n, uint64_t align) { return n / align * align; }
@@ -27,7 +30,11 @@ class AlignedBuffer {
   explicit AlignedBuffer(size_t capacity, bool prefault) {
     if (capacity == 0) return;
     void* p = nullptr;
-    if (posix_memalign(&p, kPageSize, RoundUp(capacity, kPageSize)) != 0) return;
+    // Large buffers go on 2 MiB boundaries and ask for transparent huge
+    // pages: 512x fewer page faults when the buffer is first filled.
+    const size_t align = capacity >= kHugePageSize ? kHugePageSize : kPageSize;
+    if (posix_memalign(&p, align, RoundUp(capacity, kPageSize)) != 0) return;
+    if (align == kHugePageSize) madvise(p, RoundDown(capacity, kHugePageSize), MADV_HUGEPAGE);
     if (prefault) std::memset(p, 0, RoundUp(capacity, kPageSize));
     data_ = static_cast<uint8_t*>(p);
     capacity_ = capacity;

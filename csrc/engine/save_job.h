@@ -2,11 +2,12 @@
 // parallel aligned blocks, and commits it durably:
 //   temp file -> blocks -> fdatasync -> rename -> fsync(directory).
 //
-// Phase 1 writes every block that holds no CRC-dependent bytes (descriptors,
-// central directory) and computes the CRC of every payload piece it sees.
-// Phase 2 combines the pieces, fills descriptors and the directory, and
-// writes the remaining blocks. On any error the temporary file is removed and
-// the destination is untouched.
+// The file is cut into aligned blocks, claimed in order by up to queue_depth
+// runners. Each block checksums its payload pieces while copying them; a block
+// that holds data descriptors or the central directory (bytes that depend on
+// CRCs) waits only until every earlier block is checksummed, so checksumming
+// and writing overlap in one pass. On any error the temporary file is removed
+// and the destination is untouched.
 #pragma once
 
 #include <memory>

@@ -1,0 +1,178 @@
+"""Round trips between ckptio and torch in every loading mode torch offers."""
+
+import pickle
+import zipfile
+
+import pytest
+import torch
+from torch.utils.serialization import config as torch_config
+
+import ckptio
+from conftest import assert_same
+
+
+@pytest.fixture
+def torch_config_set():
+    """Set torch.utils.serialization.config values for one test (monkeypatch
+    cannot restore attributes on torch's config proxies)."""
+    changed = []
+
+    def set_(section, name, value):
+        changed.append((section, name, getattr(section, name)))
+        setattr(section, name, value)
+
+    yield set_
+    for section, name, old in reversed(changed):
+        setattr(section, name, old)
+
+
+@pytest.fixture
+def saved(tmp_path, everything_state):
+    path = tmp_path / "everything.pt"
+    ckptio.save(everything_state, path)
+    return path
+
+
+def test_plain_torch_load_weights_only(saved, everything_state):
+    assert_same(torch.load(saved, weights_only=True), everything_state)
+
+
+def test_plain_torch_load_mmap(saved, everything_state):
+    assert_same(torch.load(saved, weights_only=True, mmap=True), everything_state)
+
+
+def test_plain_torch_load_calculated_offsets(saved, everything_state, torch_config_set):
+    torch_config_set(torch_config.load, "calculate_storage_offsets", True)
+    assert_same(torch.load(saved, weights_only=True, mmap=True), everything_state)
+
+
+def test_offsets_match_torch_debug_check(saved, everything_state, monkeypatch, torch_config_set):
+    # TORCH_SERIALIZATION_DEBUG makes torch cross-check every computed offset
+    # against the directory: our layout must be miniz's exactly.
+    monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
+    torch_config_set(torch_config.load, "calculate_storage_offsets", True)
+    assert_same(torch.load(saved, weights_only=True, mmap=True), everything_state)
+    assert_same(torch.load(saved, weights_only=True), everything_state)
+
+
+def test_plain_torch_load_meta(saved, everything_state):
+    out = torch.load(saved, weights_only=True, map_location="meta")
+    assert out["float_torch.float32"].device.type == "meta"
+    assert_same(out, everything_state)  # shapes, dtypes, strides
+
+
+def test_views_still_share_storage(saved):
+    out = ckptio.load(saved)
+    assert out["view_a"].untyped_storage().data_ptr() == out["view_b"].untyped_storage().data_ptr()
+    assert out["view_a"].storage_offset() == 10
+    assert out["view_a"].untyped_storage().nbytes() == 4000  # the whole storage, as torch.save
+
+
+def test_ckptio_load_matches_torch_load(saved, everything_state):
+    ours = ckptio.load(saved)
+    assert_same(ours, everything_state)
+    assert_same(ours, torch.load(saved, weights_only=True))
+
+
+@pytest.mark.parametrize("mode", [dict(mmap=True), dict(map_location="meta"), dict(verify=False)])
+def test_ckptio_load_modes(saved, everything_state, mode):
+    assert_same(ckptio.load(saved, **mode), everything_state)
+
+
+def test_torch_save_files_load_with_ckptio(tmp_path, everything_state):
+    path = tmp_path / "by_torch.pt"
+    torch.save(everything_state, path)  # 64-byte alignment, torch's own writer
+    assert_same(ckptio.load(path), everything_state)
+    ckptio.verify(path)
+
+
+def test_torch_save_file_object_archive_loads(tmp_path, everything_state):
+    path = tmp_path / "stream.pt"
+    with open(path, "wb") as f:  # a file object: prefix "archive/"
+        torch.save(everything_state, f)
+    assert_same(ckptio.load(path), everything_state)
+
+
+def test_legacy_format_loads(tmp_path):
+    path = tmp_path / "legacy.pt"
+    state = {"w": torch.randn(3, 3)}
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert_same(ckptio.load(path), state)
+
+
+def test_map_location_cpu_and_callable(saved, everything_state):
+    assert_same(ckptio.load(saved, map_location="cpu"), everything_state)
+    assert_same(ckptio.load(saved, map_location=lambda storage, loc: storage), everything_state)
+
+
+def test_weights_only_false_loads_arbitrary_objects(tmp_path):
+    path = tmp_path / "obj.pt"
+    state = {"fn": len, "set": {1, 2}, "t": torch.ones(2)}
+    ckptio.save(state, path)
+    out = ckptio.load(path, weights_only=False)
+    assert out["fn"] is len and out["set"] == {1, 2}
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ckptio.load(path, weights_only=True)
+
+
+def test_loaded_tensors_behave_like_torch_loaded(saved):
+    out = ckptio.load(saved)
+    t = out["float_torch.float32"]
+    t.add_(1)  # writable
+    assert t.share_memory_().is_shared()
+    assert out["param"].grad is None and isinstance(out["param"], torch.nn.Parameter)
+
+
+def test_zipfile_accepts_every_crc(saved):
+    assert zipfile.ZipFile(saved).testzip() is None
+
+
+def test_records_are_page_aligned(saved):
+    with zipfile.ZipFile(saved) as z:
+        for info in z.infolist():
+            with open(saved, "rb") as f:
+                f.seek(info.header_offset + 26)
+                n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+            assert (info.header_offset + 30 + n + m) % 4096 == 0, info.filename
+        assert z.read("everything/.storage_alignment") == b"4096"
+
+
+def test_prefix_is_file_stem(tmp_path):
+    ckptio.save({"a": torch.ones(1)}, tmp_path / "step_000100.ckpt")
+    names = zipfile.ZipFile(tmp_path / "step_000100.ckpt").namelist()
+    assert all(n.startswith("step_000100/") for n in names), names
+
+
+def test_same_bytes_as_torch_save_with_4096_alignment(tmp_path, everything_state, torch_config_set):
+    ours, theirs = tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"
+    ours.parent.mkdir()
+    theirs.parent.mkdir()
+    ckptio.save(everything_state, ours)
+    torch_config_set(torch_config.save, "storage_alignment", 4096)
+    torch.save(everything_state, theirs)
+    a, b = _mask_serialization_id(ours), _mask_serialization_id(theirs)
+    assert len(a) == len(b)
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    assert diff == [], f"{len(diff)} bytes differ, first at {diff[:5]}"
+
+
+def _mask_serialization_id(path) -> bytes:
+    """The file's bytes with the serialization id (random by design) and its
+    CRC in the descriptor and the central directory zeroed."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{path.stem}/.data/serialization_id")
+    n, m = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little"), int.from_bytes(
+        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    )
+    start = info.header_offset + 30 + n + m
+    data[start : start + 40] = b"\0" * 40
+    data[start + 44 : start + 48] = b"\0" * 4  # descriptor CRC
+    name = info.filename.encode()
+    pos = data.find(b"PK\x01\x02")
+    while pos != -1:
+        if data[pos + 46 : pos + 46 + len(name)] == name:
+            data[pos + 16 : pos + 20] = b"\0" * 4
+            break
+        pos = data.find(b"PK\x01\x02", pos + 4)
+    return bytes(data)

@@ -6,6 +6,7 @@ fsynced commit, so a checkpoint is either the old one or the new one, never
 half of each.
 """
 
+from ._engine import engine_info
 from .api import SaveResult, VerifyResult, load, save, verify
 from .errors import (
     CheckpointIOError,
@@ -24,6 +25,7 @@ __all__ = [
     "verify",
     "SaveResult",
     "VerifyResult",
+    "engine_info",
     "CkptioError",
     "CheckpointIOError",
     "CheckpointNotFoundError",

@@ -10,35 +10,49 @@ import os
 import threading
 
 from . import _C
-from .config import engine_config
+from .config import DIRECT_AUTO, DIRECT_OFF, DIRECT_REQUIRE, EngineConfig, engine_config
+
+__all__ = ["engine_info", "get_engine", "reset_engine"]
 
 _lock = threading.Lock()
 _engine: _C.Engine | None = None
+_config: EngineConfig | None = None
 _abandoned: list = []  # engines inherited across fork(): never destroyed in the child
 
 
 def get_engine() -> _C.Engine:
-    global _engine
+    global _engine, _config
     with _lock:
         if _engine is None:
             cfg = engine_config()
             _engine = _C.Engine(cfg.num_threads, cfg.block_bytes, cfg.queue_depth, cfg.direct)
+            _config = cfg
         return _engine
 
 
+def engine_info() -> dict:
+    """The options of the engine this process uses (creating it if needed)."""
+    get_engine()
+    cfg = _config
+    direct = {DIRECT_AUTO: "auto", DIRECT_REQUIRE: "1", DIRECT_OFF: "0"}[cfg.direct]
+    return {"num_threads": cfg.num_threads, "block_bytes": cfg.block_bytes, "queue_depth": cfg.queue_depth,
+            "direct_io": direct}
+
+
 def reset_engine() -> None:
-    """Drain and drop the engine, so the next use re-reads the environment."""
-    global _engine
+    """Drop the engine, so the next use re-reads the environment. Jobs already
+    queued finish first (the engine's destructor drains and joins)."""
+    global _engine, _config
     with _lock:
-        _engine = None  # its destructor finishes queued jobs and joins the workers
+        _engine, _config = None, None
 
 
 def _after_fork_in_child() -> None:
-    global _engine, _lock
+    global _engine, _config, _lock
     _lock = threading.Lock()
     if _engine is not None:
         _abandoned.append(_engine)
-        _engine = None
+        _engine, _config = None, None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -118,6 +118,20 @@ def small_filesystem(tmp_path):
 
 
 @pytest.fixture
+def no_direct_io_filesystem(tmp_path):
+    """A ramfs mounted for the test: it refuses O_DIRECT (EINVAL), like some
+    network and older tmpfs filesystems."""
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    if not _run(["mount", "-t", "ramfs", "ramfs", str(mnt)]):
+        pytest.skip("cannot mount a ramfs here (needs root / CAP_SYS_ADMIN)")
+    try:
+        yield mnt
+    finally:
+        _run(["umount", "-l", str(mnt)])
+
+
+@pytest.fixture
 def make_read_only(tmp_path):
     """Returns a function that makes a directory refuse new files: chmod for
     ordinary users; for root (who ignores modes) the immutable attribute."""

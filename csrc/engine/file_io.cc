@@ -13,22 +13,20 @@ WritableFile::~WritableFile() {
 }
 
 Status WritableFile::Create(const std::string& path, DirectIoMode mode, WritableFile* out) {
-  const int base_flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-  int fd = -1;
+  // Create first, then ask for O_DIRECT: some filesystems (ramfs) create the
+  // file and only then refuse O_DIRECT in open(), which would leave it behind.
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) return Status::FromErrno(errno, "open for writing", path);
   bool direct = false;
   if (mode != DirectIoMode::kOff) {
-    fd = ::open(path.c_str(), base_flags | O_DIRECT, 0666);
-    direct = fd >= 0;
-    if (fd < 0 && !(errno == EINVAL && mode == DirectIoMode::kAuto)) {
-      if (errno == EINVAL)
-        return Status::IOError(EINVAL, path,
-                               "O_DIRECT is not supported here and CKPTIO_DIRECT_IO=1 requires it");
-      return Status::FromErrno(errno, "open for writing", path);
+    const int flags = ::fcntl(fd, F_GETFL);
+    direct = flags >= 0 && ::fcntl(fd, F_SETFL, flags | O_DIRECT) == 0;
+    if (!direct && mode == DirectIoMode::kRequire) {
+      const int err = errno;
+      ::close(fd);
+      ::unlink(path.c_str());
+      return Status::IOError(err, path, "this filesystem refuses O_DIRECT, which CKPTIO_DIRECT_IO=1 requires");
     }
-  }
-  if (fd < 0) {
-    fd = ::open(path.c_str(), base_flags, 0666);
-    if (fd < 0) return Status::FromErrno(errno, "open for writing", path);
   }
   out->fd_ = fd;
   out->path_ = path;

@@ -116,14 +116,19 @@ def load(
         raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
     if mmap or _is_meta(map_location):
         if verify:
-            _archive.read_records(arc, list(arc.records), verify=True, keep=False)
+            _archive.RecordReader(arc, list(arc.records), verify=True, keep=False).finish()
         return _torch_load(path, map_location, weights_only, mmap=mmap)
 
-    buffers = _archive.read_records(arc, list(arc.records), verify=verify)
-    reader = _archive.LoadedArchive(arc, buffers)
+    # Unpickling runs while the engine is still reading: each storage waits
+    # only for its own record.
+    reader = _archive.RecordReader(arc, list(arc.records), verify=verify)
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
     try:
-        return torch.serialization._load(reader, map_location, unpickler_module, encoding="utf-8")
+        result = torch.serialization._load(
+            _archive.LoadedArchive(arc, reader), map_location, unpickler_module, encoding="utf-8"
+        )
+        reader.finish()  # records the pickle never referenced are verified too
+        return result
     except pickle.UnpicklingError as e:
         if weights_only:
             raise pickle.UnpicklingError(
@@ -167,5 +172,5 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):
         raise CorruptCheckpointError(f"{path}: not a torch.save zip archive", path=path)
     arc = _archive.open_archive(path)
-    _archive.read_records(arc, list(arc.records), verify=True, keep=False)
+    _archive.RecordReader(arc, list(arc.records), verify=True, keep=False).finish()
     return VerifyResult(path, len(arc.records), sum(r.size for r in arc.records.values()))

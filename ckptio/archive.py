@@ -12,7 +12,7 @@ from ._engine import get_engine
 from .errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
 from . import _C
 
-__all__ = ["Archive", "Record", "open_archive", "read_records", "LoadedArchive"]
+__all__ = ["Archive", "Record", "RecordReader", "LoadedArchive", "open_archive", "is_zip_checkpoint"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PAGE = 4096
@@ -20,10 +20,10 @@ _PAGE = 4096
 
 @dataclass(frozen=True)
 class Record:
-    name: str          # without the archive prefix, e.g. "data/0"
-    header_offset: int
-    data_offset: int
-    size: int
+    name: str           # without the archive prefix, e.g. "data/0"
+    header_offset: int  # its local header
+    end_offset: int     # where the next record begins
+    size: int           # payload bytes
     crc: int
 
 
@@ -71,7 +71,7 @@ def open_archive(path: str) -> Archive:
         raise CorruptCheckpointError(f"{path}: record '{first}' is not inside the archive directory", path=path)
     prefix = first.split("/", 1)[0]
     records = {}
-    for raw, header_offset, data_offset, size, crc in entries:
+    for raw, header_offset, end_offset, size, crc in entries:
         full = _decode(raw, path)
         if not full.startswith(prefix + "/"):
             raise CorruptCheckpointError(
@@ -80,7 +80,7 @@ def open_archive(path: str) -> Archive:
         name = full[len(prefix) + 1 :]
         if name in records:
             raise CorruptCheckpointError(f"{path}: record '{name}' appears twice", path=path, record=name)
-        records[name] = Record(name, header_offset, data_offset, size, crc)
+        records[name] = Record(name, header_offset, end_offset, size, crc)
     archive = Archive(path, file_size, prefix, records)
     archive.record("data.pkl")
     if "version" not in records and ".data/version" not in records:
@@ -100,32 +100,45 @@ def _checks(record: Record, verify: bool) -> bool:
     return verify and not (record.crc == 0 and record.size > 0)
 
 
-def read_records(archive: Archive, names, *, verify: bool, keep: bool = True) -> dict:
-    """Read records in parallel through the engine, checking CRC-32s if `verify`.
+class RecordReader:
+    """Reads records of an archive in the background through the engine,
+    checking CRC-32s if `verify`; get(name) waits for just that record, so the
+    caller can use early records while later ones arrive.
 
-    Returns {name: AlignedBuffer} (page-aligned, exactly `size` long), or {}
-    when keep=False (verification only).
-    """
-    buffers = {}
-    requests = []
-    for name in names:
-        r = archive.record(name)
-        if keep:
-            buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
-            buffers[name] = buf
-            address, capacity = buf.address, buf.capacity
-        else:
-            address, capacity = 0, 0
-        requests.append((name, r.data_offset, r.size, r.crc, _checks(r, verify), address, capacity))
-    ticket = get_engine().read(archive.path, requests, buffers)
-    try:
-        ticket.wait()
-    except BaseException:
-        ticket.cancel()
-        ticket.wait_uninterruptible()
-        raise
-    ticket.check()
-    return buffers
+    With keep=False the records are only checksummed (verification)."""
+
+    def __init__(self, archive: Archive, names, *, verify: bool, keep: bool = True):
+        self._buffers = {}
+        self._index = {}
+        requests = []
+        for name in names:
+            r = archive.record(name)
+            address = capacity = 0
+            if keep:
+                buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
+                self._buffers[name] = buf
+                address, capacity = buf.address, buf.capacity
+            self._index[name] = len(requests)
+            requests.append(
+                (name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
+            )
+        # The ticket keeps the buffers alive until the engine is done with them.
+        self._ticket = get_engine().read(archive.path, requests, list(self._buffers.values()))
+
+    def get(self, name: str):
+        """The page-aligned buffer holding record `name`, once read and verified."""
+        self._ticket.wait_request(self._index[name])
+        return self._buffers[name]
+
+    def finish(self) -> None:
+        """Wait for every record; raise the first error (e.g. a CRC mismatch)."""
+        try:
+            self._ticket.wait()
+        except BaseException:
+            self._ticket.cancel()
+            self._ticket.wait_uninterruptible()
+            raise
+        self._ticket.check()
 
 
 def storage_from_buffer(buf) -> torch.UntypedStorage:
@@ -148,19 +161,17 @@ class _RecordStorage:
 
 class LoadedArchive:
     """The reader interface torch.serialization._load calls, served from
-    records the engine already read and verified."""
+    records the engine reads (and verifies) in the background."""
 
-    def __init__(self, archive: Archive, buffers: dict):
+    def __init__(self, archive: Archive, reader: RecordReader):
         self._archive = archive
-        self._buffers = buffers
+        self._reader = reader
 
     def has_record(self, name: str) -> bool:
         return name in self._archive.records
 
     def get_record(self, name: str) -> bytes:
-        if name not in self._buffers:
-            self._buffers.update(read_records(self._archive, [name], verify=True))
-        return bytes(self._buffers[name])
+        return bytes(self._reader.get(name))
 
     def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
         record = self._archive.record(name)
@@ -170,10 +181,7 @@ class LoadedArchive:
                 path=self._archive.path,
                 record=name,
             )
-        return _RecordStorage(storage_from_buffer(self._buffers[name]))
-
-    def get_record_offset(self, name: str) -> int:
-        return self._archive.record(name).data_offset
+        return _RecordStorage(storage_from_buffer(self._reader.get(name)))
 
     def get_all_records(self) -> list:
         return list(self._archive.records)

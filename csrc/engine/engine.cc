@@ -25,7 +25,7 @@ std::shared_ptr<Ticket> Engine::Save(const std::string& path, std::vector<Record
   return StartSave(path, std::move(records), w, pool_.get(), &buffers_);
 }
 
-std::shared_ptr<Ticket> Engine::Read(const std::string& path, std::vector<ReadRequest> requests) {
+ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> requests) {
   ReadOptions r;
   r.block_bytes = options_.block_bytes;
   r.queue_depth = options_.queue_depth;

@@ -36,7 +36,7 @@ class Engine {
   // See StartSave: `records` must stay valid until the ticket is done.
   std::shared_ptr<Ticket> Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment);
   // See StartRead: destinations must stay valid until the ticket is done.
-  std::shared_ptr<Ticket> Read(const std::string& path, std::vector<ReadRequest> requests);
+  ReadHandle Read(const std::string& path, std::vector<ReadRequest> requests);
   // Synchronous: parses the archive directory of `path`.
   Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size);
 

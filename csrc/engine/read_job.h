@@ -1,8 +1,17 @@
 // ReadJob: reads records of a checkpoint in parallel, O_DIRECT where the
 // offsets allow, verifying each record's CRC-32 as its bytes arrive.
+//
+// Requests are located by their local header offset and the offset where the
+// next record begins, both known from the central directory alone: the local
+// headers (which give the payload's exact start) are parsed from the same
+// reads that fetch the payloads, so opening a file with thousands of records
+// costs no extra seeks. Each request completes on its own, so a caller can
+// use record i while later ones are still arriving.
 #pragma once
 
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -14,14 +23,15 @@
 namespace ckptio {
 
 struct ReadRequest {
-  std::string name;      // for error messages
-  uint64_t offset;       // file offset of the payload
-  uint64_t size;
-  uint32_t crc;          // expected CRC-32
-  bool verify;           // compare against `crc`
-  uint8_t* dest;         // null: checksum only (verify without keeping the bytes)
-  uint64_t dest_capacity;  // >= size; page-aligned dest with capacity >= RoundUp(size, 4096)
-                           // lets whole pages be read with O_DIRECT
+  std::string name;        // for error messages
+  uint64_t header_offset;  // the record's local header
+  uint64_t end_offset;     // where the next record (or the directory) begins
+  uint64_t size;           // payload bytes, from the central directory
+  uint32_t crc;            // expected CRC-32
+  bool verify;             // compare against `crc`
+  uint8_t* dest;           // null: checksum only (verify without keeping the bytes)
+  uint64_t dest_capacity;  // >= size; a page-aligned dest with capacity >= RoundUp(size, 4096)
+                           // lets whole pages be read into it with O_DIRECT
 };
 
 struct ReadOptions {
@@ -30,10 +40,32 @@ struct ReadOptions {
   DirectIoMode direct = DirectIoMode::kAuto;
 };
 
+// Which requests of a read job are finished. Shared by the job and its caller.
+class ReadProgress {
+ public:
+  explicit ReadProgress(size_t n) : done_(n, 0) {}
+  // Blocks up to `timeout_seconds` (< 0: forever) until request i is finished
+  // or the whole job has stopped; true if either happened.
+  bool Wait(size_t i, double timeout_seconds);
+  void MarkDone(size_t i);
+  void StopAll();  // the job ended (possibly failed): wake every waiter
+
+ private:
+  std::mutex mu_;  // guards done_ and stopped_
+  std::condition_variable cv_;
+  std::vector<char> done_;
+  bool stopped_ = false;
+};
+
+struct ReadHandle {
+  std::shared_ptr<Ticket> ticket;
+  std::shared_ptr<ReadProgress> progress;  // indexed like the requests passed in
+};
+
 // Starts reading `requests` from `path` on `pool`; returns at once.
 // REQUIRES: every dest stays valid until the ticket is done. `buffers` hands
 // out buffers of at least block_bytes + 2 pages.
-std::shared_ptr<Ticket> StartRead(const std::string& path, std::vector<ReadRequest> requests,
-                                  const ReadOptions& options, ThreadPool* pool, BufferPool* buffers);
+ReadHandle StartRead(const std::string& path, std::vector<ReadRequest> requests, const ReadOptions& options,
+                     ThreadPool* pool, BufferPool* buffers);
 
 }  // namespace ckptio

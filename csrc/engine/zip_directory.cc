@@ -142,18 +142,21 @@ Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
       return Status::Corrupt(path, name, "record is compressed; checkpoints store records uncompressed");
     if (csize != usize)
       return Status::Corrupt(path, name, "stored record has different compressed and uncompressed sizes");
-    if (header_offset > cd_offset || cd_offset - header_offset < 30)
-      return Status::Corrupt(path, name, "local header lies outside the file");
-    uint8_t lh[30];
-    s = ReadExactly(file, header_offset, lh, 30, "local header");
-    if (!s.ok()) return s;
-    if (Get32(lh) != kLocalHeaderSig)
-      return Status::Corrupt(path, name, "local header has a bad signature");
-    const uint64_t data_offset = header_offset + 30 + Get16(lh + 26) + Get16(lh + 28);
-    if (data_offset > cd_offset || usize > cd_offset - data_offset)
+    if (header_offset > cd_offset || cd_offset - header_offset < 30 + usize)
       return Status::Corrupt(path, name,
-                             "payload of " + std::to_string(usize) + " bytes runs past the end of the data (truncated?)");
-    entries->push_back(ZipEntry{std::move(name), header_offset, data_offset, usize, crc});
+                             "record of " + std::to_string(usize) + " bytes lies outside the data (truncated?)");
+    entries->push_back(ZipEntry{std::move(name), header_offset, cd_offset, usize, crc});
+  }
+  // Each record extends to the next one's header.
+  std::vector<size_t> order(entries->size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return (*entries)[a].header_offset < (*entries)[b].header_offset; });
+  for (size_t k = 0; k + 1 < order.size(); ++k) {
+    ZipEntry& e = (*entries)[order[k]];
+    e.end_offset = (*entries)[order[k + 1]].header_offset;
+    if (e.end_offset - e.header_offset < 30 + e.size)
+      return Status::Corrupt(path, e.name, "record overlaps the next record");
   }
   return Status::OK();
 }

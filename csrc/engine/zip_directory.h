@@ -14,15 +14,16 @@ namespace ckptio {
 
 struct ZipEntry {
   std::string name;
-  uint64_t header_offset;
-  uint64_t data_offset;  // first payload byte, from the local header
+  uint64_t header_offset;  // local header
+  uint64_t end_offset;     // where the next record (or the directory) begins
   uint64_t size;
   uint32_t crc;
 };
 
-// Parses the directory of `file`. Fails with Corrupt (naming the part) for
-// anything that is not a well-formed archive of stored records lying wholly
-// inside the file.
+// Parses the directory of `file` (its tail only: local headers are read with
+// the payloads). Fails with Corrupt (naming the part) for anything that is
+// not a well-formed archive of stored records, each fitting between its
+// header and the next record.
 Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries);
 
 }  // namespace ckptio

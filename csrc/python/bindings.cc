@@ -51,7 +51,8 @@ bool WaitInterruptibly(Ticket& t, double timeout_seconds) {
 // or writes, so they outlive it.
 class PyTicket {
  public:
-  PyTicket(std::shared_ptr<Ticket> t, py::object keepalive) : t_(std::move(t)), keepalive_(std::move(keepalive)) {}
+  PyTicket(std::shared_ptr<Ticket> t, py::object keepalive, std::shared_ptr<ReadProgress> progress = nullptr)
+      : t_(std::move(t)), progress_(std::move(progress)), keepalive_(std::move(keepalive)) {}
   ~PyTicket() {
     if (!t_->done()) {  // never free memory a worker may still touch
       t_->Cancel();
@@ -67,6 +68,24 @@ class PyTicket {
   void wait_uninterruptible() {
     py::gil_scoped_release release;
     t_->Wait(-1);
+  }
+  // Read jobs: waits until request i has arrived and been verified; raises
+  // the job's error if it failed first.
+  void wait_request(size_t i) {
+    if (!progress_) throw std::invalid_argument("not a read job");
+    for (;;) {
+      bool ready;
+      {
+        py::gil_scoped_release release;
+        ready = progress_->Wait(i, 0.1);
+      }
+      if (ready) break;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    }
+    if (t_->failed()) {
+      wait_uninterruptible();
+      check();
+    }
   }
   bool done() const { return t_->done(); }
   void cancel() { t_->Cancel(); }
@@ -87,6 +106,7 @@ class PyTicket {
 
  private:
   std::shared_ptr<Ticket> t_;
+  std::shared_ptr<ReadProgress> progress_;
   py::object keepalive_;
 };
 
@@ -129,6 +149,8 @@ PYBIND11_MODULE(_C, m) {
       .def("wait", &PyTicket::wait, py::arg("timeout") = py::none(),
            "Block until the job is done (True) or `timeout` seconds pass (False).")
       .def("wait_uninterruptible", &PyTicket::wait_uninterruptible)
+      .def("wait_request", &PyTicket::wait_request, py::arg("index"),
+           "Read jobs: block until request `index` is read and verified.")
       .def("done", &PyTicket::done)
       .def("cancel", &PyTicket::cancel)
       .def("check", &PyTicket::check, "Raise the job's error, if it failed. Requires done().")
@@ -182,23 +204,26 @@ PYBIND11_MODULE(_C, m) {
               auto t = item.cast<py::tuple>();
               ReadRequest r;
               r.name = t[0].cast<std::string>();
-              r.offset = t[1].cast<uint64_t>();
-              r.size = t[2].cast<uint64_t>();
-              r.crc = t[3].cast<uint32_t>();
-              r.verify = t[4].cast<bool>();
-              r.dest = reinterpret_cast<uint8_t*>(t[5].cast<uintptr_t>());
-              r.dest_capacity = t[6].cast<uint64_t>();
+              r.header_offset = t[1].cast<uint64_t>();
+              r.end_offset = t[2].cast<uint64_t>();
+              r.size = t[3].cast<uint64_t>();
+              r.crc = t[4].cast<uint32_t>();
+              r.verify = t[5].cast<bool>();
+              r.dest = reinterpret_cast<uint8_t*>(t[6].cast<uintptr_t>());
+              r.dest_capacity = t[7].cast<uint64_t>();
               reqs.push_back(std::move(r));
             }
-            std::shared_ptr<Ticket> ticket;
+            ReadHandle handle;
             {
               py::gil_scoped_release release;
-              ticket = e.Read(path, std::move(reqs));
+              handle = e.Read(path, std::move(reqs));
             }
-            return std::make_unique<PyTicket>(std::move(ticket), std::move(keepalive));
+            return std::make_unique<PyTicket>(std::move(handle.ticket), std::move(keepalive),
+                                              std::move(handle.progress));
           },
           py::arg("path"), py::arg("requests"), py::arg("keepalive"),
-          "Start reading [(name, offset, size, crc, verify, dest_address, dest_capacity)]; returns a Ticket.")
+          "Start reading [(name, header_offset, end_offset, size, crc, verify, dest_address, dest_capacity)];\n"
+          "returns a Ticket whose wait_request(i) says when request i is ready.")
       .def(
           "read_directory",
           [](Engine& e, const std::string& path) {
@@ -212,10 +237,10 @@ PYBIND11_MODULE(_C, m) {
             if (!s.ok()) RaiseStatus(s);
             py::list out;
             for (const ZipEntry& z : entries)
-              out.append(py::make_tuple(py::bytes(z.name), z.header_offset, z.data_offset, z.size, z.crc));
+              out.append(py::make_tuple(py::bytes(z.name), z.header_offset, z.end_offset, z.size, z.crc));
             return py::make_tuple(file_size, out);
           },
-          py::arg("path"), "(file_size, [(name: bytes, header_offset, data_offset, size, crc)])");
+          py::arg("path"), "(file_size, [(name: bytes, header_offset, end_offset, size, crc)])");
 
   m.def(
       "crc32",

@@ -7,7 +7,9 @@ half of each.
 """
 
 from ._engine import engine_info
-from .api import SaveResult, VerifyResult, load, save, verify
+from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait
+from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO
+from .save_queue import SaveHandle
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -21,8 +23,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "save",
+    "async_save",
+    "wait",
     "load",
     "verify",
+    "SaveHandle",
+    "CheckpointIO",
+    "FastCheckpointIO",
+    "TorchCheckpointIO",
+    "AsyncCheckpointIO",
     "SaveResult",
     "VerifyResult",
     "engine_info",

@@ -14,9 +14,10 @@ from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import verify_by_default
 from .errors import CkptioError, CorruptCheckpointError
-from .pickling import ALIGNMENT, plan_records
+from .pickling import ALIGNMENT, pickle_state
+from .save_queue import SaveHandle, get_queue
 
-__all__ = ["SaveResult", "VerifyResult", "save", "load", "verify"]
+__all__ = ["SaveResult", "VerifyResult", "save", "async_save", "wait", "load", "verify"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class SaveResult:
     bytes: int          # size of the checkpoint file
     write_seconds: float  # from handing the records to the engine to durable
     direct_io: bool     # whether O_DIRECT carried the writes
+    block_bytes: int = 0  # size of one write request (CKPTIO_BLOCK_MB, or CKPTIO_CHUNK_MB when streaming)
+
+    @classmethod
+    def from_stats(cls, st: dict) -> "SaveResult":
+        return cls(st["path"], st["bytes"], st["seconds"], st["direct_io"], st["block_bytes"])
 
 
 @dataclass(frozen=True)
@@ -45,26 +51,43 @@ def _wait(ticket) -> None:
     ticket.check()
 
 
-def write_plan(plan, path: str):
-    """Hand a SavePlan to the engine; returns its ticket (the plan must outlive it)."""
-    check_destination(path)
-    remove_stale_temporaries(os.path.dirname(path))
-    return get_engine().save(path, plan.records, ALIGNMENT, plan.keepalive)
-
-
 def save(obj, path: str | os.PathLike) -> SaveResult:
     """Write `obj` to `path` as torch.save would, durably.
 
     When this returns the file is complete, fsynced and renamed into place; if
     it raises, whatever was at `path` before is untouched and no temporary
-    file remains.
+    file remains. Async saves of `path` queued earlier land first.
     """
     path = os.fspath(path)
-    plan = plan_records(obj, path)
-    ticket = write_plan(plan, path)
+    get_queue().wait_path(path)
+    check_destination(path)
+    state = pickle_state(obj, path)
+    records, owners = state.cpu_records()
+    remove_stale_temporaries(os.path.dirname(path))
+    ticket = get_engine().save(path, records, ALIGNMENT, owners)
     _wait(ticket)
-    st = ticket.stats()
-    return SaveResult(path, st["bytes"], st["seconds"], st["direct_io"])
+    return SaveResult.from_stats(ticket.stats())
+
+
+def async_save(obj, path: str | os.PathLike) -> SaveHandle:
+    """Snapshot `obj` and write it to `path` in the background.
+
+    Returns once every tensor's bytes are copied into the staging arena: the
+    caller may then modify or free them. The handle is Future-like
+    (``done()``, ``result(timeout)``, ``wait()``, ``exception()``) and carries
+    ``stall_seconds``; its result is the SaveResult. Saves land in the order
+    they were made. A failure is raised by the handle, or else once by the
+    next ckptio call (save, load, async_save, wait).
+    """
+    from .background import stage, streaming_native_save, write_native
+
+    path = os.fspath(path)
+    return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
+
+
+def wait() -> None:
+    """Block until every async save is durable; raise a failure nobody has seen."""
+    get_queue().wait_all()
 
 
 def _resolve_weights_only(weights_only) -> bool:
@@ -104,6 +127,7 @@ def load(
     reads the file once to check it before torch.load maps it.
     """
     path = os.fspath(path)
+    get_queue().wait_path(path)
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):

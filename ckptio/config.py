@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["EngineConfig", "engine_config", "verify_by_default"]
+__all__ = ["EngineConfig", "StagingConfig", "engine_config", "staging_config", "verify_by_default"]
 
 
 def _int_var(name: str, default: int, lo: int, hi: int) -> int:
@@ -65,3 +65,28 @@ def engine_config() -> EngineConfig:
 def verify_by_default() -> bool:
     """CKPTIO_VERIFY: whether ckptio.load checks CRC-32s when not told (default 1)."""
     return bool(_choice_var("CKPTIO_VERIFY", "1", {"1": True, "true": True, "0": False, "false": False}))
+
+
+@dataclass(frozen=True)
+class StagingConfig:
+    slots: int          # CKPTIO_STAGING_SLOTS: snapshot slots (2 = double buffered)
+    budget_bytes: int   # CKPTIO_STAGING_BUDGET_MB: largest snapshot kept whole
+    chunk_bytes: int    # CKPTIO_CHUNK_MB: chunk size in streaming mode
+    max_pending: int    # CKPTIO_MAX_PENDING: saves queued or writing before async_save waits
+
+
+def _half_of_ram_mb() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // (1 << 20)
+    except (ValueError, OSError):
+        return 4096
+
+
+def staging_config() -> StagingConfig:
+    """Read and validate the async pipeline's environment variables."""
+    return StagingConfig(
+        slots=_int_var("CKPTIO_STAGING_SLOTS", 2, 1, 16),
+        budget_bytes=_int_var("CKPTIO_STAGING_BUDGET_MB", _half_of_ram_mb(), 0, 1 << 30) << 20,
+        chunk_bytes=_int_var("CKPTIO_CHUNK_MB", 64, 1, 4096) << 20,
+        max_pending=_int_var("CKPTIO_MAX_PENDING", 2, 1, 1024),
+    )

@@ -1,25 +1,28 @@
 """Turn a Python object into the records of a torch.save archive.
 
-torch's own ``torch.serialization._save`` does the pickling, so the pickle,
-the storage keys and their order, and every dtype rule are exactly
-torch.save's. It hands each record to a ``zip_file.write_record`` that we
-provide; instead of writing, we collect (name, bytes or storage) pairs for the
-engine, which writes them with 4096-byte alignment.
+The pickler below is torch.serialization._save's, line for line: protocol 2,
+storages replaced by the persistent id ``("storage", storage_type, key,
+location, numel)``, keys numbered in the order the pickler first meets each
+storage, and the same refusal of two views of one storage with different
+dtypes. The difference is what happens to the storages: torch copies device
+storages to the host and writes them; we only list them, so the caller
+decides how their bytes reach the engine (directly for a sync save of CPU
+tensors, through the staging arena for async saves and device tensors).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import secrets
+import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.serialization
+from torch.serialization import location_tag, normalize_storage_type
 
-from .errors import CkptioError
-
-__all__ = ["ALIGNMENT", "SavePlan", "archive_prefix", "plan_records"]
+__all__ = ["ALIGNMENT", "PickledState", "archive_prefix", "pickle_state"]
 
 # Payload alignment: every payload starts on a page, so the engine can write
 # it with O_DIRECT and mmap'd tensors are page aligned.
@@ -28,13 +31,42 @@ _PICKLE_PROTOCOL = 2  # torch.load's weights-only unpickler accepts only protoco
 
 
 @dataclass
-class SavePlan:
-    """Records in file order, and the objects that own their memory."""
+class PickledState:
+    """An object reduced to torch.save's records, its storages not yet copied.
 
-    records: list = field(default_factory=list)  # [(name, bytes | (address, size))]
-    keepalive: list = field(default_factory=list)
-    storages: list = field(default_factory=list)  # [(name, UntypedStorage)] in record order
-    total_bytes: int = 0
+    ``head`` holds the small records before the storages (data.pkl and the
+    metadata records), ``storages`` the storages in key order, ``tail`` the
+    records after them. ``records_for(payloads)`` puts them in file order.
+    """
+
+    prefix: str
+    head: list = field(default_factory=list)      # [(name, bytes)]
+    storages: list = field(default_factory=list)  # [torch.UntypedStorage] in key order
+    locations: list = field(default_factory=list)  # their location tags ("cpu", "cuda:0", ...)
+    tail: list = field(default_factory=list)      # [(name, bytes)]
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.storages)
+
+    def storage_name(self, key: int) -> str:
+        return f"{self.prefix}/data/{key}"
+
+    def records_for(self, payloads) -> list:
+        """File-order records with payloads[i] (bytes or (address, size)) for storage i."""
+        middle = [(self.storage_name(i), p) for i, p in enumerate(payloads)]
+        return self.head + middle + self.tail
+
+    def cpu_records(self) -> tuple[list, list]:
+        """Records pointing straight at the storages' memory (copying device
+        storages to the host first), and the objects that own that memory."""
+        owners, payloads = [], []
+        for s in self.storages:
+            if s.device.type != "cpu":
+                s = s.cpu()
+            owners.append(s)
+            payloads.append((s.data_ptr(), s.nbytes()))
+        return self.records_for(payloads), owners
 
 
 def archive_prefix(path: str) -> str:
@@ -53,46 +85,58 @@ def archive_prefix(path: str) -> str:
     return stem or "archive"
 
 
-class _RecordCollector:
-    """The part of torch._C.PyTorchFileWriter that torch.serialization._save calls."""
+def pickle_state(obj, path: str | os.PathLike) -> PickledState:
+    """Pickle `obj` as torch.save(obj, path) would and list its records."""
+    state = PickledState(prefix=archive_prefix(os.fspath(path)))
+    keys: dict[int, str] = {}
+    storage_dtypes: dict[int, torch.dtype] = {}
 
-    def __init__(self, prefix: str, plan: SavePlan):
-        self._prefix = prefix
-        self._plan = plan
+    def persistent_id(o):
+        if isinstance(o, torch.storage.TypedStorage) or torch.is_storage(o):
+            if isinstance(o, torch.storage.TypedStorage):
+                storage = o._untyped_storage
+                storage_dtype = o.dtype
+                storage_type = getattr(torch, o._pickle_storage_type())
+                storage_numel = o._size()
+            else:
+                storage = o
+                storage_dtype = torch.uint8
+                storage_type = normalize_storage_type(type(o))
+                storage_numel = storage.nbytes()
+            if str(storage.device) != "meta" and storage.data_ptr() != 0:
+                seen = storage_dtypes.setdefault(storage.data_ptr(), storage_dtype)
+                if seen != storage_dtype:
+                    raise RuntimeError(
+                        "Cannot save multiple tensors or storages that view the same data as different types"
+                    )
+            if getattr(o, "_fake_device", None) is not None:
+                location = str(o._fake_device)
+            else:
+                location = location_tag(storage)
+            key = keys.get(storage._cdata)
+            if key is None:
+                key = keys[storage._cdata] = str(len(keys))
+                state.storages.append(storage)
+                state.locations.append(location)
+            return ("storage", storage_type, key, location, storage_numel)
+        return None
 
-    def write_record(self, name, data, nbytes):
-        if name == ".storage_alignment":
-            data = str(ALIGNMENT)  # the layout we really write, whatever torch's config says
-        full = f"{self._prefix}/{name}"
-        if isinstance(data, str):
-            data = data.encode()
-        if isinstance(data, (bytes, bytearray)):
-            self._plan.records.append((full, bytes(data)))
-            self._plan.total_bytes += len(data)
-            return
-        storage = data  # a CPU UntypedStorage: torch moved device storages already
-        if storage.device.type != "cpu":
-            storage = storage.cpu()
-        self._plan.keepalive.append(storage)
-        self._plan.storages.append((full, storage))
-        self._plan.records.append((full, (storage.data_ptr(), int(nbytes))))
-        self._plan.total_bytes += int(nbytes)
+    class _Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return persistent_id(o)
 
-    def write_record_metadata(self, name, nbytes):
-        raise CkptioError("ckptio.save does not support torch.serialization.skip_data()")
-
-
-def plan_records(obj, path: str | os.PathLike) -> SavePlan:
-    """Pickle `obj` as torch.save would and list the archive's records."""
-    prefix = archive_prefix(os.fspath(path))
-    plan = SavePlan()
-    collector = _RecordCollector(prefix, plan)
-    torch.serialization._save(obj, collector, pickle, _PICKLE_PROTOCOL, False)
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=_PICKLE_PROTOCOL).dump(obj)
+    p = state.prefix
+    state.head = [
+        (f"{p}/data.pkl", buf.getvalue()),
+        (f"{p}/.format_version", b"1"),
+        (f"{p}/.storage_alignment", str(ALIGNMENT).encode()),
+        (f"{p}/byteorder", sys.byteorder.encode()),
+    ]
     # What PyTorchStreamWriter::writeEndOfFile appends.
-    for name, value in (("version", b"3\n"), (".data/serialization_id", _serialization_id())):
-        plan.records.append((f"{prefix}/{name}", value))
-        plan.total_bytes += len(value)
-    return plan
+    state.tail = [(f"{p}/version", b"3\n"), (f"{p}/.data/serialization_id", _serialization_id())]
+    return state
 
 
 def _serialization_id() -> bytes:

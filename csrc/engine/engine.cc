@@ -5,9 +5,7 @@
 namespace ckptio {
 
 Engine::Engine(const EngineOptions& options)
-    : options_(options), owner_pid_(::getpid()),
-      buffers_(options.block_bytes + 2 * kPageSize),
-      pool_(std::make_unique<ThreadPool>(options.num_threads)) {}
+    : options_(options), owner_pid_(::getpid()), pool_(std::make_unique<ThreadPool>(options.num_threads)) {}
 
 Engine::~Engine() {
   // After fork() only the forking thread exists in the child; joining the
@@ -15,14 +13,21 @@ Engine::~Engine() {
   if (::getpid() != owner_pid_) (void)pool_.release();
 }
 
-std::shared_ptr<Ticket> Engine::Save(const std::string& path, std::vector<RecordSpec> records,
-                                     uint64_t alignment) {
+BufferPool* Engine::BuffersFor(size_t block_bytes) {
+  std::lock_guard<std::mutex> lock(buffers_mu_);
+  auto& pool = buffers_[block_bytes];
+  if (!pool) pool = std::make_unique<BufferPool>(block_bytes + 2 * kPageSize);
+  return pool.get();
+}
+
+std::shared_ptr<Ticket> Engine::Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment,
+                                     size_t block_bytes, size_t queue_depth) {
   WriteOptions w;
-  w.block_bytes = options_.block_bytes;
-  w.queue_depth = options_.queue_depth;
+  w.block_bytes = block_bytes ? block_bytes : options_.block_bytes;
+  w.queue_depth = queue_depth ? queue_depth : options_.queue_depth;
   w.direct = options_.direct;
   w.alignment = alignment;
-  return StartSave(path, std::move(records), w, pool_.get(), &buffers_);
+  return StartSave(path, std::move(records), w, pool_.get(), BuffersFor(w.block_bytes));
 }
 
 ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> requests) {
@@ -30,7 +35,7 @@ ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> reques
   r.block_bytes = options_.block_bytes;
   r.queue_depth = options_.queue_depth;
   r.direct = options_.direct;
-  return StartRead(path, std::move(requests), r, pool_.get(), &buffers_);
+  return StartRead(path, std::move(requests), r, pool_.get(), BuffersFor(r.block_bytes));
 }
 
 Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size) {

@@ -3,7 +3,9 @@
 // never tensors or Python objects.
 #pragma once
 
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -33,8 +35,11 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // See StartSave: `records` must stay valid until the ticket is done.
-  std::shared_ptr<Ticket> Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment);
+  // See StartSave: `records` must stay valid until the ticket releases them.
+  // A non-zero block_bytes / queue_depth overrides the engine's for this job
+  // (streaming saves use a pair of chunk-sized blocks).
+  std::shared_ptr<Ticket> Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment,
+                               size_t block_bytes = 0, size_t queue_depth = 0);
   // See StartRead: destinations must stay valid until the ticket is done.
   ReadHandle Read(const std::string& path, std::vector<ReadRequest> requests);
   // Synchronous: parses the archive directory of `path`.
@@ -43,9 +48,13 @@ class Engine {
   const EngineOptions& options() const { return options_; }
 
  private:
+  BufferPool* BuffersFor(size_t block_bytes);
+
   const EngineOptions options_;
   const int owner_pid_;
-  BufferPool buffers_;  // declared before pool_: outlives the workers using it
+  // Bounce buffers by block size. Declared before pool_: they outlive the workers.
+  std::mutex buffers_mu_;
+  std::map<size_t, std::unique_ptr<BufferPool>> buffers_;
   std::unique_ptr<ThreadPool> pool_;
 };
 

@@ -267,7 +267,7 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
   void Finish() {
     const uint64_t bytes = bytes_.load();
     // Stats first: waiters woken by StopAll may read them at once.
-    JobStats stats{path_, bytes, 0, bytes > 0 && direct_bytes_.load() * 2 >= bytes};
+    JobStats stats{path_, bytes, 0, bytes > 0 && direct_bytes_.load() * 2 >= bytes, options_.block_bytes};
     progress_->StopAll();
     ticket_->Finish(stats);
   }

@@ -77,6 +77,10 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
     padded_size_ = RoundUp(layout_.file_size(), kPageSize);
     num_blocks_ = static_cast<size_t>((padded_size_ + block - 1) / block);
     checksummed_.assign(num_blocks_, 0);
+    written_.assign(num_blocks_, 0);
+    last_payload_block_ = 0;
+    for (const auto& r : recs)
+      if (r.size) last_payload_block_ = std::max<size_t>(last_payload_block_, (r.data_offset + r.size - 1) / block);
     pieces_.resize(recs.size());
     for (size_t i = 0; i < recs.size(); ++i) {
       const auto& r = recs[i];
@@ -174,7 +178,23 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
       }
     }
     const uint8_t* out = in_place ? first->src + (b0 - first->offset) : bounce;
-    return file_.WriteAt(b0, out, b1 - b0);
+    Status s = file_.WriteAt(b0, out, b1 - b0);
+    if (s.ok()) MarkWritten(b);
+    return s;
+  }
+
+  // Once every block holding payload bytes is on its way to disk, the
+  // caller's memory is no longer read: a streaming caller may go on.
+  void MarkWritten(size_t b) {
+    bool released = false;
+    {
+      std::lock_guard<std::mutex> lock(crc_mu_);
+      written_[b] = 1;
+      while (written_frontier_ < num_blocks_ && written_[written_frontier_]) ++written_frontier_;
+      released = written_frontier_ > last_payload_block_ && !released_reported_;
+      if (released) released_reported_ = true;
+    }
+    if (released) ticket_->MarkSourcesReleased();
   }
 
   void MarkChecksummed(size_t b) {
@@ -237,7 +257,7 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
       Abort();
       return;
     }
-    ticket_->Finish(JobStats{path_, layout_.file_size(), 0, direct});
+    ticket_->Finish(JobStats{path_, layout_.file_size(), 0, direct, options_.block_bytes});
     // The new checkpoint is durable and reported; freeing the old one's
     // blocks is not the caller's wait.
     if (kept_old) ::unlink(old_copy.c_str());
@@ -251,7 +271,7 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
   void Abort() {
     file_.Close();
     if (temp_created_) ::unlink(temp_path_.c_str());
-    ticket_->Finish(JobStats{path_, 0, 0, false});
+    ticket_->Finish(JobStats{path_, 0, 0, false, options_.block_bytes});
   }
 
   const std::string path_;
@@ -278,6 +298,10 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
   size_t filled_records_ = 0;      // records whose descriptor is filled
   std::vector<uint8_t> tail_bytes_;  // directory + end records
   bool tail_filled_ = false;
+  std::vector<char> written_;      // per block: its write returned
+  size_t written_frontier_ = 0;    // every block below this is written
+  size_t last_payload_block_ = 0;  // last block holding caller memory
+  bool released_reported_ = false;
   std::string temp_path_;
   bool temp_created_ = false;
   WritableFile file_;

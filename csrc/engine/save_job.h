@@ -31,7 +31,8 @@ struct WriteOptions {
 
 // Starts writing `records` to `path` on `pool`; returns at once.
 // REQUIRES: every RecordSpec::data stays valid and unchanged until the
-// returned ticket is done. `pool` and `buffers` must outlive the job.
+// ticket's WaitSourcesReleased() returns (at the latest, until it is done).
+// `pool` and `buffers` (of options.block_bytes + 2 pages) must outlive the job.
 std::shared_ptr<Ticket> StartSave(const std::string& path, std::vector<RecordSpec> records,
                                   const WriteOptions& options, ThreadPool* pool, BufferPool* buffers);
 

@@ -18,6 +18,7 @@ struct JobStats {
   uint64_t bytes = 0;      // file bytes written or payload bytes read
   double seconds = 0;      // from submission to completion
   bool direct_io = false;  // whether O_DIRECT carried the bulk of the I/O
+  uint64_t block_bytes = 0;  // size of one I/O request
 };
 
 class Ticket {
@@ -36,6 +37,18 @@ class Ticket {
   bool done() const {
     std::lock_guard<std::mutex> lock(mu_);
     return done_;
+  }
+  // Save jobs: blocks until the job no longer reads the caller's record
+  // memory (it may still be writing from its own buffers, syncing and
+  // renaming); true once that is so. Every finished job has released it.
+  bool WaitSourcesReleased(double timeout_seconds) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto ready = [this] { return released_ || done_; };
+    if (timeout_seconds < 0) {
+      cv_.wait(lock, ready);
+      return true;
+    }
+    return cv_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), ready);
   }
   // REQUIRES: done(). The first error any worker hit, or OK.
   Status status() const {
@@ -62,6 +75,13 @@ class Ticket {
     failed_.store(true, std::memory_order_release);
   }
   bool failed() const { return failed_.load(std::memory_order_acquire); }
+  void MarkSourcesReleased() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      released_ = true;
+    }
+    cv_.notify_all();
+  }
   void Finish(JobStats stats) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -76,6 +96,7 @@ class Ticket {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
+  bool released_ = false;
   Status status_;
   JobStats stats_;
   std::atomic<bool> failed_{false};

@@ -87,6 +87,25 @@ class PyTicket {
       check();
     }
   }
+  // Save jobs: true once the job no longer reads the records' memory.
+  bool wait_sources_released(py::object timeout) {
+    const double limit = timeout.is_none() ? -1.0 : timeout.cast<double>();
+    using Clock = std::chrono::steady_clock;
+    const auto deadline = Clock::now() + std::chrono::duration<double>(limit < 0 ? 0 : limit);
+    for (;;) {
+      double slice = 0.1;
+      if (limit >= 0)
+        slice = std::min(slice, std::max(0.0, std::chrono::duration<double>(deadline - Clock::now()).count()));
+      bool released;
+      {
+        py::gil_scoped_release release;
+        released = t_->WaitSourcesReleased(slice);
+      }
+      if (released) return true;
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      if (limit >= 0 && Clock::now() >= deadline) return false;
+    }
+  }
   bool done() const { return t_->done(); }
   void cancel() { t_->Cancel(); }
   // REQUIRES: done(). Raises the job's error, if any.
@@ -101,6 +120,7 @@ class PyTicket {
     d["bytes"] = st.bytes;
     d["seconds"] = st.seconds;
     d["direct_io"] = st.direct_io;
+    d["block_bytes"] = st.block_bytes;
     return d;
   }
 
@@ -114,7 +134,8 @@ class PyTicket {
 // can wrap it without a copy; the tensor then keeps this object alive.
 class PyAlignedBuffer {
  public:
-  PyAlignedBuffer(size_t size, size_t capacity) : size_(size), buf_(std::max(size, capacity), false) {
+  PyAlignedBuffer(size_t size, size_t capacity, bool prefault)
+      : size_(size), buf_(std::max(size, capacity), prefault) {
     if (std::max(size, capacity) > 0 && buf_.data() == nullptr) throw std::bad_alloc();
   }
   uint8_t* data() { return buf_.data(); }
@@ -151,13 +172,17 @@ PYBIND11_MODULE(_C, m) {
       .def("wait_uninterruptible", &PyTicket::wait_uninterruptible)
       .def("wait_request", &PyTicket::wait_request, py::arg("index"),
            "Read jobs: block until request `index` is read and verified.")
+      .def("wait_sources_released", &PyTicket::wait_sources_released, py::arg("timeout") = py::none(),
+           "Save jobs: block until the records' memory is no longer read (True) or timeout (False).")
       .def("done", &PyTicket::done)
       .def("cancel", &PyTicket::cancel)
       .def("check", &PyTicket::check, "Raise the job's error, if it failed. Requires done().")
       .def("stats", &PyTicket::stats);
 
   py::class_<PyAlignedBuffer>(m, "AlignedBuffer", py::buffer_protocol())
-      .def(py::init<size_t, size_t>(), py::arg("size"), py::arg("capacity") = 0)
+      .def(py::init<size_t, size_t, bool>(), py::arg("size"), py::arg("capacity") = 0, py::arg("prefault") = false,
+           py::call_guard<py::gil_scoped_release>(),
+           "Page-aligned memory; prefault touches every page now (GIL released) so first use is fast.")
       .def_property_readonly("address", [](PyAlignedBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
       .def_property_readonly("capacity", &PyAlignedBuffer::capacity)
       .def("__len__", &PyAlignedBuffer::size)
@@ -178,7 +203,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("num_threads"), py::arg("block_bytes"), py::arg("queue_depth"), py::arg("direct"))
       .def(
           "save",
-          [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive) {
+          [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive,
+             size_t block_bytes, size_t queue_depth) {
             std::vector<RecordSpec> specs;
             specs.reserve(records.size());
             for (py::handle item : records) {
@@ -189,12 +215,14 @@ PYBIND11_MODULE(_C, m) {
             std::shared_ptr<Ticket> ticket;
             {
               py::gil_scoped_release release;
-              ticket = e.Save(path, std::move(specs), alignment);
+              ticket = e.Save(path, std::move(specs), alignment, block_bytes, queue_depth);
             }
             return std::make_unique<PyTicket>(std::move(ticket), std::move(keepalive));
           },
           py::arg("path"), py::arg("records"), py::arg("alignment"), py::arg("keepalive"),
-          "Start writing records [(name, bytes | (address, size))] to path; returns a Ticket.")
+          py::arg("block_bytes") = 0, py::arg("queue_depth") = 0,
+          "Start writing records [(name, bytes | (address, size))] to path; returns a Ticket.\n"
+          "block_bytes/queue_depth override the engine's for this job when non-zero.")
       .def(
           "read",
           [](Engine& e, const std::string& path, py::list requests, py::object keepalive) {

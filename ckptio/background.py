@@ -1,0 +1,159 @@
+"""Async saves: snapshot on the caller's thread, write on the shared queue.
+
+``stage(obj, path, write_staged)`` is the one path every backend's async
+save takes: pickle the object (torch.save's pickler), copy its storages into
+the staging arena, and queue ``write_staged(staged)`` on the shared FIFO
+queue. The caller gets a SaveHandle as soon as the copy is done.
+
+When the storages exceed CKPTIO_STAGING_BUDGET_MB the save streams instead:
+the engine writes straight from the caller's tensors through a pair of
+CKPTIO_CHUNK_MB chunks, and the caller waits until the last chunk has left
+its tensors (memory stays at two chunks; the file is the same).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from ._engine import get_engine
+from ._paths import check_destination, remove_stale_temporaries
+from .config import staging_config
+from .pickling import ALIGNMENT, PickledState, pickle_state
+from .save_queue import SaveHandle, get_queue
+from .staging import Slot, StagingArena
+
+__all__ = ["Staged", "stage", "get_arena", "write_native", "streaming_native_save"]
+
+
+@dataclass
+class Staged:
+    """A checkpoint whose bytes live in a staging slot (or, streaming, in the caller's tensors)."""
+
+    state: PickledState
+    payloads: list  # (address, size) of each storage's bytes
+    slot: Slot | None = None
+
+    def records(self) -> list:
+        return self.state.records_for(self.payloads)
+
+    def storage_views(self) -> list:
+        """Each staged storage as its own CPU UntypedStorage over slot memory (no copy)."""
+        import torch
+
+        views = []
+        base = self.slot.buffer.address
+        mv = memoryview(self.slot.buffer)
+        for address, size in self.payloads:
+            if size == 0:
+                views.append(torch.UntypedStorage(0))
+            else:
+                off = address - base
+                views.append(torch.frombuffer(mv[off : off + size], dtype=torch.uint8).untyped_storage())
+        return views
+
+
+_arena: StagingArena | None = None
+_arena_lock = threading.Lock()
+
+
+def get_arena() -> StagingArena:
+    global _arena
+    with _arena_lock:
+        if _arena is None:
+            _arena = StagingArena(staging_config().slots)
+        return _arena
+
+
+def reset() -> None:
+    """Finish queued saves, then forget the queue and arena so the next save
+    re-reads CKPTIO_STAGING_SLOTS / CKPTIO_MAX_PENDING (tests use this)."""
+    global _arena
+    from . import save_queue
+
+    if save_queue._queue is not None:
+        save_queue._queue.wait_all(raise_errors=False)
+    with _arena_lock:
+        _arena = None
+    save_queue._queue = None
+
+
+def _reset_after_fork() -> None:
+    global _arena, _arena_lock
+    _arena_lock = threading.Lock()
+    _arena = None
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def stage(obj, path: str, write_staged, *, stream=None, local: bool = True) -> SaveHandle:
+    """Snapshot `obj` and queue ``write_staged(staged) -> SaveResult``.
+
+    `stream(state, path, handle)` handles states over the staging budget; if
+    None, such states are staged anyway (the budget only bounds backends that
+    can stream).
+    """
+    start = time.perf_counter()
+    if local:
+        check_destination(path)
+    queue = get_queue()
+    queue.reserve()  # raises a pending background error; waits while the queue is full
+    state = pickle_state(obj, path)
+    cfg = staging_config()
+    if stream is not None and state.storage_bytes > cfg.budget_bytes:
+        handle = SaveHandle(path, "streaming")
+        stream(state, path, handle, start)
+        return handle
+    arena = get_arena()
+    slot = arena.acquire()
+    try:
+        payloads = arena.snapshot(slot, state.storages)
+    except BaseException:
+        arena.release(slot)
+        raise
+    staged = Staged(state, payloads, slot)
+    state.storages = []  # the caller's tensors are no longer needed
+    handle = SaveHandle(path, "staged")
+    handle.stall_seconds = time.perf_counter() - start
+    return queue.submit(handle, lambda: write_staged(staged), cleanup=lambda: arena.release(slot))
+
+
+def write_native(staged: Staged, path: str):
+    """Write a staged checkpoint with the engine: whole blocks straight from the slot."""
+    from .api import SaveResult
+
+    remove_stale_temporaries(os.path.dirname(path))
+    ticket = get_engine().save(path, staged.records(), ALIGNMENT, staged)
+    ticket.wait()
+    ticket.check()
+    return SaveResult.from_stats(ticket.stats())
+
+
+def streaming_native_save(state: PickledState, path: str, handle: SaveHandle, start: float) -> None:
+    """Stream a state larger than the staging budget; returns once its
+    tensors are no longer read, with the rest of the write queued."""
+    from .api import SaveResult
+
+    queue = get_queue()
+    queue.wait_all()  # FIFO: every earlier save lands first
+    cfg = staging_config()
+    remove_stale_temporaries(os.path.dirname(path))
+    records, owners = state.cpu_records()
+    ticket = get_engine().save(path, records, ALIGNMENT, owners, cfg.chunk_bytes, 2)
+    try:
+        ticket.wait_sources_released()
+    except BaseException:
+        ticket.cancel()
+        ticket.wait_uninterruptible()
+        raise
+    handle.stall_seconds = time.perf_counter() - start
+
+    def finish():
+        ticket.wait()
+        ticket.check()
+        return SaveResult.from_stats(ticket.stats())
+
+    queue.submit(handle, finish)

@@ -1,0 +1,56 @@
+"""The CheckpointIO interface, with Lightning's method signatures.
+
+Lightning's Trainer calls ``save_checkpoint(checkpoint, path,
+storage_options=...)``, Fabric calls it with keywords, launchers without
+storage_options; ``load_checkpoint(path, weights_only=...)``;
+``remove_checkpoint(path)``; ``teardown()`` after every stage (and plugins
+must keep working afterwards: ddp_spawn saves after teardown).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import Any, Optional, Union
+
+_PATH = Union[str, "os.PathLike[str]"]
+
+__all__ = ["CheckpointIO"]
+
+
+class CheckpointIO(ABC):
+    """Saves, loads and removes checkpoints. Subclasses pick the backend."""
+
+    @abstractmethod
+    def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options: Optional[Any] = None) -> None:
+        """Write `checkpoint` to `path`; when this returns (sync backends) it is durable."""
+
+    @abstractmethod
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict:
+        """Read a checkpoint (to CPU by default, as Lightning's plugins do)."""
+
+    @abstractmethod
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Delete a checkpoint; removing one that does not exist is not an error."""
+
+    def teardown(self) -> None:
+        """Flush: called at the end of every Trainer stage. The plugin stays usable."""
+
+    # What async saves need from a backend (see AsyncCheckpointIO).
+    def _async_save(self, checkpoint: dict, path: str, storage_options: Optional[Any]):
+        raise NotImplementedError(f"{type(self).__name__} cannot save asynchronously")
+
+
+def _reject_storage_options(plugin, storage_options) -> None:
+    if storage_options is not None:
+        raise TypeError(
+            f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported "
+            f"for `{type(plugin).__name__}`. Please implement your custom `CheckpointIO` to define how you'd "
+            "like to use `storage_options`."
+        )
+
+
+def _to_cpu(storage, location):
+    """Lightning's default map_location: everything to CPU."""
+    return storage

@@ -1,0 +1,193 @@
+"""TorchCheckpointIO: torch.save / torch.load, local paths committed durably,
+fsspec URLs (s3://, gs://, memory://, ...) as Lightning's plugin does."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import threading
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+import torch.serialization
+
+from ..errors import CheckpointIOError, CheckpointNotFoundError
+from ..save_queue import get_queue
+from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+
+__all__ = ["TorchCheckpointIO"]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError("TorchCheckpointIO needs fsspec for URLs: pip install fsspec (and s3fs/gcsfs)") from None
+    return fsspec
+
+
+class TorchCheckpointIO(CheckpointIO):
+    """torch.save and torch.load, with the durable commit ckptio uses everywhere.
+
+    Local paths: torch.save into a temporary file beside the destination,
+    fsync, rename, fsync the directory; a failed save leaves the old file.
+    URLs go through fsspec: the object appears only when the upload completes.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
+        _reject_storage_options(self, storage_options)
+        path = os.fspath(path)
+        get_queue().wait_path(path)
+        _durable_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        path = os.fspath(path)
+        get_queue().wait_path(path)
+        map_location = map_location if map_location is not None else _to_cpu
+        if _is_url(path):
+            fs, p = _fsspec().core.url_to_fs(path)
+            if not fs.exists(p):
+                raise CheckpointNotFoundError(2, "checkpoint file not found", path)
+            with fs.open(p, "rb") as f:
+                return torch.load(f, map_location=map_location, weights_only=weights_only)
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(2, "checkpoint file not found", path)
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        path = os.fspath(path)
+        get_queue().wait_path(path)
+        if _is_url(path):
+            fs, p = _fsspec().core.url_to_fs(path)
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+            return
+        from .fast_io import _remove
+
+        _remove(path)
+
+    def _async_save(self, checkpoint, path, storage_options):
+        from ..background import stage
+
+        _reject_storage_options(self, storage_options)
+        path = os.fspath(path)
+        if not _is_url(path) and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return stage(checkpoint, path, lambda staged: _write_staged_with_torch_save(staged, path),
+                     local=not _is_url(path))
+
+
+# --- torch.save from a snapshot ----------------------------------------------
+
+def _rebuild(staged) -> Any:
+    """The checkpoint object again, its tensors now viewing staging memory.
+
+    torch's own unpickling rebuilds it from the snapshot's pickle (ours, so
+    trusted), with every storage on the CPU."""
+    views = staged.storage_views()
+    records = {name.split("/", 1)[1]: data for name, data in staged.state.head + staged.state.tail}
+
+    class _Snapshot:
+        def has_record(self, name):
+            return name in records
+
+        def get_record(self, name):
+            return records[name]
+
+        def get_storage_from_record(self, name, numel, storage_type):
+            from ..archive import _RecordStorage
+
+            return _RecordStorage(views[int(name.rsplit("/", 1)[1])])
+
+        def serialization_id(self):
+            return ""
+
+    return torch.serialization._load(_Snapshot(), _to_cpu, pickle, encoding="utf-8"), views
+
+
+# Staged storages keep the device they came from in the file (e.g. "cuda:0"),
+# as torch.save of the original would: a location tagger consulted first.
+_staged_locations = threading.local()
+
+
+def _tag_staged(storage):
+    table = getattr(_staged_locations, "table", None)
+    if table and storage.device.type == "cpu":
+        return table.get(storage.data_ptr())
+    return None
+
+
+torch.serialization.register_package(1, _tag_staged, lambda storage, location: None)
+
+
+@contextmanager
+def _original_locations(views, locations):
+    _staged_locations.table = {v.data_ptr(): loc for v, loc in zip(views, locations) if loc != "cpu" and v.nbytes()}
+    try:
+        yield
+    finally:
+        _staged_locations.table = None
+
+
+def _write_staged_with_torch_save(staged, path: str):
+    import time
+
+    from ..api import SaveResult
+
+    start = time.perf_counter()
+    obj, views = _rebuild(staged)
+    with _original_locations(views, staged.state.locations):
+        nbytes = _durable_torch_save(obj, path)
+    return SaveResult(path, nbytes, time.perf_counter() - start, False)
+
+
+def _durable_torch_save(obj, path: str) -> int:
+    """torch.save, committed so that a reader sees the old file or the new one."""
+    if _is_url(path):
+        fs, p = _fsspec().core.url_to_fs(path)
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with fs.transaction:
+            with fs.open(p, "wb") as f:
+                f.write(buf.getbuffer())
+        return buf.getbuffer().nbytes
+    from .._paths import check_destination, remove_stale_temporaries
+    from .. import _C
+
+    check_destination(path)
+    parent = os.path.dirname(path) or "."
+    remove_stale_temporaries(parent)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.ckptio-tmp-{os.getpid()}-t{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+            nbytes = f.tell()
+        os.replace(tmp, path)
+        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return nbytes
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, CheckpointIOError):
+            raise
+        raise CheckpointIOError(e.errno or 5, f"torch.save failed: {e.strerror or e}", path) from e
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,243 @@
+"""The one background queue every async save goes through, whatever its backend.
+
+- FIFO: one worker writes jobs in submission order, so the last save to a
+  path is the one that lands.
+- Bounded: at most CKPTIO_MAX_PENDING saves are queued or writing; the next
+  submit waits (the staging arena bounds memory the same way).
+- A remove or load of a path waits for the queued saves of that path.
+- A failed save's exception is kept with its original type and raised once:
+  by its handle (result/exception), or else by the next submit, wait_path,
+  wait_all caller or teardown. Then it is cleared.
+- Pending work drains at interpreter exit, so the last checkpoint is not lost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import TimeoutError as FutureTimeoutError
+
+__all__ = ["SaveHandle", "SaveQueue", "get_queue"]
+
+
+class SaveHandle:
+    """A Future-like handle on one async save.
+
+    ``stall_seconds`` is how long async_save blocked the caller; after the
+    save completes, ``result()`` returns the SaveResult (write_seconds, bytes,
+    direct_io) or raises the save's exception.
+    """
+
+    def __init__(self, path: str, mode: str):
+        self.path = path
+        self.mode = mode  # "staged" or "streaming"
+        self.stall_seconds = 0.0
+        self._done = threading.Event()
+        self._result = None
+        self._exception = None
+        self._observed = False  # the exception reached the user
+        self._queue = None
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the save completes or `timeout` seconds pass; True if done.
+        Raises the save's exception, like result()."""
+        if not self._done.wait(timeout):
+            return False
+        self.result()
+        return True
+
+    def result(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise FutureTimeoutError(f"save to {self.path} still running after {timeout} s")
+        if self._exception is not None:
+            self._observed = True
+            raise self._exception
+        return self._result
+
+    def exception(self, timeout: float | None = None):
+        if not self._done.wait(timeout):
+            raise FutureTimeoutError(f"save to {self.path} still running after {timeout} s")
+        self._observed = True
+        return self._exception
+
+    # Convenience views of the result (None until done).
+    @property
+    def write_seconds(self):
+        return None if self._result is None else self._result.write_seconds
+
+    @property
+    def bytes(self):
+        return None if self._result is None else self._result.bytes
+
+    @property
+    def direct_io(self):
+        return None if self._result is None else self._result.direct_io
+
+    def __repr__(self):
+        state = "done" if self.done() else "pending"
+        return f"<SaveHandle {self.path!r} {self.mode} {state} stall={self.stall_seconds * 1e3:.1f} ms>"
+
+    def _finish(self, result=None, exception=None) -> None:
+        self._result, self._exception = result, exception
+        self._done.set()
+
+
+class _Job:
+    def __init__(self, handle: SaveHandle, write, cleanup):
+        self.handle = handle
+        self.write = write      # runs on the worker; returns a SaveResult
+        self.cleanup = cleanup  # always runs after write (frees the staging slot)
+
+
+class SaveQueue:
+    def __init__(self, max_pending: int):
+        self.max_pending = max_pending
+        self._cond = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._finished: deque[SaveHandle] = deque()  # failed, not yet reported
+        self._worker: threading.Thread | None = None
+        self._worker_pid = None
+
+    # --- submitting -------------------------------------------------------
+
+    def reserve(self) -> None:
+        """Wait until fewer than max_pending saves are queued or writing.
+        Raises a pending background error first."""
+        self.raise_pending_error()
+        with self._cond:
+            while self._pending_locked() >= self.max_pending:
+                self._cond.wait()
+
+    def submit(self, handle: SaveHandle, write, cleanup=None) -> SaveHandle:
+        handle._queue = self
+        with self._cond:
+            self._ensure_worker_locked()
+            self._jobs.append(_Job(handle, write, cleanup))
+            self._cond.notify_all()
+        return handle
+
+    def pending(self) -> int:
+        with self._cond:
+            return self._pending_locked()
+
+    # --- waiting ----------------------------------------------------------
+
+    def wait_path(self, path: str) -> None:
+        """Wait for every queued or running save of `path`, then raise any
+        pending background error."""
+        key = _key(path)
+        with self._cond:
+            while any(_key(j.handle.path) == key for j in self._all_locked()):
+                self._cond.wait()
+        self.raise_pending_error()
+
+    def wait_all(self, *, raise_errors: bool = True) -> None:
+        with self._cond:
+            while self._pending_locked():
+                self._cond.wait()
+        if raise_errors:
+            self.raise_pending_error()
+
+    def raise_pending_error(self) -> None:
+        """Raise the oldest background failure nobody has seen yet (once)."""
+        with self._cond:
+            while self._finished:
+                handle = self._finished.popleft()
+                if not handle._observed:
+                    handle._observed = True
+                    raise handle._exception
+
+    # --- the worker ---------------------------------------------------------
+
+    def _pending_locked(self) -> int:
+        return len(self._jobs) + (self._running is not None)
+
+    def _all_locked(self):
+        return list(self._jobs) + ([self._running] if self._running is not None else [])
+
+    def _ensure_worker_locked(self) -> None:
+        # A forked child inherits the queue object but not its thread.
+        if self._worker is None or self._worker_pid != os.getpid() or not self._worker.is_alive():
+            self._worker_pid = os.getpid()
+            self._worker = threading.Thread(target=self._work, name="ckptio-save-queue", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._cond.wait()
+                job = self._running = self._jobs.popleft()
+            result = exception = None
+            try:
+                result = job.write()
+            except BaseException as e:  # kept with its type, re-raised to the user
+                exception = e
+            finally:
+                if job.cleanup is not None:
+                    try:
+                        job.cleanup()
+                    except BaseException as e:
+                        exception = exception or e
+            job.handle._finish(result, exception)
+            with self._cond:
+                self._running = None
+                if exception is not None:
+                    self._finished.append(job.handle)
+                self._cond.notify_all()
+
+
+def _key(path) -> str:
+    return os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else os.fspath(path)
+
+
+_queue: SaveQueue | None = None
+_queue_lock = threading.Lock()
+
+
+def get_queue() -> SaveQueue:
+    global _queue
+    with _queue_lock:
+        if _queue is None:
+            from .config import staging_config
+
+            _queue = SaveQueue(staging_config().max_pending)
+        return _queue
+
+
+def _drain_at_exit() -> None:
+    """Interpreter exit: finish every queued save so the last one is not lost."""
+    q = _queue
+    if q is None or q._worker_pid != os.getpid():
+        return
+    start = time.monotonic()
+    announced = False
+    while q.pending():
+        if not announced and time.monotonic() - start > 1.0:
+            print(f"ckptio: finishing {q.pending()} checkpoint save(s) before exit ...", file=sys.stderr)
+            announced = True
+        with q._cond:
+            q._cond.wait(0.5)
+    for handle in list(q._finished):
+        if not handle._observed:
+            print(f"ckptio: background save to {handle.path} failed: {handle._exception!r}", file=sys.stderr)
+
+
+atexit.register(_drain_at_exit)
+
+
+def _reset_after_fork() -> None:
+    global _queue, _queue_lock
+    _queue_lock = threading.Lock()
+    _queue = None  # the parent's jobs are the parent's to finish
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -8,7 +8,8 @@ half of each.
 
 from ._engine import engine_info
 from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait
-from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO
+from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
+from .manager import CheckpointManager
 from .save_queue import SaveHandle
 from .errors import (
     CheckpointIOError,
@@ -31,7 +32,9 @@ __all__ = [
     "CheckpointIO",
     "FastCheckpointIO",
     "TorchCheckpointIO",
+    "XLACheckpointIO",
     "AsyncCheckpointIO",
+    "CheckpointManager",
     "SaveResult",
     "VerifyResult",
     "engine_info",

@@ -41,6 +41,8 @@ class SaveHandle:
         self._exception = None
         self._observed = False  # the exception reached the user
         self._queue = None
+        self._callbacks = []
+        self._callbacks_lock = threading.Lock()
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -84,9 +86,24 @@ class SaveHandle:
         state = "done" if self.done() else "pending"
         return f"<SaveHandle {self.path!r} {self.mode} {state} stall={self.stall_seconds * 1e3:.1f} ms>"
 
+    def add_done_callback(self, fn) -> None:
+        """Call fn(handle) when the save completes (at once if it has)."""
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
     def _finish(self, result=None, exception=None) -> None:
         self._result, self._exception = result, exception
-        self._done.set()
+        with self._callbacks_lock:
+            self._done.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:  # a reporting hook must not break the queue
+                pass
 
 
 class _Job:
@@ -138,6 +155,11 @@ class SaveQueue:
             while any(_key(j.handle.path) == key for j in self._all_locked()):
                 self._cond.wait()
         self.raise_pending_error()
+
+    def wait_all_for(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the queue to empty; True if it did."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending_locked(), timeout)
 
     def wait_all(self, *, raise_errors: bool = True) -> None:
         with self._cond:

@@ -4,5 +4,6 @@ from .async_io import AsyncCheckpointIO
 from .checkpoint_io import CheckpointIO
 from .fast_io import FastCheckpointIO
 from .torch_io import TorchCheckpointIO
+from .xla_io import XLACheckpointIO
 
-__all__ = ["CheckpointIO", "FastCheckpointIO", "TorchCheckpointIO", "AsyncCheckpointIO"]
+__all__ = ["CheckpointIO", "FastCheckpointIO", "TorchCheckpointIO", "XLACheckpointIO", "AsyncCheckpointIO"]

@@ -7,7 +7,7 @@ import os
 from typing import Any, Optional
 
 from ..save_queue import SaveHandle, get_queue
-from .checkpoint_io import CheckpointIO
+from .checkpoint_io import CheckpointIO, SaveReport, record_save
 
 __all__ = ["AsyncCheckpointIO"]
 
@@ -26,6 +26,7 @@ class AsyncCheckpointIO(CheckpointIO):
     """
 
     def __init__(self, checkpoint_io: Optional[CheckpointIO] = None):
+        super().__init__()
         if checkpoint_io is None:
             from .fast_io import FastCheckpointIO
 
@@ -37,6 +38,7 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
         handle = self.checkpoint_io._async_save(checkpoint, os.fspath(path), storage_options)
+        handle.add_done_callback(_report)
         self.last_handle = handle
         return handle
 
@@ -51,5 +53,25 @@ class AsyncCheckpointIO(CheckpointIO):
         get_queue().wait_all()
 
     def teardown(self) -> None:
-        get_queue().wait_all()
+        """Wait for queued saves (showing progress if that takes a while),
+        raise a pending failure, and tear down the wrapped plugin."""
+        _drain_with_progress()
         self.checkpoint_io.teardown()
+
+
+def _report(handle: SaveHandle) -> None:
+    if handle._exception is None and handle._result is not None:
+        r = handle._result
+        record_save(SaveReport(handle.path, handle.stall_seconds, r.write_seconds, r.bytes))
+
+
+def _drain_with_progress(interval: float = 2.0) -> None:
+    import sys
+    import time
+
+    queue = get_queue()
+    start = time.monotonic()
+    while not queue.wait_all_for(interval):
+        print(f"ckptio: waiting for {queue.pending()} checkpoint save(s) to become durable "
+              f"({time.monotonic() - start:.0f} s)", file=sys.stderr, flush=True)
+    queue.raise_pending_error()

@@ -10,16 +10,29 @@ must keep working afterwards: ddp_spawn saves after teardown).
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 _PATH = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointIO"]
+__all__ = ["CheckpointIO", "SaveReport", "take_save_reports"]
 
 
 class CheckpointIO(ABC):
-    """Saves, loads and removes checkpoints. Subclasses pick the backend."""
+    """Saves, loads and removes checkpoints. Subclasses pick the backend.
+
+    Creating any ckptio plugin registers the classes with the Lightning
+    packages installed (see ckptio.lightning), so ``Trainer(plugins=[...])``
+    accepts it whether the user imports ``lightning`` or ``pytorch_lightning``.
+    """
+
+    def __init__(self) -> None:
+        from ..lightning import register_plugins
+
+        register_plugins()
 
     @abstractmethod
     def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options: Optional[Any] = None) -> None:
@@ -54,3 +67,34 @@ def _reject_storage_options(plugin, storage_options) -> None:
 def _to_cpu(storage, location):
     """Lightning's default map_location: everything to CPU."""
     return storage
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What one completed save cost: for logs and the Lightning metrics callback."""
+
+    path: str
+    stall_seconds: float   # how long the caller was blocked
+    write_seconds: float   # from handing the bytes to the writer to durable
+    bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / 1e9 / self.write_seconds if self.write_seconds > 0 else 0.0
+
+
+_reports: deque = deque(maxlen=1000)
+_reports_lock = threading.Lock()
+
+
+def record_save(report: SaveReport) -> None:
+    with _reports_lock:
+        _reports.append(report)
+
+
+def take_save_reports() -> list:
+    """Reports of saves completed since the last call."""
+    with _reports_lock:
+        out = list(_reports)
+        _reports.clear()
+        return out

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from .. import api
 from ..background import stage, streaming_native_save, write_native
 from ..save_queue import get_queue
-from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
 
 __all__ = ["FastCheckpointIO"]
 
@@ -24,6 +24,7 @@ class FastCheckpointIO(CheckpointIO):
     """
 
     def __init__(self, *, verify: Optional[bool] = None):
+        super().__init__()
         self.verify = verify
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
@@ -31,7 +32,8 @@ class FastCheckpointIO(CheckpointIO):
         path = os.fspath(path)
         get_queue().wait_path(path)  # an async save of this path queued earlier lands first
         _makedirs_for(path)
-        api.save(checkpoint, path)
+        result = api.save(checkpoint, path)
+        record_save(SaveReport(path, result.write_seconds, result.write_seconds, result.bytes))
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         path = os.fspath(path)

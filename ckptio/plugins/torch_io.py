@@ -40,6 +40,9 @@ class TorchCheckpointIO(CheckpointIO):
     URLs go through fsspec: the object appears only when the upload completes.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
         path = os.fspath(path)

@@ -150,15 +150,8 @@ std::string TemporaryPathFor(const std::string& final_path) {
          std::to_string(counter.fetch_add(1));
 }
 
-Status RenameDurably(const std::string& from, const std::string& to, const std::string& old_copy,
-                     bool* kept_old) {
-  *kept_old = !old_copy.empty() && ::link(to.c_str(), old_copy.c_str()) == 0;
-  if (::rename(from.c_str(), to.c_str()) != 0) {
-    Status s = Status::FromErrno(errno, "rename", to);
-    if (*kept_old) ::unlink(old_copy.c_str());
-    *kept_old = false;
-    return s;
-  }
+Status RenameDurably(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) return Status::FromErrno(errno, "rename", to);
   std::string dir = DirectoryOf(to);
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return Status::FromErrno(errno, "open directory for fsync", dir);

@@ -75,14 +75,9 @@ class ReadableFile {
 std::string TemporaryPathFor(const std::string& final_path);
 
 // rename(from, to), then fsync of the directory holding `to`, so that the new
-// name survives a power loss.
-//
-// Replacing a large file makes rename() free the old file's blocks, which on
-// ext4 takes ~0.2 s per GiB. When `old_copy` is non-empty, the old file is
-// first hard-linked there, so rename() frees nothing; the caller unlinks
-// `old_copy` once the save is reported done (*kept_old says whether it exists).
-Status RenameDurably(const std::string& from, const std::string& to, const std::string& old_copy,
-                     bool* kept_old);
+// name survives a power loss. (Replacing a large file makes rename() free the
+// old file's blocks: ~0.2 s per GiB on ext4, part of the save's cost.)
+Status RenameDurably(const std::string& from, const std::string& to);
 
 // The directory part of `path` ("." when there is none).
 std::string DirectoryOf(const std::string& path);

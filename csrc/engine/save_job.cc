@@ -249,18 +249,13 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
     if (s.ok()) s = file_.Sync();
     const bool direct = file_.direct();
     if (s.ok()) s = file_.Close();
-    const std::string old_copy = TemporaryPathFor(path_);
-    bool kept_old = false;
-    if (s.ok()) s = RenameDurably(temp_path_, path_, old_copy, &kept_old);
+    if (s.ok()) s = RenameDurably(temp_path_, path_);
     if (!s.ok()) {
       Fail(s);
       Abort();
       return;
     }
     ticket_->Finish(JobStats{path_, layout_.file_size(), 0, direct, options_.block_bytes});
-    // The new checkpoint is durable and reported; freeing the old one's
-    // blocks is not the caller's wait.
-    if (kept_old) ::unlink(old_copy.c_str());
   }
 
   // Errors name the destination, the path the user knows, not the temporary file.

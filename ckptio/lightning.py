@@ -1,0 +1,91 @@
+"""Lightning integration: its Trainer and Fabric accept ckptio's plugins.
+
+Lightning checks plugins with ``isinstance(plugin, CheckpointIO)`` against
+its own class, and ``lightning`` and ``pytorch_lightning`` are two separate
+class hierarchies that reject each other's plugins. ckptio's classes are
+registered as virtual subclasses (``ABCMeta.register``) of the CheckpointIO
+(and XLACheckpointIO) of every Lightning package installed, so one ckptio
+plugin works with whichever the user imports. Lightning stays optional:
+nothing here runs unless a ckptio plugin is created.
+
+``CheckpointMetrics`` (a Callback, for either package) logs every async
+save's stall, time to durable and throughput to the Trainer's loggers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+
+__all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics"]
+
+# Where each Lightning distribution keeps CheckpointIO (the Trainer re-exports it).
+_FABRIC_IO_MODULES = {"lightning": "lightning.fabric.plugins.io", "pytorch_lightning": "lightning_fabric.plugins.io"}
+_lock = threading.Lock()
+_registered: list = []
+
+
+def _installed(top: str) -> bool:
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def register_plugins() -> list:
+    """Register ckptio's plugin classes with every installed Lightning; returns their names."""
+    with _lock:
+        if _registered:
+            return list(_registered)
+        from .plugins import CheckpointIO, XLACheckpointIO
+
+        for top, module in _FABRIC_IO_MODULES.items():
+            if not _installed(top) or not _installed(module.split(".")[0]):
+                continue
+            io = importlib.import_module(module)
+            io.CheckpointIO.register(CheckpointIO)
+            io.XLACheckpointIO.register(XLACheckpointIO)
+            _registered.append(top)
+        if not _registered:
+            _registered.append(None)  # nothing installed; do not look again
+        return [n for n in _registered if n]
+
+
+def registered_namespaces() -> list:
+    return [n for n in _registered if n]
+
+
+def _callback_class(top: str):
+    callbacks = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+
+    class _CheckpointMetrics(callbacks.Callback):
+        """Logs ckpt/stall_s, ckpt/write_s, ckpt/GBps for every completed ckptio save."""
+
+        def _log(self, trainer) -> None:
+            from .plugins.checkpoint_io import take_save_reports
+
+            for report in take_save_reports():
+                metrics = {"ckpt/stall_s": report.stall_seconds, "ckpt/write_s": report.write_seconds,
+                           "ckpt/GBps": report.gbps, "ckpt/bytes": float(report.bytes)}
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            self._log(trainer)
+
+        def on_validation_end(self, trainer, *args, **kwargs):
+            self._log(trainer)
+
+        def on_fit_end(self, trainer, *args, **kwargs):
+            self._log(trainer)
+
+    _CheckpointMetrics.__name__ = _CheckpointMetrics.__qualname__ = "CheckpointMetrics"
+    return _CheckpointMetrics
+
+
+def CheckpointMetrics(namespace: str = "lightning"):
+    """A Callback (for ``lightning`` or ``pytorch_lightning``) that logs ckptio save metrics."""
+    if namespace not in _FABRIC_IO_MODULES:
+        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
+    return _callback_class(namespace)()

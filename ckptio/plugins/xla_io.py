@@ -1,0 +1,100 @@
+"""XLACheckpointIO: checkpoints of torch_xla tensors (TPU, or the CPU device
+with PJRT_DEVICE=CPU), written by ckptio's engine from the master ordinal."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+
+__all__ = ["XLACheckpointIO"]
+
+_INSTALL_HINT = (
+    "XLACheckpointIO needs torch_xla: pip install 'ckptio[xla]' (torch_xla must match your torch "
+    "version exactly, e.g. torch==2.9.0 with torch_xla==2.9.0)"
+)
+
+
+def _xla():
+    try:
+        import torch_xla
+        import torch_xla.core.xla_model as xm
+    except ImportError as e:
+        raise ImportError(_INSTALL_HINT) from e
+    return torch_xla, xm
+
+
+class XLACheckpointIO(CheckpointIO):
+    """Like Lightning's XLACheckpointIO (xm.save): pending XLA work is flushed,
+    tensors come to the host in one batched transfer, and only the master
+    ordinal writes, but through ckptio's engine and durable commit, and
+    asynchronously under AsyncCheckpointIO. Loads map to CPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _xla()
+
+    def _to_host(self, checkpoint):
+        """Flush pending XLA computations and copy every XLA tensor to the CPU.
+
+        The copies belong to us, so they are already a snapshot."""
+        torch_xla, xm = _xla()
+        torch_xla.sync()
+        return xm._maybe_convert_to_cpu(checkpoint, convert=True)
+
+    def _is_writer(self) -> bool:
+        _, xm = _xla()
+        return xm.is_master_ordinal(local=False)
+
+    def _rendezvous(self, tag: str) -> None:
+        """Every process waits for the master's write, as xm.save does."""
+        _, xm = _xla()
+        import torch_xla.runtime as xr
+
+        if xr.world_size() > 1:
+            xm.rendezvous(tag)
+
+    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
+        from .. import api
+        from ..save_queue import get_queue
+
+        _reject_storage_options(self, storage_options)
+        path = os.fspath(path)
+        host = self._to_host(checkpoint)
+        if self._is_writer():
+            get_queue().wait_path(path)
+            if os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            api.save(host, path)
+        self._rendezvous("ckptio.XLACheckpointIO.save_checkpoint")
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+        from .. import api
+
+        return api.load(os.fspath(path), map_location=map_location if map_location is not None else _to_cpu,
+                        weights_only=weights_only)
+
+    def remove_checkpoint(self, path) -> None:
+        from ..save_queue import get_queue
+        from .fast_io import _remove
+
+        path = os.fspath(path)
+        if self._is_writer():
+            get_queue().wait_path(path)
+            _remove(path)
+
+    def _async_save(self, checkpoint, path, storage_options):
+        from ..background import stage, write_native
+
+        _reject_storage_options(self, storage_options)
+        host = self._to_host(checkpoint)  # XLA tensors now CPU tensors we own
+        if not self._is_writer():
+            from ..save_queue import SaveHandle
+
+            handle = SaveHandle(path, "skipped")  # not the master ordinal: nothing to write
+            handle._finish(None, None)
+            return handle
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        return stage(host, path, lambda staged: write_native(staged, path))

@@ -26,7 +26,7 @@ install: $(VENV)/.deps
 	$(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall .
 
 demo: install
-	$(BIN)/python examples/save_load.py
+	$(BIN)/python examples/lightning_async.py
 
 test: install
 	cd tests && ../$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -62,14 +62,23 @@ def _callback_class(top: str):
     class _CheckpointMetrics(callbacks.Callback):
         """Logs ckpt/stall_s, ckpt/write_s, ckpt/GBps for every completed ckptio save."""
 
-        def _log(self, trainer) -> None:
-            from .plugins.checkpoint_io import take_save_reports
+        _cursor = None
 
-            for report in take_save_reports():
+        def _log(self, trainer) -> None:
+            from .plugins.checkpoint_io import save_reports
+
+            reports, self._cursor = save_reports(self._cursor if self._cursor is not None else 0)
+            for report in reports:
                 metrics = {"ckpt/stall_s": report.stall_seconds, "ckpt/write_s": report.write_seconds,
                            "ckpt/GBps": report.gbps, "ckpt/bytes": float(report.bytes)}
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
+
+        def on_fit_start(self, trainer, *args, **kwargs):
+            if self._cursor is None:  # only saves made from now on
+                from .plugins.checkpoint_io import save_reports
+
+                self._cursor = save_reports()[1]
 
         def on_train_batch_end(self, trainer, *args, **kwargs):
             self._log(trainer)

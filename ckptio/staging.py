@@ -83,10 +83,13 @@ class StagingArena:
         return len(self._slots)
 
     def acquire(self) -> Slot:
+        """The most recently released free slot: saves that do not overlap
+        keep reusing one warm slot, and a second slot is faulted in only when
+        a snapshot really overlaps a write."""
         with self._cond:
             while not self._free:
                 self._cond.wait()
-            return self._free.pop(0)
+            return self._free.pop()
 
     def release(self, slot: Slot) -> None:
         with self._cond:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 _PATH = Union[str, "os.PathLike[str]"]
 
-__all__ = ["CheckpointIO", "SaveReport", "take_save_reports"]
+__all__ = ["CheckpointIO", "SaveReport", "save_reports"]
 
 
 class CheckpointIO(ABC):
@@ -83,18 +82,24 @@ class SaveReport:
         return self.bytes / 1e9 / self.write_seconds if self.write_seconds > 0 else 0.0
 
 
-_reports: deque = deque(maxlen=1000)
+_REPORTS_KEPT = 1000
+_reports: list = []  # the newest _REPORTS_KEPT reports
+_reports_total = 0   # reports ever recorded: a reader's cursor counts these
 _reports_lock = threading.Lock()
 
 
 def record_save(report: SaveReport) -> None:
+    global _reports_total
     with _reports_lock:
         _reports.append(report)
+        del _reports[:-_REPORTS_KEPT]
+        _reports_total += 1
 
 
-def take_save_reports() -> list:
-    """Reports of saves completed since the last call."""
+def save_reports(since: int = 0) -> tuple:
+    """(reports recorded after the first `since`, cursor for the next call).
+
+    Each reader keeps its own cursor, so several can follow the same saves."""
     with _reports_lock:
-        out = list(_reports)
-        _reports.clear()
-        return out
+        start = max(since, _reports_total - len(_reports))
+        return _reports[len(_reports) - (_reports_total - start):], _reports_total

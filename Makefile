@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean
+.PHONY: all install demo test test-xla bench clean
 
 all: test
 
@@ -31,8 +31,25 @@ demo: install
 test: install
 	cd tests && ../$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# torch_xla on its CPU device, in a venv of its own (torch_xla pins torch exactly).
+XLA_VENV ?= .venv-xla
+XLA_BIN  := $(XLA_VENV)/bin
+
+$(XLA_BIN)/python:
+	$(PYTHON) -m venv $(XLA_VENV)
+
+$(XLA_VENV)/.deps: $(XLA_BIN)/python pyproject.toml
+	$(XLA_BIN)/pip install -q --upgrade pip
+	$(XLA_BIN)/pip install -q torch==2.9.0 torch_xla==2.9.0 numpy "scikit-build-core>=0.10" "pybind11>=2.12" \
+	    cmake ninja pytest psutil "lightning==2.6.6"
+	touch $@
+
+test-xla: $(XLA_VENV)/.deps
+	$(XLA_BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall --config-settings=build-dir=build/xla .
+	cd tests && PJRT_DEVICE=CPU ../$(XLA_BIN)/python -m pytest -q xla test_roundtrip.py test_corruption.py $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python bench/save_load.py
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(XLA_VENV)

@@ -49,8 +49,9 @@ def is_zip_checkpoint(path: str) -> bool:
         return f.read(4) == _ZIP_MAGIC
 
 
-def open_archive(path: str) -> Archive:
-    """Parse and check the archive directory of `path`.
+def open_archive(path: str, *, base: int = 0, size: int | None = None) -> Archive:
+    """Parse and check the archive directory of `path` (or of the archive
+    occupying bytes [base, base + size) of it; offsets come back absolute).
 
     Raises CorruptCheckpointError for anything torch.load could not read: a
     truncated or non-zip file, records outside one top-level directory, no
@@ -58,10 +59,14 @@ def open_archive(path: str) -> Archive:
     """
     if os.path.isdir(path):
         raise CheckpointIOError(21, "is a directory, not a checkpoint file", path)
-    file_size, entries = get_engine().read_directory(path)
+    if size is None:
+        file_size, entries = get_engine().read_directory(path)
+    else:
+        file_size, entries = get_engine().read_directory(path, base, size)
     if not entries:
         raise CorruptCheckpointError(f"{path}: the archive holds no records", path=path)
     with open(path, "rb") as f:
+        f.seek(base)
         if f.read(4) != _ZIP_MAGIC:
             raise CorruptCheckpointError(
                 f"{path}: does not start with a zip local header, so torch.load cannot read it", path=path

@@ -21,12 +21,15 @@ BufferPool* Engine::BuffersFor(size_t block_bytes) {
 }
 
 std::shared_ptr<Ticket> Engine::Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment,
-                                     size_t block_bytes, size_t queue_depth) {
+                                     size_t block_bytes, size_t queue_depth, uint64_t base_offset,
+                                     bool into_existing) {
   WriteOptions w;
   w.block_bytes = block_bytes ? block_bytes : options_.block_bytes;
   w.queue_depth = queue_depth ? queue_depth : options_.queue_depth;
   w.direct = options_.direct;
   w.alignment = alignment;
+  w.base_offset = base_offset;
+  w.into_existing = into_existing;
   return StartSave(path, std::move(records), w, pool_.get(), BuffersFor(w.block_bytes));
 }
 
@@ -38,12 +41,13 @@ ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> reques
   return StartRead(path, std::move(requests), r, pool_.get(), BuffersFor(r.block_bytes));
 }
 
-Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size) {
+Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size,
+                             uint64_t base, uint64_t size) {
   ReadableFile file;
   Status s = ReadableFile::Open(path, DirectIoMode::kOff, &file);
   if (!s.ok()) return s;
   *file_size = file.size();
-  return ReadZipDirectory(&file, entries);
+  return ReadZipDirectory(&file, base, size, entries);
 }
 
 }  // namespace ckptio

@@ -3,6 +3,7 @@
 // never tensors or Python objects.
 #pragma once
 
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -38,12 +39,18 @@ class Engine {
   // See StartSave: `records` must stay valid until the ticket releases them.
   // A non-zero block_bytes / queue_depth overrides the engine's for this job
   // (streaming saves use a pair of chunk-sized blocks).
+  // With `into_existing`, the archive is written at `base_offset` (a multiple
+  // of 4096) of the existing file `path`, which is neither synced nor renamed:
+  // the caller assembles several archives into one file and commits it.
   std::shared_ptr<Ticket> Save(const std::string& path, std::vector<RecordSpec> records, uint64_t alignment,
-                               size_t block_bytes = 0, size_t queue_depth = 0);
+                               size_t block_bytes = 0, size_t queue_depth = 0, uint64_t base_offset = 0,
+                               bool into_existing = false);
   // See StartRead: destinations must stay valid until the ticket is done.
   ReadHandle Read(const std::string& path, std::vector<ReadRequest> requests);
-  // Synchronous: parses the archive directory of `path`.
-  Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size);
+  // Synchronous: parses the archive directory of `path`, or of the archive
+  // occupying bytes [base, base + size) of it.
+  Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size,
+                       uint64_t base = 0, uint64_t size = UINT64_MAX);
 
   const EngineOptions& options() const { return options_; }
 

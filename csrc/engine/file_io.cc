@@ -12,10 +12,13 @@ WritableFile::~WritableFile() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-Status WritableFile::Create(const std::string& path, DirectIoMode mode, WritableFile* out) {
-  // Create first, then ask for O_DIRECT: some filesystems (ramfs) create the
-  // file and only then refuse O_DIRECT in open(), which would leave it behind.
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+namespace {
+
+// Opens with `flags`, then asks for O_DIRECT: some filesystems (ramfs) create
+// the file and only then refuse O_DIRECT in open(), which would leave it behind.
+Status OpenForWriting(const std::string& path, int flags, DirectIoMode mode, bool created, int* fd_out,
+                      bool* direct_out) {
+  int fd = ::open(path.c_str(), flags, 0666);
   if (fd < 0) return Status::FromErrno(errno, "open for writing", path);
   bool direct = false;
   if (mode != DirectIoMode::kOff) {
@@ -24,10 +27,34 @@ Status WritableFile::Create(const std::string& path, DirectIoMode mode, Writable
     if (!direct && mode == DirectIoMode::kRequire) {
       const int err = errno;
       ::close(fd);
-      ::unlink(path.c_str());
+      if (created) ::unlink(path.c_str());
       return Status::IOError(err, path, "this filesystem refuses O_DIRECT, which CKPTIO_DIRECT_IO=1 requires");
     }
   }
+  *fd_out = fd;
+  *direct_out = direct;
+  return Status::OK();
+}
+
+}  // namespace
+
+Status WritableFile::Create(const std::string& path, DirectIoMode mode, WritableFile* out) {
+  int fd = -1;
+  bool direct = false;
+  Status s = OpenForWriting(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode, true, &fd, &direct);
+  if (!s.ok()) return s;
+  out->fd_ = fd;
+  out->path_ = path;
+  out->mode_ = mode;
+  out->direct_.store(direct);
+  return Status::OK();
+}
+
+Status WritableFile::OpenExisting(const std::string& path, DirectIoMode mode, WritableFile* out) {
+  int fd = -1;
+  bool direct = false;
+  Status s = OpenForWriting(path, O_WRONLY | O_CLOEXEC, mode, false, &fd, &direct);
+  if (!s.ok()) return s;
   out->fd_ = fd;
   out->path_ = path;
   out->mode_ = mode;

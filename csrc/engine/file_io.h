@@ -20,6 +20,8 @@ class WritableFile {
   // Creates `path` exclusively (it must not exist). With kAuto, O_DIRECT is
   // tried first and dropped where the filesystem refuses it (tmpfs: EINVAL).
   static Status Create(const std::string& path, DirectIoMode mode, WritableFile* out);
+  // Opens an existing file for writing at offsets (no truncation).
+  static Status OpenExisting(const std::string& path, DirectIoMode mode, WritableFile* out);
 
   WritableFile() = default;
   ~WritableFile();  // closes, without syncing or unlinking

@@ -89,6 +89,12 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
       pieces_[i].assign(last - first + 1, 0);
     }
 
+    if (options_.base_offset % kPageSize != 0)
+      return Status::InvalidArgument("an archive's base offset must be a multiple of 4096");
+    if (options_.into_existing) {
+      temp_path_ = path_;
+      return WritableFile::OpenExisting(path_, options_.direct, &file_);
+    }
     temp_path_ = TemporaryPathFor(path_);
     s = WritableFile::Create(temp_path_, options_.direct, &file_);
     if (!s.ok()) return s;
@@ -178,7 +184,7 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
       }
     }
     const uint8_t* out = in_place ? first->src + (b0 - first->offset) : bounce;
-    Status s = file_.WriteAt(b0, out, b1 - b0);
+    Status s = file_.WriteAt(options_.base_offset + b0, out, b1 - b0);
     if (s.ok()) MarkWritten(b);
     return s;
   }
@@ -245,6 +251,17 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
   }
 
   void Commit() {
+    if (options_.into_existing) {  // the caller commits the assembled file
+      const bool direct = file_.direct();
+      Status s = file_.Close();
+      if (!s.ok()) {
+        Fail(s);
+        Abort();
+        return;
+      }
+      ticket_->Finish(JobStats{path_, layout_.file_size(), 0, direct, options_.block_bytes});
+      return;
+    }
     Status s = file_.Truncate(layout_.file_size());
     if (s.ok()) s = file_.Sync();
     const bool direct = file_.direct();

@@ -27,6 +27,8 @@ struct WriteOptions {
   size_t queue_depth = 4;        // blocks in flight for this file
   DirectIoMode direct = DirectIoMode::kAuto;
   uint64_t alignment = 4096;     // payload alignment inside the archive
+  uint64_t base_offset = 0;      // where the archive starts in the file (multiple of 4096)
+  bool into_existing = false;    // write into an existing file; no temp file, sync or rename
 };
 
 // Starts writing `records` to `path` on `pool`; returns at once.

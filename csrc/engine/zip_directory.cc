@@ -24,9 +24,10 @@ uint64_t Get64(const uint8_t* p) {
   return static_cast<uint64_t>(Get32(p)) | (static_cast<uint64_t>(Get32(p + 4)) << 32);
 }
 
-Status ReadExactly(ReadableFile* f, uint64_t offset, void* buf, size_t len, const char* what) {
+// Reads archive bytes [offset, offset+len) of the window starting at `base`.
+Status ReadExactly(ReadableFile* f, uint64_t base, uint64_t offset, void* buf, size_t len, const char* what) {
   size_t got = 0;
-  Status s = f->ReadAt(offset, buf, len, &got, /*direct=*/false);
+  Status s = f->ReadAt(base + offset, buf, len, &got, /*direct=*/false);
   if (!s.ok()) return s;
   if (got != len)
     return Status::Corrupt(f->path(), what, "file is truncated (ends inside the " +
@@ -36,9 +37,11 @@ Status ReadExactly(ReadableFile* f, uint64_t offset, void* buf, size_t len, cons
 
 }  // namespace
 
-Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
+Status ReadZipDirectory(ReadableFile* file, uint64_t base, uint64_t size, std::vector<ZipEntry>* entries) {
   const std::string& path = file->path();
-  const uint64_t file_size = file->size();
+  if (base > file->size())
+    return Status::Corrupt(path, "archive", "the archive's offset lies beyond the end of the file");
+  const uint64_t file_size = std::min(size, file->size() - base);  // the archive's size
   entries->clear();
   if (file_size < 22)
     return Status::Corrupt(path, "end of central directory",
@@ -48,7 +51,7 @@ Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
   // The end record sits in the last 22 + 65535 (max comment) bytes.
   const uint64_t tail_len = std::min<uint64_t>(file_size, 22 + 0xFFFF);
   std::vector<uint8_t> tail(tail_len);
-  Status s = ReadExactly(file, file_size - tail_len, tail.data(), tail_len, "end of central directory");
+  Status s = ReadExactly(file, base, file_size - tail_len, tail.data(), tail_len, "end of central directory");
   if (!s.ok()) return s;
   int64_t eocd = -1;
   for (int64_t i = static_cast<int64_t>(tail_len) - 22; i >= 0; --i) {
@@ -70,14 +73,14 @@ Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
   // ZIP64: the locator sits right before the end record.
   if (eocd_offset >= 20) {
     uint8_t loc[20];
-    s = ReadExactly(file, eocd_offset - 20, loc, 20, "zip64 locator");
+    s = ReadExactly(file, base, eocd_offset - 20, loc, 20, "zip64 locator");
     if (!s.ok()) return s;
     if (Get32(loc) == kZip64LocatorSig) {
       const uint64_t z64_offset = Get64(loc + 8);
       if (z64_offset > eocd_offset - 20 || eocd_offset - 20 - z64_offset < 56)
         return Status::Corrupt(path, "zip64 end of central directory", "points outside the file");
       uint8_t z[56];
-      s = ReadExactly(file, z64_offset, z, 56, "zip64 end of central directory");
+      s = ReadExactly(file, base, z64_offset, z, 56, "zip64 end of central directory");
       if (!s.ok()) return s;
       if (Get32(z) != kZip64EndSig)
         return Status::Corrupt(path, "zip64 end of central directory", "bad signature");
@@ -95,7 +98,7 @@ Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
     return Status::Corrupt(path, "central directory", "declares more entries than it holds");
 
   std::vector<uint8_t> cd(cd_size);
-  s = ReadExactly(file, cd_offset, cd.data(), cd_size, "central directory");
+  s = ReadExactly(file, base, cd_offset, cd.data(), cd_size, "central directory");
   if (!s.ok()) return s;
 
   entries->reserve(count);
@@ -146,6 +149,10 @@ Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries) {
       return Status::Corrupt(path, name,
                              "record of " + std::to_string(usize) + " bytes lies outside the data (truncated?)");
     entries->push_back(ZipEntry{std::move(name), header_offset, cd_offset, usize, crc});
+  }
+  for (ZipEntry& e : *entries) {  // absolute from here on
+    e.header_offset += base;
+    e.end_offset += base;
   }
   // Each record extends to the next one's header.
   std::vector<size_t> order(entries->size());

@@ -24,6 +24,11 @@ struct ZipEntry {
 // the payloads). Fails with Corrupt (naming the part) for anything that is
 // not a well-formed archive of stored records, each fitting between its
 // header and the next record.
-Status ReadZipDirectory(ReadableFile* file, std::vector<ZipEntry>* entries);
+//
+// The archive may be a window of the file: bytes [base, base + size) (as in a
+// torch.distributed.checkpoint file, where each tensor is an archive at some
+// offset). Offsets inside it are relative to `base`; the entries' offsets are
+// returned absolute, ready for a ReadJob on the whole file.
+Status ReadZipDirectory(ReadableFile* file, uint64_t base, uint64_t size, std::vector<ZipEntry>* entries);
 
 }  // namespace ckptio

@@ -204,7 +204,7 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "save",
           [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive,
-             size_t block_bytes, size_t queue_depth) {
+             size_t block_bytes, size_t queue_depth, uint64_t base_offset, bool into_existing) {
             std::vector<RecordSpec> specs;
             specs.reserve(records.size());
             for (py::handle item : records) {
@@ -215,14 +215,16 @@ PYBIND11_MODULE(_C, m) {
             std::shared_ptr<Ticket> ticket;
             {
               py::gil_scoped_release release;
-              ticket = e.Save(path, std::move(specs), alignment, block_bytes, queue_depth);
+              ticket = e.Save(path, std::move(specs), alignment, block_bytes, queue_depth, base_offset, into_existing);
             }
             return std::make_unique<PyTicket>(std::move(ticket), std::move(keepalive));
           },
           py::arg("path"), py::arg("records"), py::arg("alignment"), py::arg("keepalive"),
-          py::arg("block_bytes") = 0, py::arg("queue_depth") = 0,
+          py::arg("block_bytes") = 0, py::arg("queue_depth") = 0, py::arg("base_offset") = 0,
+          py::arg("into_existing") = false,
           "Start writing records [(name, bytes | (address, size))] to path; returns a Ticket.\n"
-          "block_bytes/queue_depth override the engine's for this job when non-zero.")
+          "block_bytes/queue_depth override the engine's for this job when non-zero. With into_existing,\n"
+          "the archive goes at base_offset of the existing file, which is not synced or renamed.")
       .def(
           "read",
           [](Engine& e, const std::string& path, py::list requests, py::object keepalive) {
@@ -254,13 +256,13 @@ PYBIND11_MODULE(_C, m) {
           "returns a Ticket whose wait_request(i) says when request i is ready.")
       .def(
           "read_directory",
-          [](Engine& e, const std::string& path) {
+          [](Engine& e, const std::string& path, uint64_t base, uint64_t size) {
             std::vector<ZipEntry> entries;
             uint64_t file_size = 0;
             Status s;
             {
               py::gil_scoped_release release;
-              s = e.ReadDirectory(path, &entries, &file_size);
+              s = e.ReadDirectory(path, &entries, &file_size, base, size);
             }
             if (!s.ok()) RaiseStatus(s);
             py::list out;
@@ -268,7 +270,9 @@ PYBIND11_MODULE(_C, m) {
               out.append(py::make_tuple(py::bytes(z.name), z.header_offset, z.end_offset, z.size, z.crc));
             return py::make_tuple(file_size, out);
           },
-          py::arg("path"), "(file_size, [(name: bytes, header_offset, end_offset, size, crc)])");
+          py::arg("path"), py::arg("base") = 0, py::arg("size") = UINT64_MAX,
+          "(file_size, [(name: bytes, header_offset, end_offset, size, crc)]) of the archive at\n"
+          "bytes [base, base + size) of path (the whole file by default); offsets are absolute.");
 
   m.def(
       "crc32",
@@ -290,4 +294,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("crc") = 0);
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
+  m.def(
+      "archive_size",
+      [](const std::vector<std::pair<std::string, uint64_t>>& records, uint64_t alignment) {
+        std::vector<RecordSpec> specs;
+        for (const auto& r : records) specs.push_back(RecordSpec{r.first, nullptr, r.second});
+        ZipLayout layout;
+        Status s = ZipLayout::Plan(specs, alignment, &layout);
+        if (!s.ok()) RaiseStatus(s);
+        return layout.file_size();
+      },
+      py::arg("records"), py::arg("alignment"), "Bytes of the archive of [(name, size)] records.");
 }

@@ -1,0 +1,178 @@
+"""XLACheckpointIO over real torch_xla (PJRT_DEVICE=CPU here), sync and async."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+torch_xla = pytest.importorskip("torch_xla")
+import torch_xla.core.xla_model as xm  # noqa: E402
+
+import ckptio  # noqa: E402
+from ckptio import AsyncCheckpointIO, FastCheckpointIO, XLACheckpointIO  # noqa: E402
+from ckptio.background import reset  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def drained():
+    reset()
+    yield
+    reset()
+
+
+@pytest.fixture(scope="module")
+def device():
+    return torch_xla.device()
+
+
+def _xla_state(device):
+    g = torch.Generator().manual_seed(0)
+    cpu = {
+        "f32": torch.randn(64, 33, generator=g),
+        "bf16": torch.randn(1000, generator=g).to(torch.bfloat16),
+        "i64": torch.arange(77),
+        "nested": {"h": torch.randn(8, 8, generator=g).half(), "list": [torch.ones(3), 5]},
+        "step": 9,
+    }
+    on_xla = {
+        "f32": cpu["f32"].to(device),
+        "bf16": cpu["bf16"].to(device),
+        "i64": cpu["i64"].to(device),
+        "nested": {"h": cpu["nested"]["h"].to(device), "list": [cpu["nested"]["list"][0].to(device), 5]},
+        "step": 9,
+    }
+    return on_xla, cpu
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert a.device.type == "cpu" and a.dtype == b.dtype and torch.equal(a, b.cpu())
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        for x, y in zip(a, b):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_xla_tensors_round_trip(tmp_path, device, mode):
+    state, expected = _xla_state(device)
+    io = XLACheckpointIO() if mode == "sync" else AsyncCheckpointIO(XLACheckpointIO())
+    io.save_checkpoint(state, tmp_path / "x.ckpt")
+    io.teardown()
+    _same(io.load_checkpoint(tmp_path / "x.ckpt"), expected)
+    _same(torch.load(tmp_path / "x.ckpt", weights_only=True), expected)  # plain torch on CPU
+    ckptio.verify(tmp_path / "x.ckpt")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_model_and_optimizer_state_after_training_on_xla(tmp_path, device, mode):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = model(torch.randn(8, 16).to(device)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        torch_xla.sync()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    expected_model = {k: v.cpu() for k, v in model.state_dict().items()}
+    expected_exp_avg = opt.state_dict()["state"][0]["exp_avg"].cpu()
+    io = XLACheckpointIO() if mode == "sync" else AsyncCheckpointIO(XLACheckpointIO())
+    io.save_checkpoint(state, tmp_path / "m.ckpt")
+    io.teardown()
+    out = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    for k, v in expected_model.items():
+        assert torch.equal(out["model"][k], v), k
+    assert torch.equal(out["optimizer"]["state"][0]["exp_avg"], expected_exp_avg)
+    assert out["optimizer"]["param_groups"][0]["lr"] == 0.01
+
+
+def test_mutating_xla_tensors_after_async_save_does_not_change_the_file(tmp_path, device):
+    state, expected = _xla_state(device)
+    io = AsyncCheckpointIO(XLACheckpointIO())
+    io.save_checkpoint(state, tmp_path / "x.ckpt")
+    state["f32"].add_(100.0)
+    state["bf16"].zero_()
+    state["nested"]["h"].fill_(7)
+    torch_xla.sync()
+    del state
+    io.teardown()
+    _same(torch.load(tmp_path / "x.ckpt", weights_only=True), expected)
+
+
+def test_xla_and_native_saves_share_one_ordered_queue(tmp_path, device):
+    xla_io, fast_io = AsyncCheckpointIO(XLACheckpointIO()), AsyncCheckpointIO(FastCheckpointIO())
+    path = tmp_path / "shared.ckpt"
+    for step in range(8):
+        if step % 2:
+            fast_io.save_checkpoint({"step": step, "w": torch.full((1000,), step)}, path)
+        else:
+            xla_io.save_checkpoint({"step": step, "w": torch.full((1000,), step).to(device)}, path)
+        fast_io.save_checkpoint({"step": step}, tmp_path / f"side{step}.ckpt")
+    xla_io.teardown()
+    assert torch.load(path, weights_only=True)["step"] == 7
+    assert all(torch.load(tmp_path / f"side{s}.ckpt", weights_only=True)["step"] == s for s in range(8))
+
+
+def test_lightning_xla_strategies_accept_the_plugin():
+    pl = pytest.importorskip("lightning.pytorch")
+    from lightning.fabric.plugins.io import XLACheckpointIO as LightningXLA
+
+    plugin = XLACheckpointIO()
+    assert isinstance(plugin, LightningXLA)
+    strategy = pl.strategies.SingleDeviceXLAStrategy(device=torch_xla.device(), checkpoint_io=plugin)
+    assert strategy.checkpoint_io is plugin
+    wrapped = AsyncCheckpointIO(plugin)
+    strategy = pl.strategies.SingleDeviceXLAStrategy(device=torch_xla.device(), checkpoint_io=plugin)
+    assert isinstance(wrapped.checkpoint_io, LightningXLA)
+    import pytorch_lightning
+
+    assert isinstance(plugin, pytorch_lightning.plugins.io.XLACheckpointIO)
+
+
+TWO_PROCESS = textwrap.dedent(
+    """
+    import os, sys, torch
+    import torch_xla, torch_xla.core.xla_model as xm, torch_xla.distributed.xla_multiprocessing as xmp
+    import ckptio
+
+    def run(index, out):
+        io = ckptio.XLACheckpointIO()
+        state = {"rank": xm.get_ordinal(), "w": torch.full((100,), 3.0).to(torch_xla.device())}
+        io.save_checkpoint(state, os.path.join(out, "shared.ckpt"))
+        with open(os.path.join(out, f"done{index}"), "w") as f:
+            f.write(str(xm.get_ordinal()))
+
+    if __name__ == "__main__":
+        xmp.spawn(run, args=(sys.argv[1],), nprocs=int(sys.argv[2]))
+    """
+)
+
+
+def test_two_xla_processes_write_one_file_from_the_master(tmp_path):
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS)
+    env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="2")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2"], env=env, capture_output=True,
+                          text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"two-process XLA run failed:\n{proc.stderr[-4000:]}")
+    files = sorted(n for n in os.listdir(tmp_path) if n.endswith(".ckpt"))
+    assert files == ["shared.ckpt"]
+    assert torch.load(tmp_path / "shared.ckpt", weights_only=True)["rank"] == 0  # the master wrote it
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("done")) == ["done0", "done1"]
+
+
+def test_without_torch_xla_the_error_says_how_to_install(tmp_path):
+    code = "import sys; sys.modules['torch_xla'] = None\nimport ckptio\ntry:\n    ckptio.XLACheckpointIO()\nexcept ImportError as e:\n    print(e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'ckptio[xla]'" in out

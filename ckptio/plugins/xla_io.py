@@ -35,25 +35,17 @@ class XLACheckpointIO(CheckpointIO):
         super().__init__()
         _xla()
 
-    def _to_host(self, checkpoint):
-        """Flush pending XLA computations and copy every XLA tensor to the CPU.
-
-        The copies belong to us, so they are already a snapshot."""
+    def _to_host(self, checkpoint, writer: bool):
+        """Flush pending XLA computations (every ordinal: they may hold
+        collectives) and, on the writer, copy every XLA tensor to the CPU in one
+        batched transfer, as xm.save does. The copies are ours: a snapshot."""
         torch_xla, xm = _xla()
         torch_xla.sync()
-        return xm._maybe_convert_to_cpu(checkpoint, convert=True)
+        return xm._maybe_convert_to_cpu(checkpoint, convert=writer)
 
     def _is_writer(self) -> bool:
         _, xm = _xla()
         return xm.is_master_ordinal(local=False)
-
-    def _rendezvous(self, tag: str) -> None:
-        """Every process waits for the master's write, as xm.save does."""
-        _, xm = _xla()
-        import torch_xla.runtime as xr
-
-        if xr.world_size() > 1:
-            xm.rendezvous(tag)
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
         from .. import api
@@ -61,13 +53,13 @@ class XLACheckpointIO(CheckpointIO):
 
         _reject_storage_options(self, storage_options)
         path = os.fspath(path)
-        host = self._to_host(checkpoint)
-        if self._is_writer():
+        writer = self._is_writer()
+        host = self._to_host(checkpoint, writer)
+        if writer:  # like xm.save, no barrier: Lightning's XLA strategies add their own
             get_queue().wait_path(path)
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             api.save(host, path)
-        self._rendezvous("ckptio.XLACheckpointIO.save_checkpoint")
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         from .. import api
@@ -88,8 +80,9 @@ class XLACheckpointIO(CheckpointIO):
         from ..background import stage, write_native
 
         _reject_storage_options(self, storage_options)
-        host = self._to_host(checkpoint)  # XLA tensors now CPU tensors we own
-        if not self._is_writer():
+        writer = self._is_writer()
+        host = self._to_host(checkpoint, writer)  # XLA tensors now CPU tensors we own
+        if not writer:
             from ..save_queue import SaveHandle
 
             handle = SaveHandle(path, "skipped")  # not the master ordinal: nothing to write

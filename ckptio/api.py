@@ -140,12 +140,12 @@ def load(
         raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
     if mmap or _is_meta(map_location):
         if verify:
-            _archive.RecordReader(arc, list(arc.records), verify=True, keep=False).finish()
+            _archive.RecordReader.of(arc, verify=True, keep=False).finish()
         return _torch_load(path, map_location, weights_only, mmap=mmap)
 
     # Unpickling runs while the engine is still reading: each storage waits
     # only for its own record.
-    reader = _archive.RecordReader(arc, list(arc.records), verify=verify)
+    reader = _archive.RecordReader.of(arc, verify=verify)
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
     try:
         result = torch.serialization._load(
@@ -196,5 +196,5 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):
         raise CorruptCheckpointError(f"{path}: not a torch.save zip archive", path=path)
     arc = _archive.open_archive(path)
-    _archive.RecordReader(arc, list(arc.records), verify=True, keep=False).finish()
+    _archive.RecordReader.of(arc, verify=True, keep=False).finish()
     return VerifyResult(path, len(arc.records), sum(r.size for r in arc.records.values()))

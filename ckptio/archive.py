@@ -61,16 +61,15 @@ def open_archive(path: str, *, base: int = 0, size: int | None = None) -> Archiv
         raise CheckpointIOError(21, "is a directory, not a checkpoint file", path)
     if size is None:
         file_size, entries = get_engine().read_directory(path)
-    else:
+        with open(path, "rb") as f:
+            if f.read(4) != _ZIP_MAGIC:
+                raise CorruptCheckpointError(
+                    f"{path}: does not start with a zip local header, so torch.load cannot read it", path=path
+                )
+    else:  # an archive inside a larger file: its local headers are checked as they are read
         file_size, entries = get_engine().read_directory(path, base, size)
     if not entries:
         raise CorruptCheckpointError(f"{path}: the archive holds no records", path=path)
-    with open(path, "rb") as f:
-        f.seek(base)
-        if f.read(4) != _ZIP_MAGIC:
-            raise CorruptCheckpointError(
-                f"{path}: does not start with a zip local header, so torch.load cannot read it", path=path
-            )
     first = _decode(entries[0][0], path)
     if "/" not in first:
         raise CorruptCheckpointError(f"{path}: record '{first}' is not inside the archive directory", path=path)
@@ -106,34 +105,40 @@ def _checks(record: Record, verify: bool) -> bool:
 
 
 class RecordReader:
-    """Reads records of an archive in the background through the engine,
-    checking CRC-32s if `verify`; get(name) waits for just that record, so the
-    caller can use early records while later ones arrive.
+    """Reads records of a file in the background through the engine, checking
+    CRC-32s if `verify`; get(key) waits for just that record, so the caller can
+    use early records while later ones arrive.
 
-    With keep=False the records are only checksummed (verification)."""
+    `records` is [(key, Record)]: any hashable keys, so records of several
+    archives in one file (a DCP rank file) can share one read. With
+    keep=False the records are only checksummed (verification)."""
 
-    def __init__(self, archive: Archive, names, *, verify: bool, keep: bool = True):
+    def __init__(self, path: str, records, *, verify: bool, keep: bool = True):
         self._buffers = {}
         self._index = {}
         requests = []
-        for name in names:
-            r = archive.record(name)
+        for key, r in records:
             address = capacity = 0
             if keep:
                 buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
-                self._buffers[name] = buf
+                self._buffers[key] = buf
                 address, capacity = buf.address, buf.capacity
-            self._index[name] = len(requests)
+            self._index[key] = len(requests)
             requests.append(
-                (name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
+                (r.name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
             )
         # The ticket keeps the buffers alive until the engine is done with them.
-        self._ticket = get_engine().read(archive.path, requests, list(self._buffers.values()))
+        self._ticket = get_engine().read(path, requests, list(self._buffers.values()))
 
-    def get(self, name: str):
-        """The page-aligned buffer holding record `name`, once read and verified."""
-        self._ticket.wait_request(self._index[name])
-        return self._buffers[name]
+    @classmethod
+    def of(cls, archive: Archive, *, verify: bool, keep: bool = True) -> "RecordReader":
+        """Every record of one archive, keyed by name."""
+        return cls(archive.path, list(archive.records.items()), verify=verify, keep=keep)
+
+    def get(self, key):
+        """The page-aligned buffer holding record `key`, once read and verified."""
+        self._ticket.wait_request(self._index[key])
+        return self._buffers[key]
 
     def finish(self) -> None:
         """Wait for every record; raise the first error (e.g. a CRC mismatch)."""
@@ -168,15 +173,16 @@ class LoadedArchive:
     """The reader interface torch.serialization._load calls, served from
     records the engine reads (and verifies) in the background."""
 
-    def __init__(self, archive: Archive, reader: RecordReader):
+    def __init__(self, archive: Archive, reader: RecordReader, key=lambda name: name):
         self._archive = archive
         self._reader = reader
+        self._key = key  # record name -> the reader's key
 
     def has_record(self, name: str) -> bool:
         return name in self._archive.records
 
     def get_record(self, name: str) -> bytes:
-        return bytes(self._reader.get(name))
+        return bytes(self._reader.get(self._key(name)))
 
     def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
         record = self._archive.record(name)
@@ -186,7 +192,7 @@ class LoadedArchive:
                 path=self._archive.path,
                 record=name,
             )
-        return _RecordStorage(storage_from_buffer(self._reader.get(name)))
+        return _RecordStorage(storage_from_buffer(self._reader.get(self._key(name))))
 
     def get_all_records(self) -> list:
         return list(self._archive.records)

@@ -25,6 +25,7 @@ import os
 import re
 
 import torch
+import torch.serialization
 from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -226,52 +227,69 @@ class StorageReader(FileSystemReader):
         self.verify = verify
 
     def read_data(self, plan, planner) -> Future:
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
+        """Per rank file: parse every tensor archive's directory, read all their
+        records in one engine job (parallel, CRC-verified), then rebuild each
+        tensor with torch's unpickler and copy it into DCP's target."""
         directory = os.fspath(self.path)
-        for req in sorted(plan.items, key=lambda r: (self.storage_data[r.storage_index].relative_path,
-                                                    self.storage_data[r.storage_index].offset)):
-            info: _StorageInfo = self.storage_data[req.storage_index]
-            path = os.path.join(directory, info.relative_path)
-            where = f"{path} (rank {_rank_of(info.relative_path)}, item {req.storage_index.fqn!r})"
-            if req.type == LoadItemType.BYTE_IO:
-                with open(path, "rb") as f:
-                    f.seek(info.offset)
-                    raw = f.read(info.length)
-                if len(raw) != info.length:
-                    raise CorruptCheckpointError(f"{where}: file is truncated", path=path, record=req.storage_index.fqn)
-                planner.load_bytes(req, io.BytesIO(raw))
-                continue
+        by_file: dict = {}
+        for req in plan.items:
+            by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+        for relative_path, reqs in by_file.items():
+            path = os.path.join(directory, relative_path)
+            reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
+            archives = {}  # (offset, length) -> Archive
             try:
-                tensor = _load_archive(path, info.offset, info.length, self.verify)
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{where}: {e}", path=path, record=req.storage_index.fqn) from e
+                for req in reqs:
+                    info = self.storage_data[req.storage_index]
+                    if req.type != LoadItemType.BYTE_IO and (info.offset, info.length) not in archives:
+                        archives[(info.offset, info.length)] = _archive.open_archive(
+                            path, base=info.offset, size=info.length)
             except FileNotFoundError as e:
-                raise CheckpointIOError(2, f"missing checkpoint file for {where}", path) from e
-            tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-            target = planner.resolve_tensor(req).detach()
-            if target.size() != tensor.size():
-                raise CorruptCheckpointError(f"{where}: size {tuple(tensor.size())}, expected {tuple(target.size())}",
-                                             path=path, record=req.storage_index.fqn)
-            target.copy_(tensor)
-            planner.commit_tensor(req, target)
+                raise CheckpointIOError(2, f"missing checkpoint file of rank {_rank_of(relative_path)}", path) from e
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"{path} (rank {_rank_of(relative_path)}): {e}", path=path) from e
+            reader = _archive.RecordReader(
+                path, [((span, name), r) for span, arc in archives.items() for name, r in arc.records.items()],
+                verify=self.verify)
+            for req in reqs:
+                self._read_item(req, path, relative_path, archives, reader, planner)
+            try:
+                reader.finish()
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"{path} (rank {_rank_of(relative_path)}): {e}", path=path) from e
         fut = Future()
         fut.set_result(None)
         return fut
+
+    def _read_item(self, req, path, relative_path, archives, reader, planner) -> None:
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+
+        info: _StorageInfo = self.storage_data[req.storage_index]
+        where = f"{path} (rank {_rank_of(relative_path)}, item {req.storage_index.fqn!r})"
+        if req.type == LoadItemType.BYTE_IO:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+            if len(raw) != info.length:
+                raise CorruptCheckpointError(f"{where}: file is truncated", path=path, record=req.storage_index.fqn)
+            planner.load_bytes(req, io.BytesIO(raw))
+            return
+        span = (info.offset, info.length)
+        try:
+            tensor = torch.serialization._load(
+                _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name)), "cpu",
+                torch._weights_only_unpickler, encoding="utf-8")
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{where}: {e}", path=path, record=req.storage_index.fqn) from e
+        tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise CorruptCheckpointError(f"{where}: size {tuple(tensor.size())}, expected {tuple(target.size())}",
+                                         path=path, record=req.storage_index.fqn)
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
 
 
 def _rank_of(file_name: str):
     m = re.match(r"__(\d+)_", file_name)
     return int(m.group(1)) if m else "?"
-
-
-def _load_archive(path: str, offset: int, length: int, verify: bool) -> torch.Tensor:
-    """The tensor stored as a torch.save archive at [offset, offset+length) of path."""
-    import torch.serialization
-
-    arc = _archive.open_archive(path, base=offset, size=length)
-    reader = _archive.RecordReader(arc, list(arc.records), verify=verify)
-    result = torch.serialization._load(_archive.LoadedArchive(arc, reader), "cpu", torch._weights_only_unpickler,
-                                       encoding="utf-8")
-    reader.finish()
-    return result

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-xla bench clean
+.PHONY: all install demo test test-xla test-sanitize bench clean
 
 all: test
 
@@ -48,8 +48,27 @@ test-xla: $(XLA_VENV)/.deps
 	$(XLA_BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall --config-settings=build-dir=build/xla .
 	cd tests && PJRT_DEVICE=CPU ../$(XLA_BIN)/python -m pytest -q xla test_roundtrip.py test_corruption.py $(PYTEST_ARGS)
 
+# The engine built with AddressSanitizer + UndefinedBehaviorSanitizer, then
+# with ThreadSanitizer, each installed beside (not over) the normal build and
+# preloaded into the venv's Python for the tests that drive the engine.
+SANITIZE_BUILD = $(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall --target .sanitize/$(1) \
+	--config-settings=build-dir=build/$(1) --config-settings=cmake.build-type=RelWithDebInfo \
+	"--config-settings=cmake.define.CKPTIO_SANITIZE_FLAGS=$(2)" .
+ASAN_LIBS = $$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)
+
+test-sanitize: $(VENV)/.deps
+	rm -rf .sanitize
+	$(call SANITIZE_BUILD,asan,-fsanitize=address,undefined;-fno-omit-frame-pointer;-fno-sanitize-recover=undefined)
+	cd tests && LD_PRELOAD="$(ASAN_LIBS)" ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1 \
+	    PYTHONPATH=../.sanitize/asan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
+	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py
+	$(call SANITIZE_BUILD,tsan,-fsanitize=thread)
+	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS="halt_on_error=1" \
+	    PYTHONPATH=../.sanitize/tsan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
+	    test_async.py test_gil.py test_manager.py -k "not exit_without_waiting and not sigkill"
+
 bench: install
 	$(BIN)/python bench/save_load.py
 
 clean:
-	rm -rf build $(VENV) $(XLA_VENV)
+	rm -rf build .sanitize $(VENV) $(XLA_VENV)

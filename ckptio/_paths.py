@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import threading
+from contextlib import contextmanager
 
 from .errors import CheckpointIOError, CheckpointNotFoundError
 
@@ -55,3 +57,38 @@ def remove_stale_temporaries(directory: str) -> list:
             except OSError:
                 pass
     return removed
+
+
+def fsync_directory(directory: str) -> None:
+    """fsync a directory, so that a rename inside it survives a power loss."""
+    fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def committed_file(path: str, mode: str = "wb"):
+    """Write `path` through a temporary file beside it, committed durably.
+
+    Yields the open temporary file. On success: flush, fsync, rename over
+    `path`, fsync the directory. On any error the temporary file is removed
+    and `path` is untouched. The temporary name is one stale-temporary
+    cleanup recognises (ckptio's own, with this pid).
+    """
+    parent = os.path.dirname(path) or "."
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.ckptio-tmp-{os.getpid()}-t{threading.get_ident()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(parent)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from . import _C
 from . import archive as _archive
 from ._engine import get_engine
+from ._paths import fsync_directory
 from .errors import CheckpointIOError, CorruptCheckpointError
 from .pickling import ALIGNMENT, pickle_state
 
@@ -45,14 +46,6 @@ _SUFFIX = ".distcp"
 
 def _page_round(n: int) -> int:
     return -(-n // 4096) * 4096
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StorageWriter(FileSystemWriter):
@@ -115,7 +108,7 @@ class StorageWriter(FileSystemWriter):
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(directory)
+            fsync_directory(directory)
         except BaseException:
             try:
                 os.remove(tmp)
@@ -133,7 +126,7 @@ class StorageWriter(FileSystemWriter):
 
     def finish(self, metadata, results) -> None:
         super().finish(metadata, results)  # .metadata.tmp, fsync, rename
-        _fsync_dir(os.fspath(self.path))  # and the rename itself survives a crash
+        fsync_directory(os.fspath(self.path))  # and the rename itself survives a crash
 
     # --- staging for dcp.async_save ---------------------------------------------
 

@@ -21,6 +21,7 @@ import warnings
 from typing import Any, Optional
 
 from . import api
+from ._paths import committed_file
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .save_queue import SaveHandle
 
@@ -169,18 +170,8 @@ class CheckpointManager:
 
 def _write_pointer(directory: str, target: str) -> None:
     """Atomically replace `directory`/latest with `target`, durably."""
-    final = os.path.join(directory, _POINTER)
-    tmp = os.path.join(directory, f".{_POINTER}.ckptio-tmp-{os.getpid()}-p")
-    with open(tmp, "w") as f:
+    with committed_file(os.path.join(directory, _POINTER), "w") as f:
         f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_pointer(directory: str) -> Optional[str]:

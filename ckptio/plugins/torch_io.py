@@ -160,33 +160,17 @@ def _durable_torch_save(obj, path: str) -> int:
             with fs.open(p, "wb") as f:
                 f.write(buf.getbuffer())
         return buf.getbuffer().nbytes
-    from .._paths import check_destination, remove_stale_temporaries
-    from .. import _C
+    from .._paths import check_destination, committed_file, remove_stale_temporaries
 
     check_destination(path)
-    parent = os.path.dirname(path) or "."
-    remove_stale_temporaries(parent)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.ckptio-tmp-{os.getpid()}-t{threading.get_ident()}")
+    remove_stale_temporaries(os.path.dirname(path) or ".")
     try:
-        with open(tmp, "wb") as f:
+        with committed_file(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-            nbytes = f.tell()
-        os.replace(tmp, path)
-        dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return nbytes
+            return f.tell()
+    except CheckpointIOError:
+        raise
     except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, CheckpointIOError):
-            raise
         raise CheckpointIOError(e.errno or 5, f"torch.save failed: {e.strerror or e}", path) from e
     except BaseException:
         try:

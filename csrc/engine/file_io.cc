@@ -38,10 +38,11 @@ Status OpenForWriting(const std::string& path, int flags, DirectIoMode mode, boo
 
 }  // namespace
 
-Status WritableFile::Create(const std::string& path, DirectIoMode mode, WritableFile* out) {
+Status WritableFile::Open(const std::string& path, DirectIoMode mode, bool create, WritableFile* out) {
   int fd = -1;
   bool direct = false;
-  Status s = OpenForWriting(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode, true, &fd, &direct);
+  const int flags = O_WRONLY | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
+  Status s = OpenForWriting(path, flags, mode, create, &fd, &direct);
   if (!s.ok()) return s;
   out->fd_ = fd;
   out->path_ = path;
@@ -50,16 +51,12 @@ Status WritableFile::Create(const std::string& path, DirectIoMode mode, Writable
   return Status::OK();
 }
 
+Status WritableFile::Create(const std::string& path, DirectIoMode mode, WritableFile* out) {
+  return Open(path, mode, /*create=*/true, out);
+}
+
 Status WritableFile::OpenExisting(const std::string& path, DirectIoMode mode, WritableFile* out) {
-  int fd = -1;
-  bool direct = false;
-  Status s = OpenForWriting(path, O_WRONLY | O_CLOEXEC, mode, false, &fd, &direct);
-  if (!s.ok()) return s;
-  out->fd_ = fd;
-  out->path_ = path;
-  out->mode_ = mode;
-  out->direct_.store(direct);
-  return Status::OK();
+  return Open(path, mode, /*create=*/false, out);
 }
 
 Status WritableFile::WriteAt(uint64_t offset, const void* data, size_t len) {

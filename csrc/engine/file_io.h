@@ -41,6 +41,8 @@ class WritableFile {
   const std::string& path() const { return path_; }
 
  private:
+  static Status Open(const std::string& path, DirectIoMode mode, bool create, WritableFile* out);
+
   int fd_ = -1;
   std::string path_;
   DirectIoMode mode_ = DirectIoMode::kAuto;

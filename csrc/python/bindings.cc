@@ -27,9 +27,12 @@ namespace {
   throw py::error_already_set();
 }
 
-// Waits for `t` with the GIL released; true when done, false on timeout.
-// Raises KeyboardInterrupt (or whatever a signal handler raises) if asked.
-bool WaitInterruptibly(Ticket& t, double timeout_seconds) {
+// Calls wait(slice_seconds) -> bool with the GIL released, in slices of at
+// most 100 ms, until it returns true (then true) or `timeout_seconds` pass
+// (then false; < 0 waits forever). Between slices, Python signal handlers
+// run: Ctrl-C raises KeyboardInterrupt here.
+template <typename WaitFn>
+bool WaitInterruptibly(WaitFn wait, double timeout_seconds) {
   using Clock = std::chrono::steady_clock;
   const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_seconds < 0 ? 0 : timeout_seconds);
   for (;;) {
@@ -39,13 +42,15 @@ bool WaitInterruptibly(Ticket& t, double timeout_seconds) {
     bool done;
     {
       py::gil_scoped_release release;
-      done = t.Wait(slice);
+      done = wait(slice);
     }
     if (done) return true;
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     if (timeout_seconds >= 0 && Clock::now() >= deadline) return false;
   }
 }
+
+double TimeoutSeconds(const py::object& timeout) { return timeout.is_none() ? -1.0 : timeout.cast<double>(); }
 
 // A job handle that also owns the Python objects whose memory the job reads
 // or writes, so they outlive it.
@@ -61,7 +66,7 @@ class PyTicket {
     }
   }
   bool wait(py::object timeout) {
-    return WaitInterruptibly(*t_, timeout.is_none() ? -1.0 : timeout.cast<double>());
+    return WaitInterruptibly([this](double s) { return t_->Wait(s); }, TimeoutSeconds(timeout));
   }
   // Waits without being interruptible: used after cancel() to know when
   // buffers are free.
@@ -73,15 +78,7 @@ class PyTicket {
   // the job's error if it failed first.
   void wait_request(size_t i) {
     if (!progress_) throw std::invalid_argument("not a read job");
-    for (;;) {
-      bool ready;
-      {
-        py::gil_scoped_release release;
-        ready = progress_->Wait(i, 0.1);
-      }
-      if (ready) break;
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-    }
+    WaitInterruptibly([this, i](double s) { return progress_->Wait(i, s); }, -1.0);
     if (t_->failed()) {
       wait_uninterruptible();
       check();
@@ -89,22 +86,7 @@ class PyTicket {
   }
   // Save jobs: true once the job no longer reads the records' memory.
   bool wait_sources_released(py::object timeout) {
-    const double limit = timeout.is_none() ? -1.0 : timeout.cast<double>();
-    using Clock = std::chrono::steady_clock;
-    const auto deadline = Clock::now() + std::chrono::duration<double>(limit < 0 ? 0 : limit);
-    for (;;) {
-      double slice = 0.1;
-      if (limit >= 0)
-        slice = std::min(slice, std::max(0.0, std::chrono::duration<double>(deadline - Clock::now()).count()));
-      bool released;
-      {
-        py::gil_scoped_release release;
-        released = t_->WaitSourcesReleased(slice);
-      }
-      if (released) return true;
-      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
-      if (limit >= 0 && Clock::now() >= deadline) return false;
-    }
+    return WaitInterruptibly([this](double s) { return t_->WaitSourcesReleased(s); }, TimeoutSeconds(timeout));
   }
   bool done() const { return t_->done(); }
   void cancel() { t_->Cancel(); }

@@ -1,9 +1,12 @@
 #include "file_io.h"
 
+#include "fault_injection.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 namespace ckptio {
@@ -61,8 +64,19 @@ Status WritableFile::OpenExisting(const std::string& path, DirectIoMode mode, Wr
 
 Status WritableFile::WriteAt(uint64_t offset, const void* data, size_t len) {
   const char* p = static_cast<const char*>(data);
+  FaultInjector& faults = FaultInjector::Get();
   while (len > 0) {
-    ssize_t n = ::pwrite(fd_, p, len, static_cast<off_t>(offset));
+    size_t chunk = len;
+    ssize_t n;
+    if (int injected = faults.BeforeWrite(offset, &chunk)) {
+      errno = injected;
+      n = -1;
+    } else {
+      // A short chunk is only ever asked for by the fault seam; O_DIRECT then
+      // needs whole sectors, so keep it a multiple of 4096.
+      if (chunk < len && direct()) chunk = std::max<size_t>(kPageSize, chunk / kPageSize * kPageSize);
+      n = ::pwrite(fd_, p, chunk, static_cast<off_t>(offset));
+    }
     if (n < 0) {
       if (errno == EINTR) continue;
       if (errno == EINVAL && direct() && mode_ == DirectIoMode::kAuto) {
@@ -91,10 +105,12 @@ Status WritableFile::Truncate(uint64_t size) {
 }
 
 Status WritableFile::Sync() {
-  while (::fdatasync(fd_) != 0) {
-    if (errno != EINTR) return Status::FromErrno(errno, "fdatasync", path_);
+  for (;;) {
+    int injected = FaultInjector::Get().BeforeSync();
+    if (injected == 0 && ::fdatasync(fd_) == 0) return Status::OK();
+    const int err = injected ? injected : errno;
+    if (err != EINTR) return Status::FromErrno(err, "fdatasync", path_);
   }
-  return Status::OK();
 }
 
 Status WritableFile::Close() {

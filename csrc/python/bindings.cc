@@ -14,6 +14,7 @@
 #include "engine/aligned_buffer.h"
 #include "engine/crc32.h"
 #include "engine/engine.h"
+#include "engine/fault_injection.h"
 
 namespace py = pybind11;
 using namespace ckptio;
@@ -276,6 +277,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("crc") = 0);
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
+  m.def(
+      "_arm_fault",
+      [](const std::string& kind, int error_number, uint64_t at_byte, uint64_t max_chunk, uint64_t count) {
+        FaultPlan p;
+        if (kind == "write_error_at_byte") p.kind = FaultPlan::Kind::kWriteErrorAtByte;
+        else if (kind == "fsync_error") p.kind = FaultPlan::Kind::kFsyncError;
+        else if (kind == "short_writes") p.kind = FaultPlan::Kind::kShortWrites;
+        else if (kind == "eintr_storm") p.kind = FaultPlan::Kind::kEintrStorm;
+        else throw std::invalid_argument("unknown fault kind: " + kind);
+        p.error_number = error_number;
+        p.at_byte = at_byte;
+        p.max_chunk = max_chunk;
+        p.count = count;
+        FaultInjector::Get().Arm(p);
+      },
+      py::arg("kind"), py::arg("error_number") = 0, py::arg("at_byte") = 0, py::arg("max_chunk") = 0,
+      py::arg("count") = 0, "Tests only: make the engine's file layer fail as described (see fault_injection.h).");
+  m.def("_disarm_faults", [] { FaultInjector::Get().Disarm(); }, "Tests only: stop injecting faults.");
   m.def(
       "archive_size",
       [](const std::vector<std::pair<std::string, uint64_t>>& records, uint64_t alignment) {

@@ -1,0 +1,25 @@
+"""Test helpers that reach into the engine. Not part of the public API."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from . import _C
+
+__all__ = ["inject_fault"]
+
+
+@contextmanager
+def inject_fault(kind: str, *, errno: int = 0, at_byte: int = 0, max_chunk: int = 0, count: int = 0):
+    """Make the engine's file layer misbehave inside the block.
+
+    kind: "write_error_at_byte" (writes reaching `at_byte` fail with `errno`),
+    "fsync_error" (fdatasync fails with `errno`), "short_writes" (each write
+    moves at most `max_chunk` bytes), "eintr_storm" (the next `count` writes
+    and syncs fail with EINTR).
+    """
+    _C._arm_fault(kind, errno, at_byte, max_chunk, count)
+    try:
+        yield
+    finally:
+        _C._disarm_faults()

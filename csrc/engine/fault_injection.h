@@ -1,0 +1,47 @@
+// A test seam in the file layer: makes chosen system calls fail or misbehave
+// the way disks and kernels do (EIO at a byte, ENOSPC, a failing fsync, short
+// writes, EINTR storms), so tests can check that every such failure is
+// reported, leaves the destination untouched and keeps the engine usable.
+//
+// Off unless a test arms it through ckptio._C (never from an environment
+// variable): an unarmed check is one relaxed atomic load.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+
+namespace ckptio {
+
+struct FaultPlan {
+  enum class Kind { kNone = 0, kWriteErrorAtByte, kFsyncError, kShortWrites, kEintrStorm };
+  Kind kind = Kind::kNone;
+  int error_number = 0;     // errno to report (EIO, ENOSPC, ...)
+  uint64_t at_byte = 0;     // kWriteErrorAtByte: the first failing file offset
+  uint64_t max_chunk = 0;   // kShortWrites: most bytes one write() moves
+  uint64_t count = 0;       // kEintrStorm: how many calls fail with EINTR first
+};
+
+class FaultInjector {
+ public:
+  static FaultInjector& Get();
+
+  void Arm(const FaultPlan& plan);
+  void Disarm();
+  bool armed() const { return armed_.load(std::memory_order_relaxed); }
+
+  // Called before a pwrite of `len` bytes at `offset`. Returns 0 to proceed
+  // (possibly with *len lowered: a short write) or an errno to fail with.
+  int BeforeWrite(uint64_t offset, size_t* len);
+  // Called before fdatasync/fsync: 0 or an errno.
+  int BeforeSync();
+
+ private:
+  std::atomic<bool> armed_{false};
+  std::mutex mu_;  // guards plan_ and eintr_left_
+  FaultPlan plan_;
+  uint64_t eintr_left_ = 0;
+};
+
+}  // namespace ckptio

@@ -18,7 +18,7 @@ $(BIN)/python:
 $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-	    pytest psutil safetensors "lightning==2.6.6" fsspec
+	    pytest psutil hypothesis safetensors "lightning==2.6.6" fsspec
 	touch $@
 
 # A real (non-editable) install: tests import what users would get.
@@ -61,11 +61,12 @@ test-sanitize: $(VENV)/.deps
 	$(call SANITIZE_BUILD,asan,-fsanitize=address,undefined;-fno-omit-frame-pointer;-fno-sanitize-recover=undefined)
 	cd tests && LD_PRELOAD="$(ASAN_LIBS)" ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1 \
 	    PYTHONPATH=../.sanitize/asan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
-	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py
+	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py test_faults.py \
+	    test_hostile.py
 	$(call SANITIZE_BUILD,tsan,-fsanitize=thread)
 	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS="halt_on_error=1" \
 	    PYTHONPATH=../.sanitize/tsan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
-	    test_async.py test_gil.py test_manager.py -k "not exit_without_waiting and not sigkill"
+	    test_async.py test_gil.py test_manager.py test_concurrency.py -k "not exit_without_waiting and not sigkill"
 
 bench: install
 	$(BIN)/python bench/save_load.py

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from .errors import CheckpointIOError, CheckpointNotFoundError
 
 # The engine's temporary names: ".<base>.ckptio-tmp-<pid>-<n>" (csrc/engine/file_io.cc).
-_TEMP_NAME = re.compile(r"^\..+\.ckptio-tmp-(\d+)-\d+$")
+_TEMP_NAME = re.compile(r"^\..+\.ckptio-tmp-(\d+)-\w+$")
 
 
 def check_destination(path: str) -> None:

@@ -6,8 +6,10 @@
   submit waits (the staging arena bounds memory the same way).
 - A remove or load of a path waits for the queued saves of that path.
 - A failed save's exception is kept with its original type and raised once:
-  by its handle (result/exception), or else by the next submit, wait_path,
-  wait_all caller or teardown. Then it is cleared.
+  by its handle (result/exception), or else by the next submit or wait_path
+  made from the thread that submitted it, or by wait_all / teardown. Then it
+  is cleared. (So in a program saving from several threads, one thread's
+  failure never surfaces in another thread's unrelated call.)
 - Pending work drains at interpreter exit, so the last checkpoint is not lost.
 """
 
@@ -40,6 +42,7 @@ class SaveHandle:
         self._result = None
         self._exception = None
         self._observed = False  # the exception reached the user
+        self._owner = threading.get_ident()  # the submitting thread
         self._queue = None
         self._callbacks = []
         self._callbacks_lock = threading.Lock()
@@ -127,8 +130,8 @@ class SaveQueue:
 
     def reserve(self) -> None:
         """Wait until fewer than max_pending saves are queued or writing.
-        Raises a pending background error first."""
-        self.raise_pending_error()
+        Raises this thread's pending background error first."""
+        self.raise_pending_error(mine_only=True)
         with self._cond:
             while self._pending_locked() >= self.max_pending:
                 self._cond.wait()
@@ -148,13 +151,13 @@ class SaveQueue:
     # --- waiting ----------------------------------------------------------
 
     def wait_path(self, path: str) -> None:
-        """Wait for every queued or running save of `path`, then raise any
-        pending background error."""
+        """Wait for every queued or running save of `path`, then raise this
+        thread's pending background error."""
         key = _key(path)
         with self._cond:
             while any(_key(j.handle.path) == key for j in self._all_locked()):
                 self._cond.wait()
-        self.raise_pending_error()
+        self.raise_pending_error(mine_only=True)
 
     def wait_all_for(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the queue to empty; True if it did."""
@@ -168,12 +171,16 @@ class SaveQueue:
         if raise_errors:
             self.raise_pending_error()
 
-    def raise_pending_error(self) -> None:
-        """Raise the oldest background failure nobody has seen yet (once)."""
+    def raise_pending_error(self, *, mine_only: bool = False) -> None:
+        """Raise the oldest background failure nobody has seen yet (once);
+        with mine_only, only one submitted from the calling thread."""
+        me = threading.get_ident()
         with self._cond:
-            while self._finished:
-                handle = self._finished.popleft()
-                if not handle._observed:
+            for handle in list(self._finished):
+                if handle._observed:
+                    self._finished.remove(handle)
+                elif not mine_only or handle._owner == me:
+                    self._finished.remove(handle)
                     handle._observed = True
                     raise handle._exception
 

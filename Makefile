@@ -56,17 +56,23 @@ SANITIZE_BUILD = $(BIN)/pip install -q --no-build-isolation --no-deps --force-re
 	"--config-settings=cmake.define.CKPTIO_SANITIZE_FLAGS=$(2)" .
 ASAN_LIBS = $$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so)
 
+# Sanitizer reports go to .sanitize/*.log (pytest would swallow stderr of a
+# process the sanitizer stops) and are printed if a run fails.
 test-sanitize: $(VENV)/.deps
 	rm -rf .sanitize
 	$(call SANITIZE_BUILD,asan,-fsanitize=address,undefined;-fno-omit-frame-pointer;-fno-sanitize-recover=undefined)
-	cd tests && LD_PRELOAD="$(ASAN_LIBS)" ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1 \
+	cd tests && LD_PRELOAD="$(ASAN_LIBS)" \
+	    ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1:log_path=../.sanitize/asan.log \
+	    UBSAN_OPTIONS=print_stacktrace=1:log_path=../.sanitize/ubsan.log \
 	    PYTHONPATH=../.sanitize/asan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
 	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py test_faults.py \
-	    test_hostile.py
+	    test_hostile.py || (cat ../.sanitize/*.log* 2>/dev/null; exit 1)
 	$(call SANITIZE_BUILD,tsan,-fsanitize=thread)
-	cd tests && LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" TSAN_OPTIONS="halt_on_error=1" \
+	cd tests && OMP_NUM_THREADS=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
+	    TSAN_OPTIONS="halt_on_error=1 suppressions=$$PWD/tsan.supp log_path=../.sanitize/tsan.log" \
 	    PYTHONPATH=../.sanitize/tsan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
-	    test_async.py test_gil.py test_manager.py test_concurrency.py -k "not exit_without_waiting and not sigkill"
+	    test_async.py test_gil.py test_manager.py test_concurrency.py -k "not exit_without_waiting and not sigkill" \
+	    || (cat ../.sanitize/tsan.log* 2>/dev/null; exit 1)
 
 bench: install
 	$(BIN)/python bench/save_load.py

@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-xla test-sanitize bench clean
+.PHONY: all install demo test test-xla test-sanitize fuzz bench clean
 
 all: test
 
@@ -73,6 +73,21 @@ test-sanitize: $(VENV)/.deps
 	    PYTHONPATH=../.sanitize/tsan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
 	    test_async.py test_gil.py test_manager.py test_concurrency.py -k "not exit_without_waiting and not sigkill" \
 	    || (cat ../.sanitize/tsan.log* 2>/dev/null; exit 1)
+
+# Coverage-guided fuzzing of the reading path (directory parser + verifying
+# reader) with libFuzzer and ASan/UBSan, seeded with real checkpoints, for
+# FUZZ_SECONDS. Installs clang when it is missing.
+FUZZ_SECONDS ?= 60
+ENGINE_SOURCES = $(wildcard csrc/engine/*.cc)
+
+fuzz: install
+	command -v clang++ >/dev/null || (apt-get update -qq && apt-get install -y -qq clang >/dev/null)
+	mkdir -p build/fuzz
+	clang++ -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -Icsrc \
+	    $(ENGINE_SOURCES) csrc/fuzz/read_fuzzer.cc -lpthread -o build/fuzz/read_fuzzer
+	rm -rf build/fuzz/corpus && $(BIN)/python tests/make_fuzz_corpus.py build/fuzz/corpus
+	build/fuzz/read_fuzzer -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -rss_limit_mb=4096 -print_final_stats=1 \
+	    build/fuzz/corpus > build/fuzz/log 2>&1; rc=$$?; tail -8 build/fuzz/log; exit $$rc
 
 bench: install
 	$(BIN)/python bench/save_load.py

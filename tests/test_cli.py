@@ -1,0 +1,78 @@
+"""The `ckptio` command on real files: output, and exit codes on intact and
+damaged files."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import ckptio
+
+
+def run(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "ckptio", *args], capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+@pytest.fixture
+def files(tmp_path):
+    ours = tmp_path / "ours.pt"
+    ckptio.save({"w": torch.randn(64, 8), "b": torch.ones(3, dtype=torch.bfloat16), "step": 4}, ours)
+    theirs = tmp_path / "theirs.pt"
+    torch.save({"x": torch.arange(10)}, theirs)
+    damaged = tmp_path / "damaged.pt"
+    data = bytearray(ours.read_bytes())
+    with zipfile.ZipFile(ours) as z:
+        header = z.getinfo("ours/data/0").header_offset
+    n = int.from_bytes(data[header + 26 : header + 28], "little")
+    m = int.from_bytes(data[header + 28 : header + 30], "little")
+    data[header + 30 + n + m + 5] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    return ours, theirs, damaged
+
+
+def test_inspect_lists_records_and_tensors(files):
+    ours, theirs, damaged = files
+    out = run("inspect", str(ours))
+    assert out.returncode == 0, out.stderr
+    for text in ("data.pkl", "data/0", "4096", "float32", "(64, 8)", "bfloat16", "ckptio-compatible"):
+        assert text in out.stdout, text
+    out = run("inspect", str(theirs))
+    assert out.returncode == 0 and "torch.save" in out.stdout and "int64" in out.stdout
+    out = run("inspect", str(damaged))
+    assert out.returncode == 1 and "BAD" in out.stdout
+
+
+def test_verify_exit_codes(files):
+    ours, theirs, damaged = files
+    assert run("verify", str(ours), str(theirs)).returncode == 0
+    out = run("verify", str(ours), str(damaged))
+    assert out.returncode == 1
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("OK") and lines[1].startswith("DAMAGED") and "data/0" in lines[1]
+    assert run("verify", str(ours.parent / "missing.pt")).returncode == 1
+
+
+def test_convert_torch_and_safetensors(files, tmp_path):
+    ours, theirs, damaged = files
+    out = run("convert", str(theirs), str(tmp_path / "converted.pt"))
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.randn(5, 5)}, str(tmp_path / "m.safetensors"))
+    assert run("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "from_st.pt")).returncode == 0
+    ckptio.verify(tmp_path / "from_st.pt")
+    assert run("convert", str(damaged), str(tmp_path / "no.pt")).returncode != 0  # refuses a damaged source
+
+
+def test_bench_writes_json_and_a_plot(tmp_path):
+    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"),
+              "--plot", str(tmp_path / "b.png"))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"]["ckptio.save (durable)"]["median_s"] > 0
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 import torch.serialization
 
 from . import archive as _archive
+from . import remote
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import verify_by_default
@@ -60,6 +62,9 @@ def save(obj, path: str | os.PathLike) -> SaveResult:
     """
     path = os.fspath(path)
     get_queue().wait_path(path)
+    if remote.is_url(path):
+        records, owners = pickle_state(obj, path).cpu_records()
+        return remote.save_records_to_url(records, path)
     check_destination(path)
     state = pickle_state(obj, path)
     records, owners = state.cpu_records()
@@ -82,6 +87,8 @@ def async_save(obj, path: str | os.PathLike) -> SaveHandle:
     from .background import stage, streaming_native_save, write_native
 
     path = os.fspath(path)
+    if remote.is_url(path):
+        return stage(obj, path, lambda staged: remote.save_records_to_url(staged.records(), path), local=False)
     return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
 
 
@@ -128,6 +135,12 @@ def load(
     """
     path = os.fspath(path)
     get_queue().wait_path(path)
+    if remote.is_url(path):
+        local = remote.download(path)
+        try:
+            return load(local, map_location, weights_only=weights_only, mmap=False, verify=verify)
+        finally:
+            os.remove(local)
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):
@@ -191,6 +204,12 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     for structure only.
     """
     path = os.fspath(path)
+    if remote.is_url(path):
+        local = remote.download(path)
+        try:
+            return dataclasses.replace(verify(local), path=path)
+        finally:
+            os.remove(local)
     if not os.path.exists(path):
         raise _archive.CheckpointNotFoundError(2, "no such checkpoint", path)
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):

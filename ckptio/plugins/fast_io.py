@@ -6,7 +6,7 @@ import errno
 import os
 from typing import Any, Optional
 
-from .. import api
+from .. import api, remote
 from ..background import stage, streaming_native_save, write_native
 from ..save_queue import get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
@@ -19,8 +19,8 @@ class FastCheckpointIO(CheckpointIO):
 
     Every save is durable when it returns; loads verify CRC-32s (unless
     ``verify=False`` or CKPTIO_VERIFY=0) and map to CPU by default, as
-    Lightning's TorchCheckpointIO does. Local paths only; use
-    TorchCheckpointIO for fsspec URLs.
+    Lightning's TorchCheckpointIO does. fsspec URLs (s3://, gs://, ...)
+    are streamed in parts from the records' memory (see ckptio.remote).
     """
 
     def __init__(self, *, verify: Optional[bool] = None):
@@ -49,11 +49,16 @@ class FastCheckpointIO(CheckpointIO):
     def _async_save(self, checkpoint, path, storage_options):
         _reject_storage_options(self, storage_options)
         path = os.fspath(path)
+        if remote.is_url(path):
+            return stage(checkpoint, path, lambda staged: remote.save_records_to_url(staged.records(), path),
+                         local=False)
         _makedirs_for(path)
         return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
 
 
 def _makedirs_for(path: str) -> None:
+    if remote.is_url(path):
+        return
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
@@ -62,6 +67,12 @@ def _makedirs_for(path: str) -> None:
 def _remove(path: str) -> None:
     """Remove a file or directory tree; a missing path is not an error (as Lightning's)."""
     import shutil
+
+    if remote.is_url(path):
+        fs, p = remote._fs(path)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+        return
 
     try:
         if os.path.isdir(path) and not os.path.islink(path):

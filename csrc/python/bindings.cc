@@ -295,6 +295,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kind"), py::arg("error_number") = 0, py::arg("at_byte") = 0, py::arg("max_chunk") = 0,
       py::arg("count") = 0, "Tests only: make the engine's file layer fail as described (see fault_injection.h).");
   m.def("_disarm_faults", [] { FaultInjector::Get().Disarm(); }, "Tests only: stop injecting faults.");
+  // The archive's layout for writers that stream it in order (remote files):
+  // per record (header bytes, data offset, descriptor size), and the bytes
+  // that follow once the CRCs are known.
+  py::class_<ZipLayout>(m, "ArchiveLayout")
+      .def(py::init([](const std::vector<std::pair<std::string, uint64_t>>& records, uint64_t alignment) {
+             std::vector<RecordSpec> specs;
+             for (const auto& r : records) specs.push_back(RecordSpec{r.first, nullptr, r.second});
+             auto layout = std::make_unique<ZipLayout>();
+             Status s = ZipLayout::Plan(specs, alignment, layout.get());
+             if (!s.ok()) RaiseStatus(s);
+             return layout;
+           }),
+           py::arg("records"), py::arg("alignment"))
+      .def_property_readonly("file_size", &ZipLayout::file_size)
+      .def("header", [](const ZipLayout& l, size_t i) { return py::bytes(l.records().at(i).header_bytes); })
+      .def("data_offset", [](const ZipLayout& l, size_t i) { return l.records().at(i).data_offset; })
+      .def("descriptor", [](const ZipLayout& l, size_t i, uint32_t crc) { return py::bytes(l.Descriptor(i, crc)); })
+      .def("tail", [](const ZipLayout& l, const std::vector<uint32_t>& crcs) {
+        if (crcs.size() != l.records().size()) throw std::invalid_argument("one CRC per record");
+        return py::bytes(l.Tail(crcs));
+      });
   m.def(
       "archive_size",
       [](const std::vector<std::pair<std::string, uint64_t>>& records, uint64_t alignment) {

@@ -1,0 +1,120 @@
+"""Checkpoints at fsspec URLs (s3://, gs://, memory://, file://).
+
+A save streams the archive in file order straight from the records' memory
+(the staging slot, for async saves) into an fsspec file opened for writing:
+object stores upload it in parts of `block_size`, so memory stays at a part
+or two, never the whole file. CRCs are computed as the payloads pass. The
+object becomes visible only when the upload completes (S3 completes a
+multipart upload atomically); on any error the upload is discarded, so a
+reader never sees a partial object and the previous one, if any, stays.
+
+A load downloads to a temporary local file and reads it like any local
+checkpoint (CRC-verified).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from . import _C
+from .errors import CheckpointIOError, CheckpointNotFoundError
+from .pickling import ALIGNMENT
+
+__all__ = ["is_url", "save_records_to_url", "download"]
+
+PART_BYTES = 16 << 20  # one upload part; memory held by a remote save
+
+
+def is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _fs(url: str):
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError("remote checkpoints need fsspec (and s3fs / gcsfs): pip install 'ckptio[fsspec]'") from None
+    return fsspec.core.url_to_fs(url)
+
+
+def _payload_view(payload):
+    """A zero-copy memoryview of a record's bytes ((address, size) or bytes)."""
+    if isinstance(payload, tuple):
+        address, size = payload
+        if size == 0:
+            return memoryview(b"")
+        import ctypes
+
+        return memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+    return memoryview(payload)
+
+
+def save_records_to_url(records, url: str):
+    """Stream an archive of `records` [(name, bytes | (address, size))] to `url`.
+    REQUIRES: the records' memory stays valid until this returns."""
+    from .api import SaveResult
+
+    start = time.perf_counter()
+    fs, path = _fs(url)
+    layout = _C.ArchiveLayout([(name, _size(p)) for name, p in records], ALIGNMENT)
+    crcs = []
+    try:
+        f = fs.open(path, "wb", block_size=PART_BYTES)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, f"cannot open for writing: {e}", url) from e
+    try:
+        for i, (name, payload) in enumerate(records):
+            header = layout.header(i)
+            f.write(header)
+            view = _payload_view(payload)
+            crc = 0
+            for pos in range(0, len(view), PART_BYTES):  # CRC and upload as the bytes pass
+                chunk = view[pos : pos + PART_BYTES]
+                crc = _C.crc32(chunk, crc)
+                f.write(chunk)
+            crcs.append(crc)
+            if len(view):
+                f.write(layout.descriptor(i, crc))
+        f.write(layout.tail(crcs))
+        f.close()  # completes the upload: the object appears whole, now
+    except BaseException as e:
+        try:
+            f.discard()  # abort the multipart upload: nothing becomes visible
+        except Exception:
+            pass
+        if isinstance(e, OSError) and not isinstance(e, CheckpointIOError):
+            raise CheckpointIOError(e.errno or 5, f"upload failed: {e}", url) from e
+        if isinstance(e, Exception) and not isinstance(e, (CheckpointIOError, OSError)):
+            raise CheckpointIOError(5, f"upload failed: {type(e).__name__}: {e}", url) from e
+        raise
+    return SaveResult(url, layout.file_size, time.perf_counter() - start, False, PART_BYTES)
+
+
+def _size(payload) -> int:
+    return payload[1] if isinstance(payload, tuple) else len(payload)
+
+
+def download(url: str, directory: str | None = None) -> str:
+    """Copy the object at `url` to a local temporary file; returns its path (caller removes it)."""
+    fs, path = _fs(url)
+    try:
+        if not fs.exists(path):
+            raise CheckpointNotFoundError(2, "no such checkpoint", url)
+    except CheckpointNotFoundError:
+        raise
+    except Exception as e:
+        raise CheckpointIOError(5, f"cannot reach the checkpoint: {type(e).__name__}: {e}", url) from e
+    fd, local = tempfile.mkstemp(prefix=".ckptio-download-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out, fs.open(path, "rb", block_size=PART_BYTES) as src:
+            while True:
+                chunk = src.read(PART_BYTES)
+                if not chunk:
+                    break
+                out.write(chunk)
+    except BaseException:
+        os.remove(local)
+        raise
+    return local

@@ -1,0 +1,151 @@
+"""Checkpoints at s3:// URLs, against a real S3 API server on localhost (moto's
+standalone server, the one s3fs's own tests use), started here."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.background import reset
+
+s3fs = pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(port):
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    pytest.skip("moto server did not start")
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    import fsspec
+
+    port = _free_port()
+    server = _start_server(port)
+    conf = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(**conf)
+    fs.mkdir("ckpts")
+    reset()
+    yield fs, server
+    reset()
+    server.kill()
+    server.wait()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _state(step, n=1 << 16):
+    return {"w": torch.full((n,), float(step)), "b": torch.arange(100) + step, "step": step}
+
+
+def test_sync_and_async_round_trips(s3):
+    fs, _ = s3
+    ckptio.save(_state(1), "s3://ckpts/a.pt")
+    assert ckptio.load("s3://ckpts/a.pt")["step"] == 1
+    assert ckptio.verify("s3://ckpts/a.pt").path == "s3://ckpts/a.pt"
+    handle = ckptio.async_save(_state(2), "s3://ckpts/b.pt")
+    assert handle.result(timeout=120).bytes == fs.size("ckpts/b.pt")
+    out = ckptio.load("s3://ckpts/b.pt")
+    assert out["step"] == 2 and torch.equal(out["b"], torch.arange(100) + 2)
+    # The object is a plain torch.save file: torch reads it too.
+    with fs.open("ckpts/b.pt", "rb") as f:
+        assert torch.load(f, weights_only=True)["step"] == 2
+
+
+def test_plugins_take_urls(s3):
+    fs, _ = s3
+    io = ckptio.AsyncCheckpointIO()
+    io.save_checkpoint(_state(3), "s3://ckpts/p.pt")
+    io.save_checkpoint(_state(4), "s3://ckpts/q.pt")
+    io.remove_checkpoint("s3://ckpts/p.pt")
+    io.teardown()
+    assert not fs.exists("ckpts/p.pt")
+    assert io.load_checkpoint("s3://ckpts/q.pt")["step"] == 4
+    torch_io = ckptio.TorchCheckpointIO()
+    torch_io.save_checkpoint(_state(5), "s3://ckpts/t.pt")
+    assert torch_io.load_checkpoint("s3://ckpts/t.pt")["step"] == 5
+
+
+def test_object_appears_only_when_the_upload_completes(s3):
+    fs, _ = s3
+    state = _state(6, n=24 << 20)  # 96 MiB: several parts
+    seen_early = []
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            seen_early.append(fs.exists("ckpts/big.pt"))
+            fs.invalidate_cache()
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        ckptio.save(state, "s3://ckpts/big.pt")
+    finally:
+        done.set()
+        watcher.join()
+    assert seen_early and not any(seen_early)
+    assert ckptio.load("s3://ckpts/big.pt")["step"] == 6
+
+
+def test_upload_interrupted_by_a_stopped_server_raises(s3):
+    fs, server = s3
+    state = _state(7, n=64 << 20)  # 256 MiB
+    threading.Timer(0.5, server.kill).start()
+    with pytest.raises(ckptio.CheckpointIOError) as info:
+        ckptio.save(state, "s3://ckpts/cut.pt")
+    assert "s3://ckpts/cut.pt" in str(info.value)
+
+
+BOUNDED = """
+import os, sys, torch, ckptio, fsspec
+fsspec.config.conf["s3"] = {"endpoint_url": sys.argv[1], "key": "testing", "secret": "testing"}
+state = {f"t{i}": torch.ones(64 << 20, dtype=torch.uint8) for i in range(16)}  # 1 GiB
+def rss_kb():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0])
+def hwm_kb():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0])
+base = rss_kb()
+ckptio.save(state, "s3://ckpts/huge.pt")
+print(base, hwm_kb())
+"""
+
+
+@pytest.mark.slow
+def test_a_1gib_checkpoint_uploads_with_bounded_memory(s3):
+    fs, _ = s3
+    endpoint = fs.client_kwargs.get("endpoint_url") if hasattr(fs, "client_kwargs") else None
+    endpoint = endpoint or fs.endpoint_url
+    out = subprocess.run([sys.executable, "-c", BOUNDED, endpoint], capture_output=True, text=True, timeout=900,
+                         env=dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    base_kb, peak_kb = map(int, out.stdout.split())
+    growth = (peak_kb - base_kb) * 1024
+    assert growth < 256 << 20, f"peak memory grew by {growth >> 20} MiB for a 1 GiB upload"
+    assert fs.size("ckpts/huge.pt") > 1 << 30

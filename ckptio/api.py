@@ -15,7 +15,7 @@ from . import remote
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import verify_by_default
-from .errors import CkptioError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .pickling import ALIGNMENT, pickle_state
 from .save_queue import SaveHandle, get_queue
 
@@ -144,7 +144,7 @@ def load(
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):
-        raise _archive.CheckpointNotFoundError(2, "no such checkpoint", path)
+        raise CheckpointNotFoundError(2, "no such checkpoint", path)
     if os.path.isfile(path) and os.path.getsize(path) > 0 and not _archive.is_zip_checkpoint(path):
         return _load_legacy(path, map_location, weights_only)
 
@@ -211,7 +211,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
         finally:
             os.remove(local)
     if not os.path.exists(path):
-        raise _archive.CheckpointNotFoundError(2, "no such checkpoint", path)
+        raise CheckpointNotFoundError(2, "no such checkpoint", path)
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):
         raise CorruptCheckpointError(f"{path}: not a torch.save zip archive", path=path)
     arc = _archive.open_archive(path)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ._engine import get_engine
-from .errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointIOError, CorruptCheckpointError
 from . import _C
 
 __all__ = ["Archive", "Record", "RecordReader", "LoadedArchive", "open_archive", "is_zip_checkpoint"]

@@ -23,7 +23,6 @@ from typing import Any, Optional
 from . import api
 from ._paths import committed_file
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
-from .save_queue import SaveHandle
 
 __all__ = ["CheckpointManager"]
 

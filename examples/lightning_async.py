@@ -89,7 +89,7 @@ def main():
         print(f"resumed from last.ckpt at step {STEPS}, trained to step {resumed.global_step}; "
               f"last.ckpt verifies: {ckptio.verify(last).records} records intact")
 
-        print(f"\n== Lightning's default TorchCheckpointIO, same run ==")
+        print("\n== Lightning's default TorchCheckpointIO, same run ==")
         theirs = TimedLightningIO()
         _, seconds = run(os.path.join(root, "lightning"), theirs, STEPS)
         print(f"{'checkpoint':<28}{'stall ms':>10}{'durable ms':>12}{'MB':>8}")

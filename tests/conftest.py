@@ -4,9 +4,7 @@ handles, bit-exact comparison, and filesystems that fail on purpose."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import uuid
 from collections import OrderedDict
 
 import pytest

@@ -1,7 +1,6 @@
 """Work each rank does in the DCP tests (imported by spawned processes)."""
 
 import os
-import signal
 import socket
 import time
 

@@ -172,9 +172,3 @@ def _durable_torch_save(obj, path: str) -> int:
         raise
     except OSError as e:
         raise CheckpointIOError(e.errno or 5, f"torch.save failed: {e.strerror or e}", path) from e
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 torch_xla = pytest.importorskip("torch_xla")
-import torch_xla.core.xla_model as xm  # noqa: E402
 
 import ckptio  # noqa: E402
 from ckptio import AsyncCheckpointIO, FastCheckpointIO, XLACheckpointIO  # noqa: E402

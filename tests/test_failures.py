@@ -82,3 +82,16 @@ def test_engine_usable_after_failures(tmp_path):
             ckptio.save(_state(1024), tmp_path / "missing" / "x.pt")
     ckptio.save(_state(1024), tmp_path / "ok.pt")
     assert ckptio.load(tmp_path / "ok.pt")["step"] == 1024
+
+
+@pytest.mark.parametrize("plugin", [ckptio.FastCheckpointIO, ckptio.TorchCheckpointIO])
+def test_unpicklable_object_raises_and_leaves_the_previous_file(tmp_path, plugin):
+    path = tmp_path / "ckpt.pt"
+    io = plugin()
+    io.save_checkpoint(_state(1024), str(path))
+    before = path.read_bytes()
+    with pytest.raises(Exception) as info:
+        io.save_checkpoint({"fn": lambda: 1, "w": torch.ones(3)}, str(path))
+    assert "pickle" in str(info.value).lower() or "lambda" in str(info.value).lower()
+    assert path.read_bytes() == before
+    assert leftover_temporaries(tmp_path) == []

@@ -138,7 +138,7 @@ def streaming_native_save(state: PickledState, path: str, handle: SaveHandle, st
     from .api import SaveResult
 
     queue = get_queue()
-    queue.wait_all()  # FIFO: every earlier save lands first
+    queue.wait_all(raise_errors=False)  # FIFO: every earlier save lands first (reserve() raised ours)
     cfg = staging_config()
     remove_stale_temporaries(os.path.dirname(path))
     records, owners = state.cpu_records()

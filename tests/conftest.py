@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from contextlib import contextmanager
 from collections import OrderedDict
 
 import pytest
@@ -102,31 +103,31 @@ def _run(cmd) -> bool:
     return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A 2 MiB tmpfs mounted for the test: writes past that fail with ENOSPC."""
-    mnt = tmp_path / "small_fs"
+@contextmanager
+def _mounted(mnt, fstype, *options):
+    """Mount a fresh `fstype` at `mnt` for the block; skip where mounting is not permitted."""
     mnt.mkdir()
-    if not _run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]):
-        pytest.skip("cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN)")
+    if not _run(["mount", "-t", fstype, *options, fstype, str(mnt)]):
+        pytest.skip(f"cannot mount a {fstype} here (needs root / CAP_SYS_ADMIN)")
     try:
         yield mnt
     finally:
         _run(["umount", "-l", str(mnt)])
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 2 MiB tmpfs mounted for the test: writes past that fail with ENOSPC."""
+    with _mounted(tmp_path / "small_fs", "tmpfs", "-o", "size=2m") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def no_direct_io_filesystem(tmp_path):
     """A ramfs mounted for the test: it refuses O_DIRECT (EINVAL), like some
     network and older tmpfs filesystems."""
-    mnt = tmp_path / "ramfs"
-    mnt.mkdir()
-    if not _run(["mount", "-t", "ramfs", "ramfs", str(mnt)]):
-        pytest.skip("cannot mount a ramfs here (needs root / CAP_SYS_ADMIN)")
-    try:
+    with _mounted(tmp_path / "ramfs", "ramfs") as mnt:
         yield mnt
-    finally:
-        _run(["umount", "-l", str(mnt)])
 
 
 @pytest.fixture

@@ -5,13 +5,46 @@ from __future__ import annotations
 import errno
 import os
 import re
-import threading
+import itertools
 from contextlib import contextmanager
 
 from .errors import CheckpointIOError, CheckpointNotFoundError
 
-# The engine's temporary names: ".<base>.ckptio-tmp-<pid>-<n>" (csrc/engine/file_io.cc).
-_TEMP_NAME = re.compile(r"^\..+\.ckptio-tmp-(\d+)-\w+$")
+# Temporary names: ".ckptio-tmp-<pid>-<n>" (the engine's, csrc/engine/file_io.cc)
+# and ".ckptio-tmp-<pid>-<tag>" (Python-side writers). They hold nothing of the
+# checkpoint's name, so directory scans by name (Lightning's "hpc_ckpt_" resume
+# scan, globs like "epoch=*") never mistake one for a checkpoint. Names of
+# earlier releases (".<base>.ckptio-tmp-<pid>-<n>") are still cleaned up.
+_TEMP_NAME = re.compile(r"^\.(?:.+\.)?ckptio-tmp-(\d+)-\w+$")
+_temporaries = itertools.count()
+
+
+def temporary_path(path: str) -> str:
+    """A fresh temporary name beside `path`, unique in this process, that
+    stale-temporary cleanup recognises (ckptio's own, with this pid)."""
+    return os.path.join(os.path.dirname(path), f".ckptio-tmp-{os.getpid()}-p{next(_temporaries)}")
+
+
+def normalize_path(path) -> str:
+    """`path` (str or os.PathLike) as the string ckptio works with: a local
+    ``file://`` URL becomes the plain path it names (as fsspec's local
+    filesystem reads it), so it is never taken for a relative directory
+    called "file:"; other URLs (s3://, ...) are left for fsspec."""
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if path.startswith("file://"):
+        path = os.path.abspath(path[len("file://"):])
+    return path
+
+
+def make_parent_directories(path: str) -> None:
+    """Create the directories a local save into `path` needs, as Lightning's
+    plugins do (the Trainer's first save goes into a "checkpoints" directory
+    nobody made). URLs are left alone: object stores have no directories."""
+    parent = os.path.dirname(path)
+    if parent and "://" not in path:
+        os.makedirs(parent, exist_ok=True)
 
 
 def check_destination(path: str) -> None:
@@ -78,7 +111,7 @@ def committed_file(path: str, mode: str = "wb"):
     cleanup recognises (ckptio's own, with this pid).
     """
     parent = os.path.dirname(path) or "."
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.ckptio-tmp-{os.getpid()}-t{threading.get_ident()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode) as f:
             yield f

@@ -13,7 +13,7 @@ import torch.serialization
 from . import archive as _archive
 from . import remote
 from ._engine import get_engine
-from ._paths import check_destination, remove_stale_temporaries
+from ._paths import check_destination, normalize_path, remove_stale_temporaries
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .pickling import ALIGNMENT, pickle_state
@@ -60,7 +60,7 @@ def save(obj, path: str | os.PathLike) -> SaveResult:
     it raises, whatever was at `path` before is untouched and no temporary
     file remains. Async saves of `path` queued earlier land first.
     """
-    path = os.fspath(path)
+    path = normalize_path(path)
     get_queue().wait_path(path)
     if remote.is_url(path):
         records, owners = pickle_state(obj, path).cpu_records()
@@ -86,7 +86,7 @@ def async_save(obj, path: str | os.PathLike) -> SaveHandle:
     """
     from .background import stage, streaming_native_save, write_native
 
-    path = os.fspath(path)
+    path = normalize_path(path)
     if remote.is_url(path):
         return stage(obj, path, lambda staged: remote.save_records_to_url(staged.records(), path), local=False)
     return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
@@ -133,7 +133,7 @@ def load(
     mmap=True and map_location="meta" read no payloads here; verify then
     reads the file once to check it before torch.load maps it.
     """
-    path = os.fspath(path)
+    path = normalize_path(path)
     get_queue().wait_path(path)
     if remote.is_url(path):
         local = remote.download(path)
@@ -144,7 +144,7 @@ def load(
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):
-        raise CheckpointNotFoundError(2, "no such checkpoint", path)
+        raise CheckpointNotFoundError.missing_checkpoint(path)
     if os.path.isfile(path) and os.path.getsize(path) > 0 and not _archive.is_zip_checkpoint(path):
         return _load_legacy(path, map_location, weights_only)
 
@@ -203,7 +203,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     without a CRC (torch.save with compute_crc32=False stores 0) are checked
     for structure only.
     """
-    path = os.fspath(path)
+    path = normalize_path(path)
     if remote.is_url(path):
         local = remote.download(path)
         try:
@@ -211,7 +211,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
         finally:
             os.remove(local)
     if not os.path.exists(path):
-        raise CheckpointNotFoundError(2, "no such checkpoint", path)
+        raise CheckpointNotFoundError.missing_checkpoint(path)
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):
         raise CorruptCheckpointError(f"{path}: not a torch.save zip archive", path=path)
     arc = _archive.open_archive(path)

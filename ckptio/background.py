@@ -54,6 +54,42 @@ class Staged:
                 views.append(torch.frombuffer(mv[off : off + size], dtype=torch.uint8).untyped_storage())
         return views
 
+    def rebuild(self, *, own_memory: bool = False):
+        """The checkpoint object again, every storage on the CPU; returns
+        (object, storages).
+
+        torch's own unpickling rebuilds it from the snapshot's pickle (ours,
+        made from the caller's object, so trusted). The tensors view slot
+        memory, valid until the slot is released, unless `own_memory`: then
+        each storage is a copy the receiver may keep for as long as it likes.
+        """
+        import pickle
+
+        import torch.serialization
+
+        from .archive import _RecordStorage
+
+        storages = self.storage_views()
+        if own_memory:
+            storages = [s.clone() for s in storages]
+        records = {name.split("/", 1)[1]: data for name, data in self.state.head + self.state.tail}
+
+        class _Snapshot:
+            def has_record(self, name):
+                return name in records
+
+            def get_record(self, name):
+                return records[name]
+
+            def get_storage_from_record(self, name, numel, storage_type):
+                return _RecordStorage(storages[int(name.rsplit("/", 1)[1])])
+
+            def serialization_id(self):
+                return ""
+
+        obj = torch.serialization._load(_Snapshot(), lambda storage, location: storage, pickle, encoding="utf-8")
+        return obj, storages
+
 
 _arena: StagingArena | None = None
 _arena_lock = threading.Lock()

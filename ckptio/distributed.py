@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from . import _C
 from . import archive as _archive
 from ._engine import get_engine
-from ._paths import fsync_directory
+from ._paths import fsync_directory, temporary_path
 from .errors import CheckpointIOError, CorruptCheckpointError
 from .pickling import ALIGNMENT, pickle_state
 
@@ -66,7 +66,7 @@ class StorageWriter(FileSystemWriter):
         directory = os.fspath(self.path)
         file_name = f"{plan.storage_data.prefix}0{_SUFFIX}"
         final = os.path.join(directory, file_name)
-        tmp = os.path.join(directory, f".{file_name}.ckptio-tmp-{os.getpid()}-dcp")
+        tmp = temporary_path(final)
 
         pieces, end = [], 0  # (item, offset, size, archive records + owners | raw bytes)
         for item in plan.items:

@@ -35,6 +35,20 @@ class CheckpointIOError(CkptioError, OSError):
 class CheckpointNotFoundError(CheckpointIOError, FileNotFoundError):
     """The checkpoint (or its directory) does not exist."""
 
+    @classmethod
+    def missing_checkpoint(cls, path: str) -> "CheckpointNotFoundError":
+        """The error for loading a checkpoint that is not there. Its text is
+        Lightning's ("Checkpoint file not found: <path>"), which users and
+        Lightning's own tests match."""
+        return cls(_errno.ENOENT, f"Checkpoint file not found: {path}", path)
+
+    def __str__(self) -> str:
+        # A message that already names the path is shown as it is, without
+        # OSError's "[Errno 2] ...: 'path'" decoration repeating it.
+        if self.strerror and self.filename and str(self.filename) in self.strerror:
+            return self.strerror
+        return super().__str__()
+
 
 class CorruptCheckpointError(CkptioError, ValueError):
     """The file is not an intact checkpoint. ``record`` names the damaged part."""

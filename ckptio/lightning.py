@@ -4,7 +4,8 @@ Lightning checks plugins with ``isinstance(plugin, CheckpointIO)`` against
 its own class, and ``lightning`` and ``pytorch_lightning`` are two separate
 class hierarchies that reject each other's plugins. ckptio's classes are
 registered as virtual subclasses (``ABCMeta.register``) of the CheckpointIO
-(and XLACheckpointIO) of every Lightning package installed, so one ckptio
+(and XLACheckpointIO, with AsyncCheckpointIO over an XLA plugin) of every
+Lightning package installed, so one ckptio
 plugin works with whichever the user imports. Lightning stays optional:
 nothing here runs unless a ckptio plugin is created.
 
@@ -39,6 +40,7 @@ def register_plugins() -> list:
         if _registered:
             return list(_registered)
         from .plugins import CheckpointIO, XLACheckpointIO
+        from .plugins.async_io import _AsyncXLACheckpointIO
 
         for top, module in _FABRIC_IO_MODULES.items():
             if not _installed(top) or not _installed(module.split(".")[0]):
@@ -46,6 +48,9 @@ def register_plugins() -> list:
             io = importlib.import_module(module)
             io.CheckpointIO.register(CheckpointIO)
             io.XLACheckpointIO.register(XLACheckpointIO)
+            # The XLA strategies take only XLACheckpointIO plugins: an async
+            # plugin over an XLA plugin is one, for them.
+            io.XLACheckpointIO.register(_AsyncXLACheckpointIO)
             _registered.append(top)
         if not _registered:
             _registered.append(None)  # nothing installed; do not look again

@@ -21,7 +21,7 @@ import warnings
 from typing import Any, Optional
 
 from . import api
-from ._paths import committed_file
+from ._paths import committed_file, normalize_path
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager"]
@@ -50,7 +50,7 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if not re.fullmatch(r"[\w.-]*", prefix) or not re.fullmatch(r"[\w.-]*", suffix):
             raise ValueError("prefix and suffix may contain only letters, digits, '_', '.' and '-'")
-        self.directory = os.fspath(directory)
+        self.directory = normalize_path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
         self._prefix, self._suffix = prefix, suffix

@@ -101,7 +101,7 @@ def download(url: str, directory: str | None = None) -> str:
     fs, path = _fs(url)
     try:
         if not fs.exists(path):
-            raise CheckpointNotFoundError(2, "no such checkpoint", url)
+            raise CheckpointNotFoundError.missing_checkpoint(url)
     except CheckpointNotFoundError:
         raise
     except Exception as e:

@@ -5,6 +5,8 @@
 - Bounded: at most CKPTIO_MAX_PENDING saves are queued or writing; the next
   submit waits (the staging arena bounds memory the same way).
 - A remove or load of a path waits for the queued saves of that path.
+  Called from the worker itself (a plugin's save_checkpoint running as a
+  job), waits return at once: everything queued earlier has landed.
 - A failed save's exception is kept with its original type and raised once:
   by its handle (result/exception), or else by the next submit or wait_path
   made from the thread that submitted it, or by wait_all / teardown. Then it
@@ -132,6 +134,8 @@ class SaveQueue:
         """Wait until fewer than max_pending saves are queued or writing.
         Raises this thread's pending background error first."""
         self.raise_pending_error(mine_only=True)
+        if self._on_worker():
+            return  # the running job itself counts: waiting would never end
         with self._cond:
             while self._pending_locked() >= self.max_pending:
                 self._cond.wait()
@@ -153,6 +157,8 @@ class SaveQueue:
     def wait_path(self, path: str) -> None:
         """Wait for every queued or running save of `path`, then raise this
         thread's pending background error."""
+        if self._on_worker():
+            return  # a plugin saving from the worker: earlier saves of `path` have landed (FIFO)
         key = _key(path)
         with self._cond:
             while any(_key(j.handle.path) == key for j in self._all_locked()):
@@ -161,12 +167,14 @@ class SaveQueue:
 
     def wait_all_for(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the queue to empty; True if it did."""
+        if self._on_worker():
+            return True
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending_locked(), timeout)
 
     def wait_all(self, *, raise_errors: bool = True) -> None:
         with self._cond:
-            while self._pending_locked():
+            while self._pending_locked() and not self._on_worker():
                 self._cond.wait()
         if raise_errors:
             self.raise_pending_error()
@@ -185,6 +193,12 @@ class SaveQueue:
                     raise handle._exception
 
     # --- the worker ---------------------------------------------------------
+
+    def _on_worker(self) -> bool:
+        """True on the queue's own thread, where a job runs a plugin's
+        save_checkpoint (AsyncCheckpointIO over a user's plugin); a wait for
+        the queue from there would wait for itself."""
+        return threading.current_thread() is self._worker
 
     def _pending_locked(self) -> int:
         return len(self._jobs) + (self._running is not None)

@@ -65,14 +65,16 @@ def test_full_disk(small_filesystem):
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
-    dead = tmp_path / ".ckpt.pt.ckptio-tmp-999999999-0"  # no such pid
+    dead = tmp_path / ".ckptio-tmp-999999999-0"  # no such pid
     dead.write_bytes(b"half a checkpoint")
+    dead_legacy = tmp_path / ".ckpt.pt.ckptio-tmp-999999999-1"  # an earlier release's name
+    dead_legacy.write_bytes(b"half a checkpoint")
     mine = tmp_path / f".ckpt.pt.ckptio-tmp-{os.getpid()}-12345"  # a live writer's
     mine.write_bytes(b"in progress")
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("keep me")
     ckptio.save(_state(1024), tmp_path / "ckpt.pt")
-    assert not dead.exists()
+    assert not dead.exists() and not dead_legacy.exists()
     assert mine.exists() and unrelated.exists()
 
 

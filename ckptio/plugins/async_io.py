@@ -3,9 +3,9 @@ one shared queue."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
+from .._paths import normalize_path
 from ..save_queue import SaveHandle, get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, record_save
 
@@ -16,14 +16,28 @@ class AsyncCheckpointIO(CheckpointIO):
     """Wraps a CheckpointIO (default: FastCheckpointIO) so saves return after a snapshot.
 
     - ``save_checkpoint`` copies the checkpoint's tensors into the staging
-      arena and returns; the backend writes in the background. The caller may
+      arena and returns; the write happens in the background. The caller may
       then change or free every tensor.
+    - Any base plugin works: ckptio's own backends write straight from the
+      snapshot; any other plugin (one derived from Lightning's CheckpointIO,
+      from ckptio's, or a ckptio backend whose ``save_checkpoint`` is
+      overridden) gets its own ``save_checkpoint`` called in the background
+      with a copy of the checkpoint that it owns (tensors on the CPU, as
+      Lightning's AsyncCheckpointIO hands them over).
     - Saves, removes and loads stay in order: ``remove_checkpoint(p)`` and
       ``load_checkpoint(p)`` wait for queued saves of ``p``.
     - A background failure is raised once, with its original type, by the
       next save/remove/load or by ``teardown()``.
     - ``teardown()`` waits for every queued save; the plugin stays usable.
+
+    Wrapping an XLA plugin gives an instance Lightning's XLA strategies
+    accept (they take only XLACheckpointIO plugins).
     """
+
+    def __new__(cls, checkpoint_io: Optional[CheckpointIO] = None):
+        if cls is AsyncCheckpointIO and _is_xla_plugin(checkpoint_io):
+            cls = _AsyncXLACheckpointIO
+        return super().__new__(cls)
 
     def __init__(self, checkpoint_io: Optional[CheckpointIO] = None):
         super().__init__()
@@ -37,16 +51,25 @@ class AsyncCheckpointIO(CheckpointIO):
         self.last_handle: SaveHandle | None = None
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
-        handle = self.checkpoint_io._async_save(checkpoint, os.fspath(path), storage_options)
+        base = self.checkpoint_io
+        if _saves_natively(base):
+            handle = base._async_save(checkpoint, normalize_path(path), storage_options)
+        else:
+            handle = _save_through_plugin(base, checkpoint, path, storage_options)
         handle.add_done_callback(_report)
         self.last_handle = handle
         return handle
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        return self.checkpoint_io.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+    # Load and remove pass the caller's arguments on as they came: a user's
+    # plugin may not take every keyword Lightning's interface has (e.g. an
+    # older load_checkpoint without weights_only).
+    def load_checkpoint(self, path, *args, **kwargs):
+        get_queue().wait_path(normalize_path(path))
+        return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
 
-    def remove_checkpoint(self, path) -> None:
-        self.checkpoint_io.remove_checkpoint(path)
+    def remove_checkpoint(self, path, *args, **kwargs) -> None:
+        get_queue().wait_path(normalize_path(path))
+        self.checkpoint_io.remove_checkpoint(path, *args, **kwargs)
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise a pending failure."""
@@ -57,6 +80,60 @@ class AsyncCheckpointIO(CheckpointIO):
         raise a pending failure, and tear down the wrapped plugin."""
         _drain_with_progress()
         self.checkpoint_io.teardown()
+
+    def __getstate__(self) -> dict:
+        # Lightning pickles the Trainer (ddp_spawn, some loggers); a handle
+        # holds locks and belongs to this process's queue anyway.
+        state = self.__dict__.copy()
+        state["last_handle"] = None
+        return state
+
+
+class _AsyncXLACheckpointIO(AsyncCheckpointIO):
+    """AsyncCheckpointIO over an XLA plugin. ckptio.lightning registers this
+    class as a virtual subclass of Lightning's XLACheckpointIO, so the XLA
+    strategies (Trainer and Fabric) take it."""
+
+
+def _is_xla_plugin(plugin) -> bool:
+    # ckptio's XLACheckpointIO, Lightning's (either package), or a subclass;
+    # by name, so that neither torch_xla nor Lightning has to be imported.
+    return any(klass.__name__ == "XLACheckpointIO" for klass in type(plugin).__mro__)
+
+
+def _saves_natively(plugin) -> bool:
+    """True when `plugin` is one of ckptio's backends with its own
+    save_checkpoint in effect: its async save can then write straight from
+    the snapshot. A subclass (or an instance attribute, e.g. a Mock wrapping
+    it) that replaces save_checkpoint must have that replacement called."""
+    from .fast_io import FastCheckpointIO
+    from .torch_io import TorchCheckpointIO
+    from .xla_io import XLACheckpointIO
+
+    native = (FastCheckpointIO.save_checkpoint, TorchCheckpointIO.save_checkpoint, XLACheckpointIO.save_checkpoint)
+    return getattr(getattr(plugin, "save_checkpoint", None), "__func__", None) in native
+
+
+def _save_through_plugin(plugin, checkpoint, path, storage_options) -> SaveHandle:
+    """Snapshot `checkpoint` now; in the background, call the plugin's own
+    ``save_checkpoint`` with a copy it owns (it may keep it, or hand it to a
+    thread of its own, without ever seeing a later training step)."""
+    from ..background import stage
+
+    if _is_xla_plugin(plugin):
+        from .xla_io import to_host
+
+        checkpoint = to_host(checkpoint, True)  # XLA tensors to host copies first
+
+    def call_plugin(staged):
+        obj, _ = staged.rebuild(own_memory=True)
+        if storage_options is None:  # as Lightning's launchers call it: plugins need not take the keyword
+            plugin.save_checkpoint(obj, path)
+        else:
+            plugin.save_checkpoint(obj, path, storage_options=storage_options)
+        return None
+
+    return stage(checkpoint, normalize_path(path), call_plugin, local=False)
 
 
 def _report(handle: SaveHandle) -> None:

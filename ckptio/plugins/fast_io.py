@@ -6,6 +6,7 @@ import errno
 import os
 from typing import Any, Optional
 
+from .._paths import make_parent_directories, normalize_path
 from .. import api, remote
 from ..background import stage, streaming_native_save, write_native
 from ..save_queue import get_queue
@@ -29,39 +30,31 @@ class FastCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)  # an async save of this path queued earlier lands first
-        _makedirs_for(path)
+        make_parent_directories(path)
         result = api.save(checkpoint, path)
         record_save(SaveReport(path, result.write_seconds, result.write_seconds, result.bytes))
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)
         return api.load(path, map_location=map_location if map_location is not None else _to_cpu,
                         weights_only=weights_only, verify=self.verify)
 
     def remove_checkpoint(self, path) -> None:
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)
         _remove(path)
 
     def _async_save(self, checkpoint, path, storage_options):
         _reject_storage_options(self, storage_options)
-        path = os.fspath(path)
+        path = normalize_path(path)
         if remote.is_url(path):
             return stage(checkpoint, path, lambda staged: remote.save_records_to_url(staged.records(), path),
                          local=False)
-        _makedirs_for(path)
+        make_parent_directories(path)
         return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
-
-
-def _makedirs_for(path: str) -> None:
-    if remote.is_url(path):
-        return
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
 
 
 def _remove(path: str) -> None:

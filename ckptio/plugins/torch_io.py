@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.serialization
 
+from .._paths import make_parent_directories, normalize_path
 from ..errors import CheckpointIOError, CheckpointNotFoundError
 from ..save_queue import get_queue
 from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
@@ -45,26 +46,27 @@ class TorchCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)
+        make_parent_directories(path)
         _durable_torch_save(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)
         map_location = map_location if map_location is not None else _to_cpu
         if _is_url(path):
             fs, p = _fsspec().core.url_to_fs(path)
             if not fs.exists(p):
-                raise CheckpointNotFoundError(2, "checkpoint file not found", path)
+                raise CheckpointNotFoundError.missing_checkpoint(path)
             with fs.open(p, "rb") as f:
                 return torch.load(f, map_location=map_location, weights_only=weights_only)
         if not os.path.exists(path):
-            raise CheckpointNotFoundError(2, "checkpoint file not found", path)
+            raise CheckpointNotFoundError.missing_checkpoint(path)
         return torch.load(path, map_location=map_location, weights_only=weights_only)
 
     def remove_checkpoint(self, path) -> None:
-        path = os.fspath(path)
+        path = normalize_path(path)
         get_queue().wait_path(path)
         if _is_url(path):
             fs, p = _fsspec().core.url_to_fs(path)
@@ -79,40 +81,13 @@ class TorchCheckpointIO(CheckpointIO):
         from ..background import stage
 
         _reject_storage_options(self, storage_options)
-        path = os.fspath(path)
-        if not _is_url(path) and os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = normalize_path(path)
+        make_parent_directories(path)
         return stage(checkpoint, path, lambda staged: _write_staged_with_torch_save(staged, path),
                      local=not _is_url(path))
 
 
 # --- torch.save from a snapshot ----------------------------------------------
-
-def _rebuild(staged) -> Any:
-    """The checkpoint object again, its tensors now viewing staging memory.
-
-    torch's own unpickling rebuilds it from the snapshot's pickle (ours, so
-    trusted), with every storage on the CPU."""
-    views = staged.storage_views()
-    records = {name.split("/", 1)[1]: data for name, data in staged.state.head + staged.state.tail}
-
-    class _Snapshot:
-        def has_record(self, name):
-            return name in records
-
-        def get_record(self, name):
-            return records[name]
-
-        def get_storage_from_record(self, name, numel, storage_type):
-            from ..archive import _RecordStorage
-
-            return _RecordStorage(views[int(name.rsplit("/", 1)[1])])
-
-        def serialization_id(self):
-            return ""
-
-    return torch.serialization._load(_Snapshot(), _to_cpu, pickle, encoding="utf-8"), views
-
 
 # Staged storages keep the device they came from in the file (e.g. "cuda:0"),
 # as torch.save of the original would: a location tagger consulted first.
@@ -144,7 +119,7 @@ def _write_staged_with_torch_save(staged, path: str):
     from ..api import SaveResult
 
     start = time.perf_counter()
-    obj, views = _rebuild(staged)
+    obj, views = staged.rebuild()
     with _original_locations(views, staged.state.locations):
         nbytes = _durable_torch_save(obj, path)
     return SaveResult(path, nbytes, time.perf_counter() - start, False)

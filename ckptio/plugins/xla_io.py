@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from .._paths import make_parent_directories, normalize_path
 from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
 
-__all__ = ["XLACheckpointIO"]
+__all__ = ["XLACheckpointIO", "to_host"]
 
 _INSTALL_HINT = (
     "XLACheckpointIO needs torch_xla: pip install 'ckptio[xla]' (torch_xla must match your torch "
@@ -25,6 +26,15 @@ def _xla():
     return torch_xla, xm
 
 
+def to_host(checkpoint, writer: bool):
+    """Flush pending XLA computations (every ordinal: they may hold
+    collectives) and, on the writer, copy every XLA tensor to the CPU in one
+    batched transfer, as xm.save does. The copies are ours: a snapshot."""
+    torch_xla, xm = _xla()
+    torch_xla.sync()
+    return xm._maybe_convert_to_cpu(checkpoint, convert=writer)
+
+
 class XLACheckpointIO(CheckpointIO):
     """Like Lightning's XLACheckpointIO (xm.save): pending XLA work is flushed,
     tensors come to the host in one batched transfer, and only the master
@@ -35,14 +45,6 @@ class XLACheckpointIO(CheckpointIO):
         super().__init__()
         _xla()
 
-    def _to_host(self, checkpoint, writer: bool):
-        """Flush pending XLA computations (every ordinal: they may hold
-        collectives) and, on the writer, copy every XLA tensor to the CPU in one
-        batched transfer, as xm.save does. The copies are ours: a snapshot."""
-        torch_xla, xm = _xla()
-        torch_xla.sync()
-        return xm._maybe_convert_to_cpu(checkpoint, convert=writer)
-
     def _is_writer(self) -> bool:
         _, xm = _xla()
         return xm.is_master_ordinal(local=False)
@@ -52,26 +54,25 @@ class XLACheckpointIO(CheckpointIO):
         from ..save_queue import get_queue
 
         _reject_storage_options(self, storage_options)
-        path = os.fspath(path)
+        path = normalize_path(path)
         writer = self._is_writer()
-        host = self._to_host(checkpoint, writer)
+        host = to_host(checkpoint, writer)
         if writer:  # like xm.save, no barrier: Lightning's XLA strategies add their own
             get_queue().wait_path(path)
-            if os.path.dirname(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+            make_parent_directories(path)
             api.save(host, path)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         from .. import api
 
-        return api.load(os.fspath(path), map_location=map_location if map_location is not None else _to_cpu,
+        return api.load(normalize_path(path), map_location=map_location if map_location is not None else _to_cpu,
                         weights_only=weights_only)
 
     def remove_checkpoint(self, path) -> None:
         from ..save_queue import get_queue
         from .fast_io import _remove
 
-        path = os.fspath(path)
+        path = normalize_path(path)
         if self._is_writer():
             get_queue().wait_path(path)
             _remove(path)
@@ -81,13 +82,12 @@ class XLACheckpointIO(CheckpointIO):
 
         _reject_storage_options(self, storage_options)
         writer = self._is_writer()
-        host = self._to_host(checkpoint, writer)  # XLA tensors now CPU tensors we own
+        host = to_host(checkpoint, writer)  # XLA tensors now CPU tensors we own
         if not writer:
             from ..save_queue import SaveHandle
 
             handle = SaveHandle(path, "skipped")  # not the master ordinal: nothing to write
             handle._finish(None, None)
             return handle
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+        make_parent_directories(path)
         return stage(host, path, lambda staged: write_native(staged, path))

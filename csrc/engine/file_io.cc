@@ -183,11 +183,12 @@ std::string DirectoryOf(const std::string& path) {
 
 std::string TemporaryPathFor(const std::string& final_path) {
   static std::atomic<uint64_t> counter{0};
+  // The name carries nothing of the checkpoint's own name: tools that scan a
+  // directory by substring or glob (Lightning's "hpc_ckpt_" resume scan reads
+  // every digit after the key as a version) must never see a temporary.
   size_t slash = final_path.find_last_of('/');
   std::string dir = slash == std::string::npos ? "" : final_path.substr(0, slash + 1);
-  std::string base = slash == std::string::npos ? final_path : final_path.substr(slash + 1);
-  return dir + "." + base + ".ckptio-tmp-" + std::to_string(::getpid()) + "-" +
-         std::to_string(counter.fetch_add(1));
+  return dir + ".ckptio-tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
 }
 
 Status RenameDurably(const std::string& from, const std::string& to) {

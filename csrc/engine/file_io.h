@@ -75,7 +75,8 @@ class ReadableFile {
 };
 
 // The temporary name a save into `final_path` writes first:
-// "<dir>/.<base>.ckptio-tmp-<pid>-<n>", unique within this process.
+// "<dir>/.ckptio-tmp-<pid>-<n>", unique within this process. The name holds
+// nothing of `final_path`'s base name (see file_io.cc).
 std::string TemporaryPathFor(const std::string& final_path);
 
 // rename(from, to), then fsync of the directory holding `to`, so that the new

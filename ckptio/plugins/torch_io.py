@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import threading
 from contextlib import contextmanager
 from typing import Any, Optional

@@ -3,7 +3,6 @@ with PJRT_DEVICE=CPU), written by ckptio's engine from the master ordinal."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from .._paths import make_parent_directories, normalize_path

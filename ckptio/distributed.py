@@ -15,11 +15,16 @@ changes is how bytes reach the disk:
 - the reader verifies every archive's CRC-32s and names the file, rank and
   item of any damage.
 - as an AsyncStager, the writer snapshots into a reusable, pre-faulted
-  staging buffer (instead of DCP's default fresh, unpinned copy).
+  staging buffer (instead of DCP's default fresh, unpinned copy). Plain
+  tensors, DTensors (their local tensor) and ShardedTensors (their local
+  shards) are staged; the writer stays picklable, so
+  ``async_checkpointer_type=AsyncCheckpointerType.PROCESS`` works (the copy
+  sent to DCP's checkpoint process leaves the staging buffer behind).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
@@ -58,7 +63,18 @@ class StorageWriter(FileSystemWriter):
     def __init__(self, path: str | os.PathLike, *, overwrite: bool = True):
         super().__init__(os.fspath(path), single_file_per_rank=True, sync_files=True, thread_count=1,
                          cache_staged_state_dict=False, overwrite=overwrite)
-        self._staging = None  # staging.Slot, made on first stage()
+        self._arena = None    # staging.StagingArena and its one Slot, made on first stage()
+        self._staging = None
+
+    def __getstate__(self):
+        """DCP pickles the writer to hand it to its checkpoint process
+        (``AsyncCheckpointerType.PROCESS``). The staging buffer (native memory)
+        and the arena's lock stay here: the copy there only writes, from the
+        state dict it is sent with, and never stages."""
+        state = self.__dict__.copy()
+        state["_arena"] = None
+        state["_staging"] = None
+        return state
 
     # --- writing --------------------------------------------------------------
 
@@ -132,7 +148,9 @@ class StorageWriter(FileSystemWriter):
 
     def stage(self, state_dict):
         """Copy every tensor into this writer's reusable, pre-faulted buffer and
-        return the state dict rebuilt over it (DTensors keep mesh and placements).
+        return the state dict rebuilt over it (DTensors keep mesh and
+        placements; ShardedTensors keep their sharding metadata, with CPU
+        placements as the stock stager's ``.cpu()`` gives them).
 
         The buffer is reused by the next stage(): wait for the previous
         async_save's future before starting another (as DCP's docs advise)."""
@@ -162,6 +180,7 @@ class StorageWriter(FileSystemWriter):
 
     def close(self) -> None:
         self._staging = None
+        self._arena = None
 
 
 def _storage_views(slot, payloads) -> list:
@@ -176,26 +195,61 @@ def _len(payload) -> int:
     return payload[1] if isinstance(payload, tuple) else len(payload)
 
 
-def _local(t):
+def _sharded_tensor_type():
+    """ShardedTensor's class, or None where torch.distributed._shard is absent."""
+    try:
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+    except ImportError:  # pragma: no cover - torch without the _shard package
+        return None
+    return ShardedTensor
+
+
+def _collect(obj, out: list, st_type=None) -> None:
+    """Every tensor whose bytes a snapshot copies: plain tensors, a DTensor's
+    local tensor, a ShardedTensor's local shards (never the ShardedTensor
+    itself: it has no storage of its own)."""
     from torch.distributed.tensor import DTensor
 
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _collect(obj, out: list) -> None:
-    if isinstance(obj, torch.Tensor):
-        out.append(_local(obj))
+    st_type = st_type or _sharded_tensor_type()
+    if st_type is not None and isinstance(obj, st_type):
+        out.extend(shard.tensor for shard in obj.local_shards())
+    elif isinstance(obj, DTensor):
+        out.append(obj._local_tensor)
+    elif isinstance(obj, torch.Tensor):
+        out.append(obj)
     elif isinstance(obj, dict):
         for v in obj.values():
-            _collect(v, out)
+            _collect(v, out, st_type)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            _collect(v, out)
+            _collect(v, out, st_type)
 
 
-def _rebuild(obj, staged: dict):
+def _rebuild_sharded(st, staged: dict):
+    """`st` rebuilt over its staged local shards, as ShardedTensor.cpu() and
+    the stock stager build their copies: same global metadata, placements
+    moved to the CPU, same process group."""
+    from torch.distributed._shard.sharded_tensor import Shard
+
+    def on_cpu(md):
+        md = copy.deepcopy(md)
+        if md.placement is not None and md.placement.device().type != "cpu":
+            md.placement._device = torch.device("cpu")
+        return md
+
+    shards = [Shard(staged[id(shard.tensor)], on_cpu(shard.metadata)) for shard in st.local_shards()]
+    st_meta = copy.deepcopy(st.metadata())
+    st_meta.shards_metadata = [on_cpu(md) for md in st_meta.shards_metadata]
+    return type(st)._init_from_local_shards_and_global_metadata(
+        shards, st_meta, process_group=st._process_group, init_rrefs=st._init_rrefs)
+
+
+def _rebuild(obj, staged: dict, st_type=None):
     from torch.distributed.tensor import DTensor
 
+    st_type = st_type or _sharded_tensor_type()
+    if st_type is not None and isinstance(obj, st_type):
+        return _rebuild_sharded(obj, staged)
     if isinstance(obj, DTensor):
         local = staged[id(obj._local_tensor)]
         return DTensor.from_local(local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape,
@@ -203,11 +257,12 @@ def _rebuild(obj, staged: dict):
     if isinstance(obj, torch.Tensor):
         return staged[id(obj)]
     if isinstance(obj, dict):
-        return type(obj)((k, _rebuild(v, staged)) for k, v in obj.items())
+        return type(obj)((k, _rebuild(v, staged, st_type)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [_rebuild(v, staged) for v in obj]
+        return [_rebuild(v, staged, st_type) for v in obj]
     if isinstance(obj, tuple):
-        return type(obj)(_rebuild(v, staged) for v in obj)
+        items = [_rebuild(v, staged, st_type) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuples too
     return obj
 
 

@@ -12,6 +12,29 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.device_mesh import init_device_mesh
 
 
+def run(fn, world, *args):
+    """Run fn(rank, world, port, *args) in `world` spawned processes (gloo ranks)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, start_method="spawn", join=True)
+
+
+def assert_same(a, b, path=""):
+    """Bit-exact equality of nested states (tensors with torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -67,7 +90,13 @@ def full_state(model, opt):
 def _writer(kind, path):
     from ckptio.distributed import StorageWriter
 
-    return StorageWriter(path) if kind == "ckptio" else dcp.FileSystemWriter(path, sync_files=True)
+    if kind == "ckptio":
+        return StorageWriter(path)
+    if kind == "stock-zstd":  # DCP's stream transform extension: every item zstd-compressed
+        from torch.distributed.checkpoint._extension import ZStandard
+
+        return dcp.FileSystemWriter(path, sync_files=True, _extensions=[ZStandard()])
+    return dcp.FileSystemWriter(path, sync_files=True)
 
 
 def _reader(kind, path):
@@ -138,3 +167,145 @@ def save_and_hang_in_write(rank, world, port, path, marker_dir, _out):
     model, opt = make_sharded(mesh)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, storage_writer=SlowWriter(path))
+
+
+# --- async_save through DCP's checkpoint process, ShardedTensors -------------------
+
+
+def _stop_checkpoint_process():
+    """End DCP's checkpoint daemon (AsyncCheckpointerType.PROCESS) before the
+    rank leaves, as its finalizer would at a normal interpreter exit."""
+    from torch.distributed.checkpoint import _async_process_executor as ape
+
+    proc = ape._CHECKPOINT_PROCESS
+    if proc is not None and proc._save_process.is_alive():
+        proc._send(ape._CheckpointSaveProcessControlOpts.TERMINATE)
+        proc._save_process.join(timeout=30)
+        if proc._save_process.is_alive():
+            proc._save_process.terminate()
+    ape._CHECKPOINT_PROCESS = None
+
+
+def async_save_in_process(rank, world, port, path, writer_kind, out):
+    """Two dcp.async_save calls with AsyncCheckpointerType.PROCESS through one
+    writer: `path` at step 2, then `path`_b at step 5 (the second stage()
+    reuses the staging buffer of a writer that was pickled once already).
+    rank 0 saves the full states each checkpoint must hold to `out`."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    mesh = _init(rank, world, port)
+    model, opt = make_sharded(mesh)
+    writer = _writer(writer_kind, path)
+    expected = []
+    g = torch.Generator().manual_seed(2)
+    for step, checkpoint_id in ((2, path), (5, path + "_b")):
+        msd, osd = get_state_dict(model, opt)
+        expected.append(torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, full_state(model, opt)))
+        future = dcp.async_save({"model": msd, "optim": osd, "step": step}, checkpoint_id=checkpoint_id,
+                                storage_writer=writer, async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        for _ in range(3):  # training goes on while the checkpoint process writes
+            model(torch.randn(8, 64, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        future.result()
+    _stop_checkpoint_process()
+    if rank == 0:
+        torch.save(expected, out)
+    _finish()
+
+
+def make_sharded_tensor(rank, world, rows=8, cols=6, seed=7):
+    """A ShardedTensor (FSDP(1) SHARDED_STATE_DICT style: row shards, one per
+    rank, no device mesh) and the full tensor it shards."""
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, init_from_local_shards
+
+    full = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    per = rows // world
+    md = ShardMetadata(shard_offsets=[rank * per, 0], shard_sizes=[per, cols], placement=f"rank:{rank}/cpu")
+    return init_from_local_shards([Shard(full[rank * per:(rank + 1) * per].clone(), md)], [rows, cols]), full
+
+
+def async_save_sharded_tensor(rank, world, port, path, mode, out):
+    """async_save (THREAD or PROCESS) of a ShardedTensor plus a plain tensor
+    through ckptio's writer; the shards are overwritten as soon as
+    async_save returns. Then dcp.load into a fresh ShardedTensor through
+    ckptio's reader and check it holds the values at save time."""
+    from ckptio.distributed import StorageReader, StorageWriter
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    _init(rank, world, port)
+    st, full = make_sharded_tensor(rank, world)
+    bias = torch.arange(5.0)
+    kind = AsyncCheckpointerType.PROCESS if mode == "process" else AsyncCheckpointerType.THREAD
+    future = dcp.async_save({"layer": {"weight": st, "bias": bias}, "step": 3}, storage_writer=StorageWriter(path),
+                            async_checkpointer_type=kind)
+    st.local_shards()[0].tensor.fill_(-1.0)  # the snapshot was taken: this must not reach the checkpoint
+    bias.fill_(-1.0)
+    future.result()
+    _stop_checkpoint_process()
+
+    fresh, _ = make_sharded_tensor(rank, world, seed=99)
+    state = {"layer": {"weight": fresh, "bias": torch.zeros(5)}, "step": 0}
+    dcp.load(state, storage_reader=StorageReader(path))
+    per = full.shape[0] // world
+    assert torch.equal(state["layer"]["weight"].local_shards()[0].tensor, full[rank * per:(rank + 1) * per])
+    assert torch.equal(state["layer"]["bias"], torch.arange(5.0))
+    assert state["step"] == 3
+    if rank == 0:
+        torch.save(full, out)
+    _finish()
+
+
+# --- loads expected to succeed or fail, one report per rank ----------------------
+
+
+class Note:
+    """A user class in a BYTES item: not allowed weights-only unless trusted."""
+
+    def __init__(self, text="note"):
+        self.text = text
+
+
+def _template(kind, mesh):
+    if kind == "model":
+        model, opt = make_sharded(mesh, seed=123)
+        msd, osd = get_state_dict(model, opt)
+        return {"model": msd, "optim": osd, "step": 0}, (model, opt)
+    if kind == "simple":
+        return {"w": torch.zeros(8), "step": 0}, None
+    if kind == "evil":
+        return {"w": torch.zeros(8), "evil": 0}, None
+    if kind == "note":
+        return {"w": torch.zeros(8), "note": 0}, None
+    raise ValueError(kind)
+
+
+def load_cases(rank, world, port, cases, out_dir):
+    """For each (name, path, template, trusted_globals): dcp.load through
+    ckptio's reader; rank writes out_dir/<name>.<rank>.txt with "OK <what
+    was loaded>" or the exception text. "model" loads also save the loaded
+    full state (rank 0) to out_dir/<name>.pt."""
+    from ckptio.distributed import StorageReader
+
+    mesh = _init(rank, world, port)
+    for name, path, template, trusted in cases:
+        state, owner = _template(template, mesh)
+        safe = [Note] if trusted else []
+        try:
+            dcp.load(state, storage_reader=StorageReader(path, safe_globals=safe))
+            if owner is not None:
+                model, opt = owner
+                set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                if rank == 0:
+                    torch.save({"full": full_state(model, opt), "step": state["step"]},
+                               os.path.join(out_dir, f"{name}.pt"))
+                report = f"OK step={state['step']}"
+            else:
+                report = "OK " + repr({k: (v.tolist() if isinstance(v, torch.Tensor) else
+                                           getattr(v, "text", v)) for k, v in state.items()})
+        except BaseException as e:  # DCP raises CheckpointException, a BaseException
+            report = f"ERROR {type(e).__name__}: {e}"
+        with open(os.path.join(out_dir, f"{name}.{rank}.txt"), "w") as f:
+            f.write(report)
+    _finish()

@@ -9,30 +9,11 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import dcp_cases
-from dcp_cases import free_port
+from dcp_cases import assert_same as _assert_same, run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-def run(fn, world, *args):
-    mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, start_method="spawn", join=True)
-
-
-def _assert_same(a, b, path=""):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, path
 
 
 @pytest.mark.parametrize("writer,reader", [("ckptio", "stock"), ("stock", "ckptio"), ("ckptio", "ckptio")])

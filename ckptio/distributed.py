@@ -20,20 +20,35 @@ changes is how bytes reach the disk:
   shards) are staged; the writer stays picklable, so
   ``async_checkpointer_type=AsyncCheckpointerType.PROCESS`` works (the copy
   sent to DCP's checkpoint process leaves the staging buffer behind).
+- the reader is weights-only: ``.metadata`` is unpickled with an allowlist of
+  DCP's metadata types (never plain ``pickle.load``, which runs whatever a
+  hostile file names), and every BYTES item goes through torch's
+  weights-only unpickler before the planner sees it. A refused global raises
+  :class:`UnsafeCheckpointError` naming the file and the global; pass
+  ``StorageReader(..., safe_globals=[...])`` (or use
+  ``torch.serialization.add_safe_globals``) for types you trust.
+- items written with DCP's stream transforms (``_extensions=[ZStandard()]``)
+  are decoded as DCP's FileSystemReader decodes them, then CRC-checked.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import os
+import pathlib
+import pickle
 import re
+import zipfile
 
 import torch
 import torch.serialization
 from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
@@ -41,10 +56,25 @@ from . import _C
 from . import archive as _archive
 from ._engine import get_engine
 from ._paths import fsync_directory, temporary_path
-from .errors import CheckpointIOError, CorruptCheckpointError
+from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .pickling import ALIGNMENT, pickle_state
 
-__all__ = ["StorageWriter", "StorageReader"]
+__all__ = ["StorageWriter", "StorageReader", "UnsafeCheckpointError", "UnsupportedTransformError"]
+
+
+class UnsafeCheckpointError(CorruptCheckpointError, pickle.UnpicklingError):
+    """A pickle in the checkpoint (``.metadata`` or a BYTES item) names a
+    global that the weights-only reader does not allow. ``record`` names the
+    item, ``refused`` the global(s)."""
+
+    def __init__(self, message: str, *, path: str | None = None, record: str | None = None, refused=()):
+        super().__init__(message, path=path, record=record)
+        self.refused = tuple(refused)
+
+
+class UnsupportedTransformError(CkptioError, ValueError):
+    """An item was written through a DCP stream transform (an ``_extensions``
+    entry such as ZStandard) that this reader cannot apply."""
 
 _SUFFIX = ".distcp"
 
@@ -268,28 +298,68 @@ def _rebuild(obj, staged: dict, st_type=None):
 
 class StorageReader(FileSystemReader):
     """A DCP StorageReader that reads tensor archives through ckptio's engine
-    and verifies their CRC-32s. Reads checkpoints of either writer."""
+    and verifies their CRC-32s. Reads checkpoints of either writer.
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
-        super().__init__(os.fspath(path))
+    It is weights-only: ``.metadata`` is unpickled with an allowlist of DCP's
+    metadata types and BYTES items with torch's weights-only unpickler.
+    ``safe_globals`` adds classes/functions you trust to both (as
+    ``torch.serialization.add_safe_globals`` does, which is also honoured).
+    Items written through DCP's stream transforms (``_extensions``, e.g.
+    ZStandard) are decoded with ``_extension_registry`` (DCP's default
+    registry when None), as FileSystemReader does.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True, safe_globals=(),
+                 _extension_registry=None):
+        super().__init__(os.fspath(path), _extension_registry=_extension_registry)
         self.verify = verify
+        self.safe_globals = list(safe_globals)
+
+    # --- metadata -------------------------------------------------------------
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        """DCP's ``.metadata``, unpickled weights-only (never plain pickle.load)."""
+        path = os.fspath(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path, self.safe_globals).load()
+        except FileNotFoundError as e:
+            raise CheckpointNotFoundError(2, f"{path}: no DCP checkpoint metadata here", path) from e
+        except (UnsafeCheckpointError, CheckpointIOError):
+            raise
+        except OSError as e:
+            raise CheckpointIOError(e.errno or 5, f"{path}: cannot read DCP metadata: {e}", path) from e
+        except Exception as e:  # truncated or not a pickle: EOFError, UnpicklingError, ValueError, ...
+            raise CorruptCheckpointError(f"{path}: not a DCP metadata file ({type(e).__name__}: {e})",
+                                         path=path, record=".metadata") from e
+        if not isinstance(metadata, Metadata):
+            raise CorruptCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata",
+                                         path=path, record=".metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    # --- data -----------------------------------------------------------------
 
     def read_data(self, plan, planner) -> Future:
         """Per rank file: parse every tensor archive's directory, read all their
         records in one engine job (parallel, CRC-verified), then rebuild each
-        tensor with torch's unpickler and copy it into DCP's target."""
+        tensor with torch's unpickler and copy it into DCP's target. BYTES items
+        and transformed (e.g. compressed) items are read whole and decoded."""
         directory = os.fspath(self.path)
         by_file: dict = {}
         for req in plan.items:
             by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in by_file.items():
-            path = os.path.join(directory, relative_path)
+            path = _join_inside(directory, relative_path)
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
             archives = {}  # (offset, length) -> Archive
             try:
                 for req in reqs:
                     info = self.storage_data[req.storage_index]
-                    if req.type != LoadItemType.BYTE_IO and (info.offset, info.length) not in archives:
+                    if (req.type != LoadItemType.BYTE_IO and not _transforms_of(info)
+                            and (info.offset, info.length) not in archives):
                         archives[(info.offset, info.length)] = _archive.open_archive(
                             path, base=info.offset, size=info.length)
             except FileNotFoundError as e:
@@ -310,25 +380,33 @@ class StorageReader(FileSystemReader):
         return fut
 
     def _read_item(self, req, path, relative_path, archives, reader, planner) -> None:
+        info: _StorageInfo = self.storage_data[req.storage_index]
+        fqn = req.storage_index.fqn
+        where = f"{path} (rank {_rank_of(relative_path)}, item {fqn!r})"
+        if req.type == LoadItemType.BYTE_IO or _transforms_of(info):
+            raw = self._read_whole(req, info, path, where)
+            if req.type == LoadItemType.BYTE_IO:
+                self._load_bytes(req, raw, path, where, planner)
+                return
+            descriptors = _transforms_of(info)
+            tensor = self._tensor_from_bytes(raw, path, f"{where} (decoded with {_names(descriptors)})", fqn)
+        else:
+            span = (info.offset, info.length)
+            try:
+                tensor = torch.serialization._load(
+                    _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name)), "cpu",
+                    torch._weights_only_unpickler, encoding="utf-8")
+            except CorruptCheckpointError as e:
+                raise CorruptCheckpointError(f"{where}: {e}", path=path, record=fqn) from e
+        self._commit_tensor(req, tensor, path, where, planner)
+
+    @staticmethod
+    def _commit_tensor(req, tensor, path, where, planner) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
-        info: _StorageInfo = self.storage_data[req.storage_index]
-        where = f"{path} (rank {_rank_of(relative_path)}, item {req.storage_index.fqn!r})"
-        if req.type == LoadItemType.BYTE_IO:
-            with open(path, "rb") as f:
-                f.seek(info.offset)
-                raw = f.read(info.length)
-            if len(raw) != info.length:
-                raise CorruptCheckpointError(f"{where}: file is truncated", path=path, record=req.storage_index.fqn)
-            planner.load_bytes(req, io.BytesIO(raw))
-            return
-        span = (info.offset, info.length)
-        try:
-            tensor = torch.serialization._load(
-                _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name)), "cpu",
-                torch._weights_only_unpickler, encoding="utf-8")
-        except CorruptCheckpointError as e:
-            raise CorruptCheckpointError(f"{where}: {e}", path=path, record=req.storage_index.fqn) from e
+        if not isinstance(tensor, torch.Tensor):
+            raise CorruptCheckpointError(f"{where}: holds a {type(tensor).__name__}, not a tensor",
+                                         path=path, record=req.storage_index.fqn)
         tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
         target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
@@ -336,6 +414,188 @@ class StorageReader(FileSystemReader):
                                          path=path, record=req.storage_index.fqn)
         target.copy_(tensor)
         planner.commit_tensor(req, target)
+
+    def _read_whole(self, req, info, path, where) -> bytes:
+        """The item's bytes, with its stream transforms (if any) undone."""
+        fqn = req.storage_index.fqn
+        try:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.length)
+        except FileNotFoundError as e:
+            raise CheckpointIOError(2, f"{where}: missing checkpoint file", path) from e
+        if len(raw) != info.length:
+            raise CorruptCheckpointError(f"{where}: file is truncated", path=path, record=fqn)
+        descriptors = _transforms_of(info)
+        if not descriptors:
+            return raw
+        try:
+            stream = self.transforms.transform_load_stream(req, descriptors, io.BytesIO(raw))
+        except Exception as e:  # unknown extension, or its module (zstandard/pyzstd) missing
+            raise UnsupportedTransformError(
+                f"{where}: cannot apply stream transform {_names(descriptors)} the item was written with: {e}"
+            ) from e
+        try:
+            data = stream.read(-1)
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"{where}: stream transform {_names(descriptors)} failed to decode the item "
+                f"({type(e).__name__}: {e})", path=path, record=fqn) from e
+        return bytes(data) if data is not None else b""
+
+    def _tensor_from_bytes(self, data: bytes, path, where, fqn):
+        """A tensor from a decoded torch.save payload: CRC-checked, weights-only."""
+        if self.verify:
+            try:
+                with zipfile.ZipFile(io.BytesIO(data)) as z:
+                    bad = z.testzip()
+            except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+                raise CorruptCheckpointError(f"{where}: decoded item is not a torch.save archive ({e})",
+                                             path=path, record=fqn) from e
+            if bad is not None:
+                raise CorruptCheckpointError(f"{where}: CRC-32 mismatch in record {bad!r}", path=path, record=fqn)
+        try:
+            with torch.serialization.safe_globals(self.safe_globals):
+                return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise _refusal(data, e, path, where, fqn) from e
+        except Exception as e:
+            raise CorruptCheckpointError(f"{where}: cannot read the tensor ({type(e).__name__}: {e})",
+                                         path=path, record=fqn) from e
+
+    def _load_bytes(self, req, raw: bytes, path, where, planner) -> None:
+        """Hand a BYTES item to the planner only after torch's weights-only
+        unpickler accepted it. DCP's DefaultLoadPlanner.load_bytes calls
+        ``torch.load(weights_only=False)``: it is given the object re-saved
+        from what the weights-only load built, never the file's own pickle.
+        A planner with its own load_bytes gets the original bytes (it may not
+        hold a torch.save payload at all), unless they are a pickle naming a
+        global that is not allowed."""
+        fqn = req.storage_index.fqn
+        default = getattr(type(planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
+        try:
+            with torch.serialization.safe_globals([io.BytesIO, *self.safe_globals]):
+                obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            refusal = _refusal(raw, e, path, where, fqn)
+            if default or refusal.refused:
+                raise refusal from e
+            planner.load_bytes(req, io.BytesIO(raw))  # not a pickle: the planner's own format
+            return
+        except Exception as e:
+            if default:
+                raise CorruptCheckpointError(f"{where}: not a torch.save payload ({type(e).__name__}: {e})",
+                                             path=path, record=fqn) from e
+            planner.load_bytes(req, io.BytesIO(raw))
+            return
+        if default:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            buf.seek(0)
+            planner.load_bytes(req, buf)
+        else:
+            planner.load_bytes(req, io.BytesIO(raw))
+
+
+def _transforms_of(info) -> tuple:
+    return tuple(getattr(info, "transform_descriptors", None) or ())
+
+
+def _names(descriptors) -> str:
+    return ", ".join(repr(d) for d in descriptors)
+
+
+def _join_inside(directory: str, relative_path) -> str:
+    """The rank file's path; the metadata may not point outside the checkpoint."""
+    rel = os.fspath(relative_path) if isinstance(relative_path, (str, os.PathLike)) else None
+    if (not rel or os.path.isabs(rel) or ".." in pathlib.PurePath(rel).parts
+            or os.path.normpath(rel) in (".", "")):
+        raise CorruptCheckpointError(
+            f"{directory}: .metadata names a data file {relative_path!r} outside the checkpoint directory",
+            path=os.path.join(directory, ".metadata"), record=".metadata")
+    return os.path.join(directory, rel)
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _refusal(raw: bytes, e: Exception, path, where, fqn) -> UnsafeCheckpointError:
+    """The error for a pickle torch's weights-only unpickler refused, naming
+    the globals it needs."""
+    refused = []
+    try:
+        refused = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
+    except Exception:
+        pass
+    if not refused:
+        refused = _UNSUPPORTED_GLOBAL.findall(str(e))
+    if refused:
+        what = f"refused to unpickle global(s) {', '.join(map(repr, refused))}"
+        hint = (" ckptio's DCP reader is weights-only; if you trust this checkpoint, pass "
+                "StorageReader(..., safe_globals=[...]) or use torch.serialization.add_safe_globals.")
+    else:
+        what = f"the weights-only unpickler refused it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        hint = ""
+    return UnsafeCheckpointError(f"{where}: {what}.{hint}", path=path, record=fqn, refused=refused)
+
+
+def _metadata_allowlist(extra) -> dict:
+    """'module.name' -> object: what a DCP ``.metadata`` pickle may name."""
+    import _codecs
+    import torch.distributed.checkpoint.metadata as md
+
+    allowed = {}
+
+    def add(obj, name=None):
+        allowed[name or f"{obj.__module__}.{obj.__qualname__}"] = obj
+
+    for cls in (md.Metadata, md.MetadataIndex, md.StorageMeta, md.TensorStorageMetadata, md.BytesStorageMetadata,
+                md.ChunkStorageMetadata, md.TensorProperties, md._MEM_FORMAT_ENCODING, _StorageInfo):
+        add(cls)
+    add(torch.Size, "torch.Size")
+    add(torch.serialization._get_layout, "torch.serialization._get_layout")  # how torch.layout pickles
+    for name, value in vars(torch).items():  # torch.float32, torch.strided, ...
+        if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+            allowed[f"torch.{name}"] = value
+    for cls in (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
+                pathlib.PosixPath, pathlib.WindowsPath):  # StorageMeta.checkpoint_id
+        add(cls, f"pathlib.{cls.__name__}")
+    add(collections.OrderedDict, "collections.OrderedDict")
+    for cls in (set, frozenset, complex):
+        add(cls, f"builtins.{cls.__name__}")
+    add(_codecs.encode, "_codecs.encode")  # bytes in protocol-2 pickles
+    for entry in [*torch.serialization.get_safe_globals(), *extra]:
+        if isinstance(entry, tuple):
+            obj, name = entry
+            add(obj, name)
+        else:
+            add(entry)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata`` allowing only the globals it needs."""
+
+    def __init__(self, f, path: str, extra=()):
+        super().__init__(f)
+        self._path = path
+        self._allowed = _metadata_allowlist(extra)
+
+    def find_class(self, module, name):
+        key = f"{module}.{name}"
+        obj = self._allowed.get(key)
+        if obj is None:
+            raise UnsafeCheckpointError(
+                f"{self._path}: refused to unpickle global {key!r}: ckptio reads DCP metadata weights-only "
+                f"(DCP's metadata types, torch dtypes/sizes, paths and builtin containers only). If you trust "
+                f"this checkpoint, pass StorageReader(..., safe_globals=[...]) or use "
+                f"torch.serialization.add_safe_globals.",
+                path=self._path, record=".metadata", refused=[key])
+        return obj
+
+    def persistent_load(self, pid):
+        raise UnsafeCheckpointError(f"{self._path}: refused a persistent id in DCP metadata",
+                                    path=self._path, record=".metadata")
 
 
 def _rank_of(file_name: str):

@@ -1,0 +1,82 @@
+"""ckptio's DCP reader on checkpoints that torch's stock FileSystemWriter wrote
+with stream transforms (``_extensions=[ZStandard()]``), and on transforms it
+cannot apply. Real gloo ranks in spawned processes, real files."""
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import dcp_cases
+from dcp_cases import assert_same, run
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+zstd = pytest.importorskip("zstandard")
+
+
+def _rewrite_metadata(ckpt, change):
+    """Edit a checkpoint's .metadata (written by the test itself: trusted)."""
+    path = os.path.join(ckpt, ".metadata")
+    with open(path, "rb") as f:
+        metadata = pickle.load(f)
+    change(metadata)
+    with open(path, "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def test_stock_zstd_checkpoint_loads_exactly_through_ckptio(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run(dcp_cases.save, 2, ckpt, "stock-zstd", str(tmp_path / "saved.pt"))
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        infos = list(pickle.load(f).storage_data.values())
+    assert infos and all(i.transform_descriptors == ["stream.zstd/1"] for i in infos)  # really compressed
+    run(dcp_cases.load, 2, ckpt, "ckptio", str(tmp_path / "loaded.pt"))
+    loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
+    assert_same(loaded["full"], torch.load(tmp_path / "saved.pt", weights_only=False))
+    assert loaded["step"] == 2
+
+
+def test_transforms_that_cannot_be_applied_are_named(tmp_path):
+    """An unknown transform raises UnsupportedTransformError naming it and the
+    file; a damaged compressed item raises CorruptCheckpointError naming the
+    transform, file and item — never "not a zip"."""
+    good = str(tmp_path / "good")
+    run(dcp_cases.save, 2, good, "stock-zstd", str(tmp_path / "saved.pt"))
+
+    unknown = str(tmp_path / "unknown")
+    shutil.copytree(good, unknown)
+
+    def rot13(metadata):
+        for info in metadata.storage_data.values():
+            info.transform_descriptors = ["stream.rot13/1"]
+
+    _rewrite_metadata(unknown, rot13)
+
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(good, damaged)
+    with open(os.path.join(good, ".metadata"), "rb") as f:
+        metadata = pickle.load(f)
+    # The largest item of rank 1's file: damage the middle of its zstd frame.
+    info = max((i for i in metadata.storage_data.values() if i.relative_path == "__1_0.distcp"),
+               key=lambda i: i.length)
+    rank_file = os.path.join(damaged, "__1_0.distcp")
+    data = bytearray(open(rank_file, "rb").read())
+    for k in range(8):
+        data[info.offset + info.length // 2 + k] ^= 0xFF
+    open(rank_file, "wb").write(bytes(data))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run(dcp_cases.load_cases, 2, [("unknown", unknown, "model", False), ("damaged", damaged, "model", False)],
+        str(out))
+    for rank in (0, 1):
+        text = (out / f"unknown.{rank}.txt").read_text()
+        assert "UnsupportedTransformError" in text and "'stream.rot13/1'" in text, text
+        assert ".distcp" in text and "item '" in text, text
+    texts = [(out / f"damaged.{rank}.txt").read_text() for rank in (0, 1)]
+    for text in texts:
+        assert text.startswith("ERROR"), text
+        assert "CorruptCheckpointError" in text and "__1_0.distcp" in text and "'stream.zstd/1'" in text, text
+        assert "end-of-directory" not in text, text

@@ -90,9 +90,13 @@ class StorageWriter(FileSystemWriter):
     ``dcp.async_save``, where it stages into its own reusable buffer.
     """
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True):
+    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True, _extensions=None):
+        """``_extensions``: DCP stream transforms (EXPERIMENTAL in DCP), e.g.
+        ``[ZStandard()]``, applied to every item as FileSystemWriter applies
+        them; such items are encoded in memory and written as they come out
+        (readers of either kind undo them from the metadata)."""
         super().__init__(os.fspath(path), single_file_per_rank=True, sync_files=True, thread_count=1,
-                         cache_staged_state_dict=False, overwrite=overwrite)
+                         cache_staged_state_dict=False, overwrite=overwrite, _extensions=_extensions)
         self._arena = None    # staging.StagingArena and its one Slot, made on first stage()
         self._staging = None
 
@@ -115,9 +119,15 @@ class StorageWriter(FileSystemWriter):
         tmp = temporary_path(final)
 
         pieces, end = [], 0  # (item, offset, size, archive records + owners | raw bytes)
+        descriptors = {}  # item index -> the stream transforms its bytes went through
         for item in plan.items:
             data = planner.resolve_data(item)
             offset = _page_round(end)
+            if self.transforms.extensions:
+                raw, descriptors[item.index] = self._transformed(item, data)
+                pieces.append((item, offset, len(raw), raw))
+                end = offset + len(raw)
+                continue
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data)
                 pieces.append((item, offset, len(raw), raw))
@@ -163,12 +173,29 @@ class StorageWriter(FileSystemWriter):
             raise
 
         results = [
-            WriteResult(index=item.index, size_in_bytes=size, storage_data=_StorageInfo(file_name, offset, size))
+            WriteResult(index=item.index, size_in_bytes=size,
+                        storage_data=_StorageInfo(file_name, offset, size, descriptors.get(item.index) or None))
             for item, offset, size, _ in pieces
         ]
         fut = Future()
         fut.set_result(results)
         return fut
+
+    def _transformed(self, item, data) -> tuple:
+        """The item's bytes through this writer's stream transforms, as
+        FileSystemWriter writes them (torch.save of a tensor, a BytesIO's
+        contents), and the descriptors a reader needs to undo them."""
+        buf = io.BytesIO()
+        stream, descriptors = self.transforms.transform_save_stream(item, buf)
+        if item.type == WriteItemType.BYTE_IO:
+            stream.write(data.getbuffer() if isinstance(data, io.BytesIO) else bytes(data))
+        else:
+            tensor = data.detach().cpu()
+            if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+                tensor = tensor.clone()  # save only this view, as FileSystemWriter does
+            torch.save(tensor, stream)
+        stream.close()
+        return buf.getvalue(), list(descriptors)
 
     def finish(self, metadata, results) -> None:
         super().finish(metadata, results)  # .metadata.tmp, fsync, rename
@@ -552,6 +579,13 @@ def _metadata_allowlist(extra) -> dict:
     for cls in (md.Metadata, md.MetadataIndex, md.StorageMeta, md.TensorStorageMetadata, md.BytesStorageMetadata,
                 md.ChunkStorageMetadata, md.TensorProperties, md._MEM_FORMAT_ENCODING, _StorageInfo):
         add(cls)
+    try:  # checkpoints from before DCP had its own TensorProperties hold the _shard one
+        from torch.distributed._shard.sharded_tensor import metadata as st_md
+
+        add(st_md.TensorProperties)
+        add(st_md.MEM_FORMAT_ENCODING)
+    except ImportError:  # pragma: no cover
+        pass
     add(torch.Size, "torch.Size")
     add(torch.serialization._get_layout, "torch.serialization._get_layout")  # how torch.layout pickles
     for name, value in vars(torch).items():  # torch.float32, torch.strided, ...

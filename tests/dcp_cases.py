@@ -92,9 +92,11 @@ def _writer(kind, path):
 
     if kind == "ckptio":
         return StorageWriter(path)
-    if kind == "stock-zstd":  # DCP's stream transform extension: every item zstd-compressed
+    if kind.endswith("-zstd"):  # DCP's stream transform extension: every item zstd-compressed
         from torch.distributed.checkpoint._extension import ZStandard
 
+        if kind == "ckptio-zstd":
+            return StorageWriter(path, _extensions=[ZStandard()])
         return dcp.FileSystemWriter(path, sync_files=True, _extensions=[ZStandard()])
     return dcp.FileSystemWriter(path, sync_files=True)
 

@@ -26,13 +26,18 @@ def _rewrite_metadata(ckpt, change):
         pickle.dump(metadata, f)
 
 
-def test_stock_zstd_checkpoint_loads_exactly_through_ckptio(tmp_path):
+@pytest.mark.parametrize("writer,reader", [("stock-zstd", "ckptio"), ("ckptio-zstd", "ckptio"),
+                                           ("ckptio-zstd", "stock")])
+def test_zstd_checkpoints_load_exactly(tmp_path, writer, reader):
+    """A stock checkpoint written with _extensions=[ZStandard()] loads through
+    ckptio's reader; ckptio's writer takes the same _extensions and both
+    readers load what it wrote."""
     ckpt = str(tmp_path / "ckpt")
-    run(dcp_cases.save, 2, ckpt, "stock-zstd", str(tmp_path / "saved.pt"))
+    run(dcp_cases.save, 2, ckpt, writer, str(tmp_path / "saved.pt"))
     with open(os.path.join(ckpt, ".metadata"), "rb") as f:
         infos = list(pickle.load(f).storage_data.values())
     assert infos and all(i.transform_descriptors == ["stream.zstd/1"] for i in infos)  # really compressed
-    run(dcp_cases.load, 2, ckpt, "ckptio", str(tmp_path / "loaded.pt"))
+    run(dcp_cases.load, 2, ckpt, reader, str(tmp_path / "loaded.pt"))
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=False)
     assert_same(loaded["full"], torch.load(tmp_path / "saved.pt", weights_only=False))
     assert loaded["step"] == 2
@@ -80,3 +85,25 @@ def test_transforms_that_cannot_be_applied_are_named(tmp_path):
         assert text.startswith("ERROR"), text
         assert "CorruptCheckpointError" in text and "__1_0.distcp" in text and "'stream.zstd/1'" in text, text
         assert "end-of-directory" not in text, text
+
+
+def test_metadata_with_the_legacy_sharded_tensor_properties_loads(tmp_path):
+    """Checkpoints from before DCP had its own TensorProperties pickle
+    torch.distributed._shard.sharded_tensor.metadata.TensorProperties (as
+    PyTorch's test_compatibility reproduces): still allowed weights-only."""
+    from unittest.mock import patch
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
+
+    ckpt = str(tmp_path / "legacy")
+    with patch("torch.distributed.checkpoint.metadata.TensorProperties", TensorProperties):
+        dcp.save({"w": torch.arange(8.0), "step": 4}, storage_writer=dcp.FileSystemWriter(ckpt), no_dist=True)
+    with open(os.path.join(ckpt, ".metadata"), "rb") as f:
+        assert b"torch.distributed._shard.sharded_tensor.metadata" in f.read()
+    out = tmp_path / "out"
+    out.mkdir()
+    run(dcp_cases.load_cases, 2, [("legacy", ckpt, "simple", False)], str(out))
+    for rank in (0, 1):
+        text = (out / f"legacy.{rank}.txt").read_text()
+        assert text == "OK " + repr({"w": list(map(float, range(8))), "step": 4}), text

@@ -1,7 +1,8 @@
 """The one background queue every async save goes through, whatever its backend.
 
 - FIFO: one worker writes jobs in submission order, so the last save to a
-  path is the one that lands.
+  path is the one that lands. The worker thread exists only while there is
+  work: it ends when the queue is empty and the next submit starts another.
 - Bounded: at most CKPTIO_MAX_PENDING saves are queued or writing; the next
   submit waits (the staging arena bounds memory the same way).
 - A remove or load of a path waits for the queued saves of that path.
@@ -126,6 +127,7 @@ class SaveQueue:
         self._running: _Job | None = None
         self._finished: deque[SaveHandle] = deque()  # failed, not yet reported
         self._worker: threading.Thread | None = None
+        self._last_worker: threading.Thread | None = None  # the one that went idle last
         self._worker_pid = None
 
     # --- submitting -------------------------------------------------------
@@ -179,6 +181,18 @@ class SaveQueue:
         if raise_errors:
             self.raise_pending_error()
 
+    def join_idle_worker(self, timeout: float = 5.0) -> None:
+        """After wait_all: wait until the worker thread has ended (it ends as
+        soon as the queue is empty), so that teardown leaves no thread."""
+        if self._on_worker():
+            return
+        with self._cond:
+            if self._pending_locked():
+                return  # more work arrived meanwhile: the worker goes on
+            worker = self._last_worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
+
     def raise_pending_error(self, *, mine_only: bool = False) -> None:
         """Raise the oldest background failure nobody has seen yet (once);
         with mine_only, only one submitted from the calling thread."""
@@ -216,8 +230,14 @@ class SaveQueue:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs:
-                    self._cond.wait()
+                if not self._jobs:
+                    # Idle: the worker ends, and the next submit starts a new
+                    # one. No thread of ckptio's outlives the saves it had to
+                    # do (Lightning's test suite fails any test that leaves
+                    # a thread behind after teardown; so would a user's).
+                    self._worker = None
+                    self._last_worker = threading.current_thread()
+                    return
                 job = self._running = self._jobs.popleft()
             result = exception = None
             try:

@@ -283,3 +283,53 @@ def test_a_missing_checkpoint_raises_lightnings_message(tmp_path, name):
     assert str(e.value) == f"Checkpoint file not found: {missing}"
     with pytest.raises(ckptio.CheckpointNotFoundError, match="Checkpoint file not found"):
         ckptio.load(missing)
+
+
+# --- what Lightning's own suite checks besides ---------------------------------------
+
+def test_teardown_leaves_no_thread_behind(tmp_path):
+    """Lightning's test suite fails any test that leaves a thread running."""
+    import threading
+
+    before = set(threading.enumerate())
+    io = AsyncCheckpointIO(TorchCheckpointIO())
+    for step in range(3):
+        io.save_checkpoint({"w": torch.full((1000,), float(step))}, str(tmp_path / "a.ckpt"))
+    io.teardown()
+    assert set(threading.enumerate()) - before == set()
+    assert float(torch.load(tmp_path / "a.ckpt")["w"][0]) == 2.0
+    # and the plugin goes on working after teardown (ddp_spawn saves after it)
+    io.save_checkpoint({"w": torch.ones(3)}, str(tmp_path / "b.ckpt"))
+    io.teardown()
+    assert set(threading.enumerate()) - before == set()
+    assert torch.equal(torch.load(tmp_path / "b.ckpt")["w"], torch.ones(3))
+
+
+def test_nested_async_plugins_keep_their_structure_and_save_once(tmp_path):
+    class Counting(TorchCheckpointIO):
+        calls = 0
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None):
+            Counting.calls += 1
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    base = Counting()
+    inner = AsyncCheckpointIO(base)
+    outer = AsyncCheckpointIO(inner)
+    assert outer.checkpoint_io is inner and inner.checkpoint_io is base
+    assert outer._base_checkpoint_io_configured is True
+    outer.save_checkpoint({"w": torch.arange(4)}, str(tmp_path / "n.ckpt"))
+    outer.teardown()
+    assert Counting.calls == 1
+    assert torch.equal(torch.load(tmp_path / "n.ckpt")["w"], torch.arange(4))
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_storage_options_error_names_the_plugin_the_user_passed(tmp_path, ns):
+    pl = lightning_namespace(ns)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, enable_checkpointing=False,
+                                          plugins=[AsyncCheckpointIO()]))
+    trainer.fit(make_model_class(pl)())
+    with pytest.raises(TypeError, match="not supported for `AsyncCheckpointIO`"):
+        trainer.save_checkpoint(str(tmp_path / "x.ckpt"), storage_options={"a": 1})
+    assert not (tmp_path / "x.ckpt").exists()

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from .._paths import normalize_path
 from ..save_queue import SaveHandle, get_queue
-from .checkpoint_io import CheckpointIO, SaveReport, record_save
+from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, record_save
 
 __all__ = ["AsyncCheckpointIO"]
 
@@ -45,14 +45,23 @@ class AsyncCheckpointIO(CheckpointIO):
             from .fast_io import FastCheckpointIO
 
             checkpoint_io = FastCheckpointIO()
-        if isinstance(checkpoint_io, AsyncCheckpointIO):
-            checkpoint_io = checkpoint_io.checkpoint_io
+        # Kept as given, even another AsyncCheckpointIO (Lightning's wrappers
+        # nest the same way); saves go to the innermost plugin, once.
         self.checkpoint_io = checkpoint_io
         self.last_handle: SaveHandle | None = None
 
+    @property
+    def _base_checkpoint_io_configured(self) -> bool:
+        # Lightning's wrapper attribute: ckptio's always has a base (by
+        # default its engine), so Lightning never swaps one in.
+        return True
+
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
         base = self.checkpoint_io
+        while isinstance(base, AsyncCheckpointIO):
+            base = base.checkpoint_io  # one snapshot and one queued write, not one per layer
         if _saves_natively(base):
+            _reject_storage_options(self, storage_options)  # the error names the plugin the user passed
             handle = base._async_save(checkpoint, normalize_path(path), storage_options)
         else:
             handle = _save_through_plugin(base, checkpoint, path, storage_options)
@@ -79,6 +88,7 @@ class AsyncCheckpointIO(CheckpointIO):
         """Wait for queued saves (showing progress if that takes a while),
         raise a pending failure, and tear down the wrapped plugin."""
         _drain_with_progress()
+        get_queue().join_idle_worker()
         self.checkpoint_io.teardown()
 
     def __getstate__(self) -> dict:

@@ -44,22 +44,27 @@ import zipfile
 
 import torch
 import torch.serialization
-from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
 
 from . import _C
 from . import archive as _archive
 from ._engine import get_engine
 from ._paths import fsync_directory, temporary_path
-from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
+from .errors import (
+    CheckpointIOError,
+    CheckpointNotFoundError,
+    CkptioError,
+    CorruptCheckpointError,
+)
 from .pickling import ALIGNMENT, pickle_state
 
-__all__ = ["StorageWriter", "StorageReader", "UnsafeCheckpointError", "UnsupportedTransformError"]
+__all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
 
 
 class UnsafeCheckpointError(CorruptCheckpointError, pickle.UnpicklingError):
@@ -552,7 +557,7 @@ def _refusal(raw: bytes, e: Exception, path, where, fqn) -> UnsafeCheckpointErro
     refused = []
     try:
         refused = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
-    except Exception:
+    except Exception:  # noqa: BLE001, S110 - not a zip archive: name them from the error below
         pass
     if not refused:
         refused = _UNSUPPORTED_GLOBAL.findall(str(e))
@@ -569,6 +574,7 @@ def _refusal(raw: bytes, e: Exception, path, where, fqn) -> UnsafeCheckpointErro
 def _metadata_allowlist(extra) -> dict:
     """'module.name' -> object: what a DCP ``.metadata`` pickle may name."""
     import _codecs
+
     import torch.distributed.checkpoint.metadata as md
 
     allowed = {}

@@ -233,8 +233,9 @@ def async_save_sharded_tensor(rank, world, port, path, mode, out):
     through ckptio's writer; the shards are overwritten as soon as
     async_save returns. Then dcp.load into a fresh ShardedTensor through
     ckptio's reader and check it holds the values at save time."""
-    from ckptio.distributed import StorageReader, StorageWriter
     from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    from ckptio.distributed import StorageReader, StorageWriter
 
     _init(rank, world, port)
     st, full = make_sharded_tensor(rank, world)
@@ -280,7 +281,23 @@ def _template(kind, mesh):
         return {"w": torch.zeros(8), "evil": 0}, None
     if kind == "note":
         return {"w": torch.zeros(8), "note": 0}, None
+    if kind == "fixture":
+        import io
+
+        return {"a": torch.zeros(4, 3), "b": torch.zeros(6, dtype=torch.int32),
+                "nested": {"x": 0, "s": "", "f": 0.0}, "raw": io.BytesIO()}, None
     raise ValueError(kind)
+
+
+def _plain(v):
+    """A loaded value as plain Python, for a report."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if hasattr(v, "getvalue"):
+        return v.getvalue()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return getattr(v, "text", v)
 
 
 def load_cases(rank, world, port, cases, out_dir):
@@ -304,10 +321,35 @@ def load_cases(rank, world, port, cases, out_dir):
                                os.path.join(out_dir, f"{name}.pt"))
                 report = f"OK step={state['step']}"
             else:
-                report = "OK " + repr({k: (v.tolist() if isinstance(v, torch.Tensor) else
-                                           getattr(v, "text", v)) for k, v in state.items()})
-        except BaseException as e:  # DCP raises CheckpointException, a BaseException
+                report = "OK " + repr({k: _plain(v) for k, v in state.items()})
+        except BaseException as e:  # noqa: BLE001 - DCP raises CheckpointException, a BaseException
             report = f"ERROR {type(e).__name__}: {e}"
         with open(os.path.join(out_dir, f"{name}.{rank}.txt"), "w") as f:
             f.write(report)
     _finish()
+
+
+# --- a checkpoint written by an older torch ---------------------------------------
+
+FIXTURE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "dcp_torch2.9")
+
+
+def fixture_state():
+    """What the committed fixture holds (no RNG: the same in every torch)."""
+    import io
+
+    return {"a": torch.arange(12, dtype=torch.float32).reshape(4, 3) / 7, "b": torch.arange(6, dtype=torch.int32),
+            "nested": {"x": 1, "s": "hi", "f": 2.5}, "raw": io.BytesIO(b"hello")}
+
+
+def make_fixture(directory=FIXTURE_DIR):
+    """Write the fixture with DCP's stock FileSystemWriter of the torch that
+    runs this. The committed one came from torch 2.9.0:
+    ``<python with torch 2.9> tests/dcp_cases.py make-fixture``."""
+    dcp.save(fixture_state(), storage_writer=dcp.FileSystemWriter(directory), no_dist=True)
+    with open(os.path.join(directory, "TORCH_VERSION"), "w") as f:
+        f.write(torch.__version__ + "\n")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["make-fixture"]:
+    make_fixture(*sys.argv[2:3])

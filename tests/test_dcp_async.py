@@ -6,10 +6,9 @@ spawned processes, real files."""
 import os
 import pickle
 
+import dcp_cases
 import pytest
 import torch
-
-import dcp_cases
 from dcp_cases import assert_same, run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -54,6 +53,7 @@ def test_async_save_of_a_sharded_tensor_round_trips(tmp_path, mode):
     loads back into a ShardedTensor on the same ranks (checked in the ranks)
     and, resharded, into one plain tensor here."""
     import torch.distributed.checkpoint as dcp
+
     from ckptio.distributed import StorageReader
 
     ckpt = str(tmp_path / "ckpt")

@@ -6,10 +6,9 @@ import os
 import pickle
 import shutil
 
+import dcp_cases
 import pytest
 import torch
-
-import dcp_cases
 from dcp_cases import assert_same, run
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -67,10 +66,12 @@ def test_transforms_that_cannot_be_applied_are_named(tmp_path):
     info = max((i for i in metadata.storage_data.values() if i.relative_path == "__1_0.distcp"),
                key=lambda i: i.length)
     rank_file = os.path.join(damaged, "__1_0.distcp")
-    data = bytearray(open(rank_file, "rb").read())
-    for k in range(8):
-        data[info.offset + info.length // 2 + k] ^= 0xFF
-    open(rank_file, "wb").write(bytes(data))
+    with open(rank_file, "r+b") as f:
+        data = bytearray(f.read())
+        for k in range(8):
+            data[info.offset + info.length // 2 + k] ^= 0xFF
+        f.seek(0)
+        f.write(bytes(data))
 
     out = tmp_path / "out"
     out.mkdir()
@@ -107,3 +108,17 @@ def test_metadata_with_the_legacy_sharded_tensor_properties_loads(tmp_path):
     for rank in (0, 1):
         text = (out / f"legacy.{rank}.txt").read_text()
         assert text == "OK " + repr({"w": list(map(float, range(8))), "step": 4}), text
+
+
+def test_checkpoint_written_by_torch_2_9_loads_weights_only(tmp_path):
+    """tests/fixtures/dcp_torch2.9: a stock DCP checkpoint (tensors, plain
+    values, a BytesIO) written by torch 2.9.0 with dcp_cases.make_fixture.
+    Its .metadata and BYTES items pass the weights-only reader."""
+    with open(os.path.join(dcp_cases.FIXTURE_DIR, "TORCH_VERSION")) as f:
+        assert f.read().startswith("2.9.")
+    out = tmp_path / "out"
+    out.mkdir()
+    run(dcp_cases.load_cases, 2, [("torch29", dcp_cases.FIXTURE_DIR, "fixture", False)], str(out))
+    want = {k: dcp_cases._plain(v) for k, v in dcp_cases.fixture_state().items()}
+    for rank in (0, 1):
+        assert (out / f"torch29.{rank}.txt").read_text() == "OK " + repr(want)

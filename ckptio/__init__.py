@@ -18,6 +18,8 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     SaveCancelledError,
+    UnsafeCheckpointError,
+    UnsupportedTransformError,
 )
 
 __version__ = "0.1.0"
@@ -44,4 +46,6 @@ __all__ = [
     "CorruptCheckpointError",
     "ConfigError",
     "SaveCancelledError",
+    "UnsafeCheckpointError",
+    "UnsupportedTransformError",
 ]

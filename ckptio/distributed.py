@@ -59,27 +59,14 @@ from ._paths import fsync_directory, temporary_path
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
-    CkptioError,
     CorruptCheckpointError,
+    UnsafeCheckpointError,  # noqa: F401 - importable from here, as before
+    UnsupportedTransformError,
 )
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
 
-
-class UnsafeCheckpointError(CorruptCheckpointError, pickle.UnpicklingError):
-    """A pickle in the checkpoint (``.metadata`` or a BYTES item) names a
-    global that the weights-only reader does not allow. ``record`` names the
-    item, ``refused`` the global(s)."""
-
-    def __init__(self, message: str, *, path: str | None = None, record: str | None = None, refused=()):
-        super().__init__(message, path=path, record=record)
-        self.refused = tuple(refused)
-
-
-class UnsupportedTransformError(CkptioError, ValueError):
-    """An item was written through a DCP stream transform (an ``_extensions``
-    entry such as ZStandard) that this reader cannot apply."""
 
 _SUFFIX = ".distcp"
 

@@ -9,6 +9,7 @@ working.
 from __future__ import annotations
 
 import errno as _errno
+import pickle as _pickle
 import os
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "CheckpointIOError",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsupportedTransformError",
     "ConfigError",
     "SaveCancelledError",
 ]
@@ -57,6 +60,21 @@ class CorruptCheckpointError(CkptioError, ValueError):
         super().__init__(message)
         self.path = path
         self.record = record
+
+
+class UnsafeCheckpointError(CorruptCheckpointError, _pickle.UnpicklingError):
+    """A pickle in the checkpoint (``.metadata`` or a BYTES item) names a
+    global that the weights-only reader does not allow. ``record`` names the
+    item, ``refused`` the global(s)."""
+
+    def __init__(self, message: str, *, path: str | None = None, record: str | None = None, refused=()):
+        super().__init__(message, path=path, record=record)
+        self.refused = tuple(refused)
+
+
+class UnsupportedTransformError(CkptioError, ValueError):
+    """An item was written through a DCP stream transform (an ``_extensions``
+    entry such as ZStandard) that this reader cannot apply."""
 
 
 class ConfigError(CkptioError, ValueError):

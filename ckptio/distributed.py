@@ -60,7 +60,7 @@ from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
-    UnsafeCheckpointError,  # noqa: F401 - importable from here, as before
+    UnsafeCheckpointError,
     UnsupportedTransformError,
 )
 from .pickling import ALIGNMENT, pickle_state

@@ -127,7 +127,8 @@ def _saves_natively(plugin) -> bool:
 def _save_through_plugin(plugin, checkpoint, path, storage_options) -> SaveHandle:
     """Snapshot `checkpoint` now; in the background, call the plugin's own
     ``save_checkpoint`` with a copy it owns (it may keep it, or hand it to a
-    thread of its own, without ever seeing a later training step)."""
+    thread of its own, without ever seeing a later training step). The
+    handle's result is None: what reaches storage, and how, is the plugin's."""
     from ..background import stage
 
     if _is_xla_plugin(plugin):

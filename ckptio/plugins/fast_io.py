@@ -6,8 +6,8 @@ import errno
 import os
 from typing import Any, Optional
 
-from .._paths import make_parent_directories, normalize_path
 from .. import api, remote
+from .._paths import make_parent_directories, normalize_path
 from ..background import stage, streaming_native_save, write_native
 from ..save_queue import get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save

@@ -21,6 +21,7 @@ import threading
 import torch
 
 from . import _C
+from ._engine import get_engine
 
 __all__ = ["StagingArena", "Slot", "page_round"]
 
@@ -102,23 +103,26 @@ class StagingArena:
         When this returns the copies are complete: the caller may overwrite or
         free every source tensor.
         """
+        sizes = [s.nbytes() for s in storages]
         offsets, total = [], 0
-        for s in storages:
+        for n in sizes:
             offsets.append(total)
-            total += page_round(s.nbytes())
+            total += page_round(n)
         slot.ensure_capacity(max(total, _PAGE))
-        on_cuda = any(s.device.type == "cuda" for s in storages)
-        if on_cuda:
+        base = slot.buffer.address
+        devices = {s.device.type for s in storages}
+        if "cuda" in devices:
             slot.pin()
             self._copy_from_cuda(slot, storages, offsets)
-        else:
-            for s, off in zip(storages, offsets):
-                n = s.nbytes()
+        elif devices <= {"cpu"}:
+            # One engine call for the whole checkpoint: the bytes are split
+            # across the engine's copy threads and this one, GIL released.
+            get_engine().copy([(s.data_ptr(), base + off, n) for s, off, n in zip(storages, offsets, sizes) if n])
+        else:  # other devices (e.g. XLA, MPS) come to the host storage by storage
+            for s, off, n in zip(storages, offsets, sizes):
                 if n:
-                    src = _as_bytes(s if s.device.type == "cpu" else s.cpu())
-                    slot.tensor[off : off + n].copy_(src)  # torch releases the GIL
-        base = slot.buffer.address
-        return [(base + off, s.nbytes()) for s, off in zip(storages, offsets)]
+                    slot.tensor[off : off + n].copy_(_as_bytes(s if s.device.type == "cpu" else s.cpu()))
+        return [(base + off, n) for off, n in zip(offsets, sizes)]
 
     def _copy_from_cuda(self, slot: Slot, storages, offsets) -> None:
         if self._side_stream is None:

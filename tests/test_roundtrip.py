@@ -156,6 +156,58 @@ def test_same_bytes_as_torch_save_with_4096_alignment(tmp_path, everything_state
     assert diff == [], f"{len(diff)} bytes differ, first at {diff[:5]}"
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
+def _special_tensors() -> dict:
+    """Tensors the fast pickling path must hand to torch's own reduction, or
+    reduce exactly as torch does: views with conj/neg bits, Python attributes,
+    backward hooks, subclasses, v3 dtypes, shared storages, requires_grad."""
+    g = torch.Generator().manual_seed(3)
+    with_attr = torch.randn(4, generator=g)
+    with_attr.note = "kept by torch's own reduction"
+    hooked = torch.randn(3, generator=g, requires_grad=True)
+    hooked.register_hook(lambda grad: grad)
+    base = torch.arange(100, dtype=torch.float32)
+    return {
+        "conj": torch.randn(5, dtype=torch.complex64, generator=g).conj(),
+        "neg": torch.randn(5, dtype=torch.complex64, generator=g).conj().imag,
+        "with_attr": with_attr,
+        "hooked": hooked,
+        "subclass": torch.randn(6, generator=g).as_subclass(_Subclass),
+        "uint16": torch.arange(9).to(torch.uint16),
+        "requires_grad": torch.randn(2, 2, generator=g, requires_grad=True).detach().requires_grad_(),
+        "shared": [base[:10], base[50:].view(5, 10), base],
+        "int_and_float_views": {"a": base[:4], "b": base[4:8]},
+        "channels_last": torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that backward hooks are not saved
+def test_fast_pickling_path_writes_torch_saves_bytes(tmp_path, torch_config_set):
+    state = _special_tensors()
+    ours, theirs = tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"
+    ours.parent.mkdir()
+    theirs.parent.mkdir()
+    ckptio.save(state, ours)
+    torch_config_set(torch_config.save, "storage_alignment", 4096)
+    torch.save(state, theirs)
+    assert _mask_serialization_id(ours) == _mask_serialization_id(theirs)
+    loaded = ckptio.load(ours, weights_only=False)
+    assert loaded["with_attr"].note == state["with_attr"].note
+    assert type(loaded["subclass"]) is _Subclass
+    assert loaded["conj"].is_conj() and torch.equal(loaded["conj"], state["conj"])
+    assert loaded["shared"][2].untyped_storage().data_ptr() == loaded["shared"][0].untyped_storage().data_ptr()
+
+
+def test_one_storage_viewed_as_two_dtypes_is_refused_like_torch_save(tmp_path):
+    base = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="view the same data as different types"):
+        ckptio.save({"f": base, "i": base.view(torch.int32)}, tmp_path / "x.pt")
+    assert not (tmp_path / "x.pt").exists()
+
+
 def _mask_serialization_id(path) -> bytes:
     """The file's bytes with the serialization id (random by design) and its
     CRC in the descriptor and the central directory zeroed."""

@@ -5,12 +5,18 @@
 namespace ckptio {
 
 Engine::Engine(const EngineOptions& options)
-    : options_(options), owner_pid_(::getpid()), pool_(std::make_unique<ThreadPool>(options.num_threads)) {}
+    : options_(options),
+      owner_pid_(::getpid()),
+      pool_(std::make_unique<ThreadPool>(options.num_threads)),
+      copy_pool_(std::make_unique<ThreadPool>(options.num_threads > 1 ? options.num_threads - 1 : 1)) {}
 
 Engine::~Engine() {
   // After fork() only the forking thread exists in the child; joining the
   // parent's workers would hang, so the child leaks them.
-  if (::getpid() != owner_pid_) (void)pool_.release();
+  if (::getpid() != owner_pid_) {
+    (void)pool_.release();
+    (void)copy_pool_.release();
+  }
 }
 
 BufferPool* Engine::BuffersFor(size_t block_bytes) {

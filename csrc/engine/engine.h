@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "buffer_pool.h"
+#include "parallel_copy.h"
 #include "read_job.h"
 #include "save_job.h"
 #include "thread_pool.h"
@@ -52,6 +53,10 @@ class Engine {
   Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size,
                        uint64_t base = 0, uint64_t size = UINT64_MAX);
 
+  // Synchronous: copies every span on the engine's copy threads and the
+  // calling thread (see ParallelCopy). Copies never queue behind file I/O.
+  void Copy(const std::vector<CopySpan>& spans) { ParallelCopy(spans, copy_pool_.get()); }
+
   const EngineOptions& options() const { return options_; }
 
  private:
@@ -63,6 +68,8 @@ class Engine {
   std::mutex buffers_mu_;
   std::map<size_t, std::unique_ptr<BufferPool>> buffers_;
   std::unique_ptr<ThreadPool> pool_;
+  // Snapshot copies: num_threads - 1 workers, the caller being the last.
+  std::unique_ptr<ThreadPool> copy_pool_;
 };
 
 }  // namespace ckptio

@@ -209,6 +209,22 @@ PYBIND11_MODULE(_C, m) {
           "block_bytes/queue_depth override the engine's for this job when non-zero. With into_existing,\n"
           "the archive goes at base_offset of the existing file, which is not synced or renamed.")
       .def(
+          "copy",
+          [](Engine& e, py::sequence spans) {
+            std::vector<CopySpan> v;
+            v.reserve(py::len(spans));
+            for (py::handle item : spans) {
+              auto t = item.cast<py::tuple>();
+              v.push_back(CopySpan{reinterpret_cast<const uint8_t*>(t[0].cast<uintptr_t>()),
+                                   reinterpret_cast<uint8_t*>(t[1].cast<uintptr_t>()), t[2].cast<uint64_t>()});
+            }
+            py::gil_scoped_release release;
+            e.Copy(v);
+          },
+          py::arg("spans"),
+          "Copy [(src_address, dst_address, size)] in parallel (GIL released); returns when done.\n"
+          "REQUIRES: the memory stays valid and unchanged by others until it returns.")
+      .def(
           "read",
           [](Engine& e, const std::string& path, py::list requests, py::object keepalive) {
             std::vector<ReadRequest> reqs;

@@ -11,6 +11,7 @@ from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait
 from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
 from .manager import CheckpointManager
 from .save_queue import SaveHandle
+from .background import reserve_staging
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -28,6 +29,7 @@ __all__ = [
     "save",
     "async_save",
     "wait",
+    "reserve_staging",
     "load",
     "verify",
     "SaveHandle",

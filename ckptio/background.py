@@ -13,6 +13,7 @@ its tensors (memory stays at two chunks; the file is the same).
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from .pickling import ALIGNMENT, PickledState, pickle_state
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
 
-__all__ = ["Staged", "stage", "get_arena", "write_native", "streaming_native_save"]
+__all__ = ["Staged", "stage", "get_arena", "reserve_staging", "write_native", "streaming_native_save"]
 
 
 @dataclass
@@ -103,6 +104,32 @@ def get_arena() -> StagingArena:
         return _arena
 
 
+def reserve_staging(size, *, wait: bool = False) -> int:
+    """Fault in every staging slot now, in the background (or before
+    returning, with wait=True), so that not even the first async saves pay
+    for first-touch page faults; returns the bytes reserved per slot.
+
+    `size` is either a state like the ones you will save (e.g.
+    ``{"model": model.state_dict(), "optimizer": opt.state_dict()}``: its
+    storages are measured exactly) or a number of tensor bytes (1% and 1 MiB
+    are added for the page alignment of each storage). A larger checkpoint
+    later still works: its slot grows then.
+    """
+    from .staging import page_round
+
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 0:
+            raise ValueError(f"reserve_staging: size must be >= 0 bytes, not {size}")
+        nbytes = page_round(size + size // 100 + (1 << 20))
+    else:
+        nbytes = sum(page_round(s.nbytes()) for s in pickle_state(size, "reserve").storages)
+    arena = get_arena()
+    arena.grow_in_background(nbytes)
+    if wait:
+        arena.join_background()
+    return nbytes
+
+
 def reset() -> None:
     """Finish queued saves, then forget the queue and arena so the next save
     re-reads CKPTIO_STAGING_SLOTS / CKPTIO_MAX_PENDING (tests use this)."""
@@ -112,8 +139,21 @@ def reset() -> None:
     if save_queue._queue is not None:
         save_queue._queue.wait_all(raise_errors=False)
     with _arena_lock:
+        if _arena is not None:
+            _arena.join_background()
         _arena = None
     save_queue._queue = None
+
+
+def _join_background_at_exit() -> None:
+    # A daemon thread still faulting memory when the interpreter finalizes
+    # would be stopped inside native code (std::terminate): let it finish.
+    arena = _arena
+    if arena is not None:
+        arena.join_background()
+
+
+atexit.register(_join_background_at_exit)
 
 
 def _reset_after_fork() -> None:

@@ -6,7 +6,9 @@ cost several times the copy), at page-aligned offsets, so the engine writes
 whole blocks from it with O_DIRECT and no further copy. The arena has
 CKPTIO_STAGING_SLOTS slots: with two, save N+1 snapshots into one while save
 N is still being written from the other; when every slot is busy, the next
-snapshot waits for one (memory stays bounded).
+snapshot waits for one (memory stays bounded). Only the very first snapshot
+faults memory on the caller's thread: the other slots are grown to its size
+on a background thread (or ahead of time with ckptio.reserve_staging).
 
 With CUDA tensors the slot is registered with cudaHostRegister and
 device-to-host copies run non_blocking on a side stream, ending with one
@@ -78,6 +80,7 @@ class StagingArena:
         self._free = list(self._slots)
         self._cond = threading.Condition()
         self._side_stream = None
+        self._grower: threading.Thread | None = None  # faults slots in off the caller's thread
 
     @property
     def num_slots(self) -> int:
@@ -95,7 +98,44 @@ class StagingArena:
     def release(self, slot: Slot) -> None:
         with self._cond:
             self._free.append(slot)
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def grow_in_background(self, nbytes: int) -> None:
+        """Fault in every free slot smaller than `nbytes` on a background
+        thread, so that a later snapshot finds warm memory instead of paying
+        first-touch page faults on the caller's thread. A slot being grown is
+        not handed out until it is ready (acquire() then waits for it only if
+        no other slot is free)."""
+        with self._cond:
+            targets = [slot for slot in self._free if slot.capacity < nbytes]
+            if not targets:
+                return
+            for slot in targets:
+                self._free.remove(slot)
+            previous = self._grower
+            self._grower = threading.Thread(target=self._grow, args=(targets, nbytes, previous),
+                                            name="ckptio-staging-prefault", daemon=True)
+            self._grower.start()
+
+    def _grow(self, slots, nbytes: int, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()  # one grower at a time: memory is faulted once, in order
+        for slot in slots:
+            try:
+                slot.ensure_capacity(nbytes)
+            except MemoryError:
+                pass  # the snapshot that needs it grows it, and reports a failure there
+            finally:
+                with self._cond:
+                    self._free.insert(0, slot)  # behind the warm, most recently used slot
+                    self._cond.notify_all()
+
+    def join_background(self, timeout: float | None = None) -> None:
+        """Wait for background faulting to finish (teardown leaves no thread)."""
+        with self._cond:
+            grower = self._grower
+        if grower is not None:
+            grower.join(timeout)
 
     def snapshot(self, slot: Slot, storages) -> list:
         """Copy `storages` into `slot`; returns each one's (address, size) there.
@@ -109,6 +149,7 @@ class StagingArena:
             offsets.append(total)
             total += page_round(n)
         slot.ensure_capacity(max(total, _PAGE))
+        self.grow_in_background(total)  # the next overlapping save finds its slot warm
         base = slot.buffer.address
         devices = {s.device.type for s in storages}
         if "cuda" in devices:

@@ -272,3 +272,51 @@ def test_snapshot_of_many_tensors_of_mixed_sizes_is_exact(tmp_path):
         v.fill_(-1.0)  # after the call: must not reach the file
     handle.result()
     assert_same(torch.load(tmp_path / "many.pt", weights_only=True), expected)
+
+
+def _slot_addresses(arena):
+    return sorted(s.buffer.address if s.buffer is not None else 0 for s in arena._slots)
+
+
+def test_the_first_save_grows_the_other_slot_in_the_background(tmp_path):
+    """Only the first snapshot faults memory on the caller's thread; the
+    second slot is faulted by a background thread, then reused warm."""
+    import threading
+
+    state = {"w": torch.randn(4 << 20)}  # 16 MiB
+    ckptio.async_save(state, tmp_path / "a.pt").result()
+    arena = get_arena()
+    arena.join_background()
+    assert all(s.capacity >= 16 << 20 for s in arena._slots)
+    warm = _slot_addresses(arena)
+    for i in range(4):
+        ckptio.async_save(state, tmp_path / f"b{i}.pt")  # back to back: both slots in use
+    ckptio.wait()
+    assert _slot_addresses(arena) == warm  # no slot was re-allocated
+    reset()
+    assert not [t for t in threading.enumerate() if t.name == "ckptio-staging-prefault"]
+
+
+def test_reserve_staging_faults_every_slot_before_the_first_save(tmp_path):
+    state = {"model": {f"w{i}": torch.randn(1000 + i) for i in range(50)}, "step": 3}
+    reserved = ckptio.reserve_staging(state, wait=True)
+    arena = get_arena()
+    assert all(s.capacity >= reserved for s in arena._slots)
+    warm = _slot_addresses(arena)
+    io = AsyncCheckpointIO()
+    for i in range(3):
+        io.save_checkpoint(state, str(tmp_path / f"{i}.ckpt"))
+    io.teardown()
+    assert _slot_addresses(arena) == warm  # the exact size was reserved: nothing grew
+    assert_same(torch.load(tmp_path / "2.ckpt", weights_only=True), state)
+
+
+def test_reserve_by_bytes_and_through_the_plugin(tmp_path):
+    with pytest.raises(ValueError, match="size must be >= 0"):
+        ckptio.reserve_staging(-1)
+    io = AsyncCheckpointIO(reserve=8 << 20)
+    io.teardown()  # joins the background faulting
+    assert all(s.capacity >= 8 << 20 for s in get_arena()._slots)
+    io.save_checkpoint({"w": torch.ones(1 << 20)}, str(tmp_path / "r.ckpt"))
+    io.teardown()
+    assert torch.equal(torch.load(tmp_path / "r.ckpt")["w"], torch.ones(1 << 20))

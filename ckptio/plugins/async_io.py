@@ -34,13 +34,20 @@ class AsyncCheckpointIO(CheckpointIO):
     accept (they take only XLACheckpointIO plugins).
     """
 
-    def __new__(cls, checkpoint_io: Optional[CheckpointIO] = None):
+    def __new__(cls, checkpoint_io: Optional[CheckpointIO] = None, **kwargs):
         if cls is AsyncCheckpointIO and _is_xla_plugin(checkpoint_io):
             cls = _AsyncXLACheckpointIO
         return super().__new__(cls)
 
-    def __init__(self, checkpoint_io: Optional[CheckpointIO] = None):
+    def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None):
+        """`reserve`: a state like the checkpoints to come (or their tensor
+        bytes) to fault the staging memory in for, in the background, now
+        (see ckptio.reserve_staging); by default the first save sizes it."""
         super().__init__()
+        if reserve is not None:
+            from ..background import reserve_staging
+
+            reserve_staging(reserve)
         if checkpoint_io is None:
             from .fast_io import FastCheckpointIO
 
@@ -89,6 +96,9 @@ class AsyncCheckpointIO(CheckpointIO):
         raise a pending failure, and tear down the wrapped plugin."""
         _drain_with_progress()
         get_queue().join_idle_worker()
+        from ..background import get_arena
+
+        get_arena().join_background()
         self.checkpoint_io.teardown()
 
     def __getstate__(self) -> dict:

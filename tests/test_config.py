@@ -57,7 +57,9 @@ def test_num_threads_sets_the_worker_count(tmp_path):
         env = dict(os.environ, CKPTIO_NUM_THREADS=str(n), OMP_NUM_THREADS="1")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         counts[n] = int(out.stdout.strip())
-    assert counts[6] - counts[1] == 5
+    # per engine thread: one I/O worker and one snapshot-copy worker (the
+    # caller is the copy pool's last thread, so one thread means none)
+    assert counts[6] - counts[1] == 2 * 5
 
 
 def test_direct_io_off_uses_buffered_writes(tmp_path, monkeypatch, fresh_engine):

@@ -8,7 +8,7 @@ Engine::Engine(const EngineOptions& options)
     : options_(options),
       owner_pid_(::getpid()),
       pool_(std::make_unique<ThreadPool>(options.num_threads)),
-      copy_pool_(std::make_unique<ThreadPool>(options.num_threads > 1 ? options.num_threads - 1 : 1)) {}
+      copy_pool_(options.num_threads > 1 ? std::make_unique<ThreadPool>(options.num_threads - 1) : nullptr) {}
 
 Engine::~Engine() {
   // After fork() only the forking thread exists in the child; joining the

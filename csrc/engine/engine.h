@@ -68,7 +68,8 @@ class Engine {
   std::mutex buffers_mu_;
   std::map<size_t, std::unique_ptr<BufferPool>> buffers_;
   std::unique_ptr<ThreadPool> pool_;
-  // Snapshot copies: num_threads - 1 workers, the caller being the last.
+  // Snapshot copies: num_threads - 1 workers, the caller being the last
+  // (none with one thread: the caller copies alone).
   std::unique_ptr<ThreadPool> copy_pool_;
 };
 

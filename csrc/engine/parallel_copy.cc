@@ -36,7 +36,8 @@ void ParallelCopy(const std::vector<CopySpan>& spans, ThreadPool* pool) {
   uint64_t total = 0;
   for (const CopySpan& s : spans) total += s.size;
   if (total == 0) return;
-  size_t parts = std::min<uint64_t>(pool->size() + 1, std::max<uint64_t>(1, total / kMinCopyPart));
+  size_t workers = pool == nullptr ? 0 : pool->size();
+  size_t parts = std::min<uint64_t>(workers + 1, std::max<uint64_t>(1, total / kMinCopyPart));
   auto bound = [&](size_t i) { return total / parts * i + std::min<uint64_t>(i, total % parts); };
 
   // The latch is shared with the workers: it outlives this frame only if a

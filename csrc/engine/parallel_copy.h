@@ -23,7 +23,7 @@ struct CopySpan {
 // as well as many small ones.
 // REQUIRES: spans do not overlap; memory stays valid until this returns.
 // `pool` may be shared only with other copies (a copy queued behind a
-// file write would wait for the disk).
+// file write would wait for the disk); null copies on the caller alone.
 void ParallelCopy(const std::vector<CopySpan>& spans, ThreadPool* pool);
 
 constexpr uint64_t kMinCopyPart = 4ull << 20;

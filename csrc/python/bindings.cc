@@ -21,9 +21,18 @@ using namespace ckptio;
 
 namespace {
 
+// Text for Python from bytes that may not be UTF-8: record names and
+// messages quote what a (possibly hostile) file holds, paths are the OS's.
+py::str Text(const std::string& s) {
+  PyObject* o = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "backslashreplace");
+  if (o == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::str>(o);
+}
+
 [[noreturn]] void RaiseStatus(const Status& s) {
   py::object make = py::module_::import("ckptio.errors").attr("from_engine_status");
-  py::object exc = make(static_cast<int>(s.code()), s.error_number(), s.path(), s.record(), s.message());
+  py::object exc = make(static_cast<int>(s.code()), s.error_number(), Text(s.path()), Text(s.record()),
+                        Text(s.message()));
   PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(exc.ptr())), exc.ptr());
   throw py::error_already_set();
 }

@@ -100,13 +100,14 @@ def test_declared_sizes_beyond_the_file_are_rejected_before_allocating(tmp_path)
 
 
 def test_a_record_name_that_is_not_utf8_is_reported_not_crashed_on(tmp_path):
-    """Found by the mutator above: a name byte of 0xff in the central directory
-    made the error message itself fail to decode (UnicodeDecodeError)."""
+    """Found by the mutator above: 0xffffffff over a central-directory entry's
+    local-header offset and the first byte of its name. The error naming that
+    record then failed to decode the name (UnicodeDecodeError)."""
     path = tmp_path / "ckpt.pt"
     ckptio.save(STATE, path)
     data = bytearray(path.read_bytes())
     name_at = data.find(b"ckpt/", data.find(b"PK\x01\x02"))  # the first central-directory name
-    data[name_at] = 0xFF
+    data[name_at - 3 : name_at + 1] = b"\xff" * 4
     path.write_bytes(bytes(data))
     for check in (ckptio.verify, lambda p: ckptio.load(p, weights_only=True)):
         with pytest.raises(ckptio.CorruptCheckpointError) as e:

@@ -88,8 +88,8 @@ class StagingArena:
 
     def acquire(self) -> Slot:
         """The most recently released free slot: saves that do not overlap
-        keep reusing one warm slot, and a second slot is faulted in only when
-        a snapshot really overlaps a write."""
+        keep reusing one warm slot (whose pages are hottest), and the other
+        slots, faulted in the background, serve saves that overlap a write."""
         with self._cond:
             while not self._free:
                 self._cond.wait()

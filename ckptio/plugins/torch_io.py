@@ -91,9 +91,13 @@ class TorchCheckpointIO(CheckpointIO):
 # Staged storages keep the device they came from in the file (e.g. "cuda:0"),
 # as torch.save of the original would: a location tagger consulted first.
 _staged_locations = threading.local()
+_tables_in_use = 0  # how many threads hold a table: the tagger runs for every storage anyone saves
+_tables_lock = threading.Lock()
 
 
 def _tag_staged(storage):
+    if not _tables_in_use:
+        return None
     table = getattr(_staged_locations, "table", None)
     if table and storage.device.type == "cpu":
         return table.get(storage.data_ptr())
@@ -105,11 +109,16 @@ torch.serialization.register_package(1, _tag_staged, lambda storage, location: N
 
 @contextmanager
 def _original_locations(views, locations):
+    global _tables_in_use
     _staged_locations.table = {v.data_ptr(): loc for v, loc in zip(views, locations) if loc != "cpu" and v.nbytes()}
+    with _tables_lock:
+        _tables_in_use += 1
     try:
         yield
     finally:
         _staged_locations.table = None
+        with _tables_lock:
+            _tables_in_use -= 1
 
 
 def _write_staged_with_torch_save(staged, path: str):

@@ -113,6 +113,7 @@ class _DenseStorage:
 
 
 _FAST_DEVICES = frozenset(("cpu", "cuda"))
+_V3_DTYPES = frozenset(torch.storage._new_dtypes())  # torch reduces these with _rebuild_tensor_v3
 # Objects persistent_id can dismiss by type alone (never a storage).
 _NEVER_STORAGE = frozenset((int, float, bool, str, bytes, type(None), tuple, list, dict, torch.Size, torch.dtype))
 _storage_types: dict = {}  # dtype -> torch.<Dtype>Storage, as TypedStorage._pickle_storage_type names it
@@ -137,8 +138,6 @@ def _reduce_dense(t):
         args = args + (metadata,)
     return (torch._utils._rebuild_tensor_v2, args)
 
-
-_V3_DTYPES = frozenset(torch.storage._new_dtypes())
 
 
 def pickle_state(obj, path: str | os.PathLike) -> PickledState:

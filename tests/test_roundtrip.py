@@ -143,14 +143,20 @@ def test_prefix_is_file_stem(tmp_path):
     assert all(n.startswith("step_000100/") for n in names), names
 
 
-def test_same_bytes_as_torch_save_with_4096_alignment(tmp_path, everything_state, torch_config_set):
+def _saved_by_both(tmp_path, state, torch_config_set):
+    """`state` saved by ckptio.save and by torch.save (4096-byte alignment):
+    our file's path, then both files' bytes with the serialization id masked."""
     ours, theirs = tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"
     ours.parent.mkdir()
     theirs.parent.mkdir()
-    ckptio.save(everything_state, ours)
+    ckptio.save(state, ours)
     torch_config_set(torch_config.save, "storage_alignment", 4096)
-    torch.save(everything_state, theirs)
-    a, b = _mask_serialization_id(ours), _mask_serialization_id(theirs)
+    torch.save(state, theirs)
+    return ours, _mask_serialization_id(ours), _mask_serialization_id(theirs)
+
+
+def test_same_bytes_as_torch_save_with_4096_alignment(tmp_path, everything_state, torch_config_set):
+    _, a, b = _saved_by_both(tmp_path, everything_state, torch_config_set)
     assert len(a) == len(b)
     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
     assert diff == [], f"{len(diff)} bytes differ, first at {diff[:5]}"
@@ -187,13 +193,8 @@ def _special_tensors() -> dict:
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that backward hooks are not saved
 def test_fast_pickling_path_writes_torch_saves_bytes(tmp_path, torch_config_set):
     state = _special_tensors()
-    ours, theirs = tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt"
-    ours.parent.mkdir()
-    theirs.parent.mkdir()
-    ckptio.save(state, ours)
-    torch_config_set(torch_config.save, "storage_alignment", 4096)
-    torch.save(state, theirs)
-    assert _mask_serialization_id(ours) == _mask_serialization_id(theirs)
+    ours, a, b = _saved_by_both(tmp_path, state, torch_config_set)
+    assert a == b
     loaded = ckptio.load(ours, weights_only=False)
     assert loaded["with_attr"].note == state["with_attr"].note
     assert type(loaded["subclass"]) is _Subclass

@@ -116,6 +116,9 @@ _FAST_DEVICES = frozenset(("cpu", "cuda"))
 _V3_DTYPES = frozenset(torch.storage._new_dtypes())  # torch reduces these with _rebuild_tensor_v3
 # Objects persistent_id can dismiss by type alone (never a storage).
 _NEVER_STORAGE = frozenset((int, float, bool, str, bytes, type(None), tuple, list, dict, torch.Size, torch.dtype))
+# Tensors are reduced, never persisted: the C filter answers None for these
+# exact types (so persistent_id runs in Python only for what may be a storage).
+_NEVER_PERSISTED = (torch.Tensor, torch.nn.Parameter)
 _storage_types: dict = {}  # dtype -> torch.<Dtype>Storage, as TypedStorage._pickle_storage_type names it
 
 
@@ -127,9 +130,41 @@ def _storage_type_of(dtype):
     return t
 
 
+_state_is_dict = False  # set by pickle_state: see _tensor_state_is_instance_dict
+
+
+def _tensor_state_is_instance_dict() -> bool:
+    """Whether torch._utils._get_obj_state(t) of a plain tensor is just its
+    instance dict (None when empty): true while torch.Tensor keeps object's
+    __getstate__ and has no slots. Then the fast path reads t.__dict__
+    instead of calling __getstate__ (which looks up slot names each time)."""
+    return torch.Tensor.__getstate__ is object.__getstate__ and not copyreg._slotnames(torch.Tensor)
+
+
+def _has_python_state(t) -> bool:
+    return bool(t.__dict__) if _state_is_dict else bool(torch._utils._get_obj_state(t))
+
+
+_cpu_tagged_cpu = False  # set by pickle_state: see _cpu_storages_tag_as_cpu
+
+
+def _cpu_storages_tag_as_cpu() -> bool:
+    """Whether location_tag(s) is "cpu" for every CPU storage s: torch's CPU
+    tagger is the first one asked, but for taggers marked as never tagging
+    what ckptio's pickler meets (ckptio's own staged-location tagger answers
+    only inside torch.save calls made by its torch backend). A tagger anyone
+    else registers ahead of it is honoured, storage by storage."""
+    for _, tagger, _ in torch.serialization._package_registry:
+        if tagger is torch.serialization._cpu_tag:
+            return True
+        if not getattr(tagger, "ckptio_silent_in_pickle_state", False):
+            return False
+    return False
+
+
 def _reduce_dense(t):
     if (t.device.type not in _FAST_DEVICES or t.layout is not torch.strided or t.is_quantized
-            or t.dtype in _V3_DTYPES or t._backward_hooks or torch._utils._get_obj_state(t)):
+            or t.dtype in _V3_DTYPES or t._backward_hooks or _has_python_state(t)):
         return t.__reduce_ex__(_PICKLE_PROTOCOL)  # torch's own reduction
     args = (_DenseStorage(t.untyped_storage(), t.dtype), t.storage_offset(), tuple(t.size()), t.stride(),
             t.requires_grad, OrderedDict())
@@ -166,8 +201,8 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
             return None
         if cls is _DenseStorage:
             storage, dtype = o.storage, o.dtype
-            return add_storage(storage, dtype, _storage_type_of(dtype), storage.nbytes() // dtype.itemsize,
-                               location_tag(storage))
+            location = "cpu" if _cpu_tagged_cpu and storage.device.type == "cpu" else location_tag(storage)
+            return add_storage(storage, dtype, _storage_type_of(dtype), storage.nbytes() // dtype.itemsize, location)
         if isinstance(o, torch.storage.TypedStorage) or torch.is_storage(o):
             if isinstance(o, torch.storage.TypedStorage):
                 storage = o._untyped_storage
@@ -189,7 +224,10 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, protocol=_PICKLE_PROTOCOL)
     # Called for every pickled object: built-in values are answered in C.
-    pickler.persistent_id = _C.persistent_id_filter(persistent_id)
+    pickler.persistent_id = _C.persistent_id_filter(persistent_id, _NEVER_PERSISTED)
+    global _state_is_dict, _cpu_tagged_cpu
+    _state_is_dict = _tensor_state_is_instance_dict()
+    _cpu_tagged_cpu = _cpu_storages_tag_as_cpu()
     if not torch.serialization._serialization_tls.skip_data:
         # Exact type only: Parameters and tensor subclasses keep their own reductions.
         # A plain dict (a ChainMap's lookups run in Python, once per object),

@@ -202,6 +202,22 @@ def test_fast_pickling_path_writes_torch_saves_bytes(tmp_path, torch_config_set)
     assert loaded["shared"][2].untyped_storage().data_ptr() == loaded["shared"][0].untyped_storage().data_ptr()
 
 
+def test_a_tagger_registered_ahead_of_torchs_cpu_tagger_is_honoured(tmp_path, torch_config_set, monkeypatch):
+    # The fast path answers "cpu" for CPU storages without asking every
+    # tagger only while nobody else's comes first: this one does.
+    import torch.serialization as ts
+
+    tagged = torch.ones(3)
+
+    def tag_one(storage):
+        return "cpu" if storage.data_ptr() != tagged.data_ptr() else "cpu:tagged"
+
+    monkeypatch.setattr(ts, "_package_registry", [(0, tag_one, lambda s, loc: s)] + list(ts._package_registry))
+    _, a, b = _saved_by_both(tmp_path, {"tagged": tagged, "plain": torch.zeros(2)}, torch_config_set)
+    assert a == b
+    assert b"cpu:tagged" in a
+
+
 def test_one_storage_viewed_as_two_dtypes_is_refused_like_torch_save(tmp_path):
     base = torch.zeros(8)
     with pytest.raises(RuntimeError, match="view the same data as different types"):

@@ -104,6 +104,7 @@ def _tag_staged(storage):
     return None
 
 
+_tag_staged.ckptio_silent_in_pickle_state = True  # its table is set only around torch.save calls
 torch.serialization.register_package(1, _tag_staged, lambda storage, location: None)
 
 

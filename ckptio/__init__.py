@@ -7,7 +7,7 @@ half of each.
 """
 
 from ._engine import engine_info
-from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait
+from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait, wait_snapshots
 from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
 from .manager import CheckpointManager
 from .save_queue import SaveHandle
@@ -29,6 +29,7 @@ __all__ = [
     "save",
     "async_save",
     "wait",
+    "wait_snapshots",
     "reserve_staging",
     "load",
     "verify",

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from . import _C
 
-__all__ = ["inject_fault"]
+__all__ = ["inject_fault", "delay_lazy_copies"]
 
 
 @contextmanager
@@ -16,10 +16,27 @@ def inject_fault(kind: str, *, errno: int = 0, at_byte: int = 0, max_chunk: int 
     kind: "write_error_at_byte" (writes reaching `at_byte` fail with `errno`),
     "fsync_error" (fdatasync fails with `errno`), "short_writes" (each write
     moves at most `max_chunk` bytes), "eintr_storm" (the next `count` writes
-    and syncs fail with EINTR).
+    and syncs fail with EINTR), "copy_error" (the next batched snapshot copy
+    fails with `errno` before copying anything: what a device copy error looks
+    like to a lazy snapshot).
     """
     _C._arm_fault(kind, errno, at_byte, max_chunk, count)
     try:
         yield
     finally:
         _C._disarm_faults()
+
+
+@contextmanager
+def delay_lazy_copies(seconds: float):
+    """Inside the block, every lazy snapshot's background copy starts only
+    `seconds` after its save returned: whatever the caller does meanwhile
+    (forward, backward, an optimizer step) happens before the copy, so a
+    missing barrier shows up as a wrong file instead of as a rare race."""
+    from . import lazy_snapshot
+
+    previous, lazy_snapshot._test_start_delay = lazy_snapshot._test_start_delay, seconds
+    try:
+        yield
+    finally:
+        lazy_snapshot._test_start_delay = previous

@@ -16,10 +16,11 @@ from ._engine import get_engine
 from ._paths import check_destination, normalize_path, remove_stale_temporaries
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
+from .lazy_snapshot import wait_snapshots
 from .pickling import ALIGNMENT, pickle_state
 from .save_queue import SaveHandle, get_queue
 
-__all__ = ["SaveResult", "VerifyResult", "save", "async_save", "wait", "load", "verify"]
+__all__ = ["SaveResult", "VerifyResult", "save", "async_save", "wait", "wait_snapshots", "load", "verify"]
 
 
 @dataclass(frozen=True)
@@ -74,22 +75,31 @@ def save(obj, path: str | os.PathLike) -> SaveResult:
     return SaveResult.from_stats(ticket.stats())
 
 
-def async_save(obj, path: str | os.PathLike) -> SaveHandle:
+def async_save(obj, path: str | os.PathLike, *, snapshot: str | None = None) -> SaveHandle:
     """Snapshot `obj` and write it to `path` in the background.
 
-    Returns once every tensor's bytes are copied into the staging arena: the
-    caller may then modify or free them. The handle is Future-like
-    (``done()``, ``result(timeout)``, ``wait()``, ``exception()``) and carries
-    ``stall_seconds``; its result is the SaveResult. Saves land in the order
-    they were made. A failure is raised by the handle, or else once by the
-    next ckptio call (save, load, async_save, wait).
+    snapshot="eager" (the default, or CKPTIO_SNAPSHOT) returns once every
+    tensor's bytes are copied into the staging arena: the caller may then
+    modify or free them. snapshot="lazy" returns sooner: the parameters and
+    state of optimizers that have stepped are copied in the background, and
+    the next ``optimizer.step()`` (or ckptio call, ``handle.wait_snapshot()``,
+    ``ckptio.wait_snapshots()``) waits for that copy; until then, only that
+    step may change them. Either way the file holds the state at the call.
+
+    The handle is Future-like (``done()``, ``result(timeout)``, ``wait()``,
+    ``exception()``) and carries ``stall_seconds``; its result is the
+    SaveResult. Saves land in the order they were made. A failure is raised
+    by the handle, or else once by the next ckptio call (save, load,
+    async_save, wait).
     """
     from .background import stage, streaming_native_save, write_native
 
     path = normalize_path(path)
     if remote.is_url(path):
-        return stage(obj, path, lambda staged: remote.save_records_to_url(staged.records(), path), local=False)
-    return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
+        return stage(obj, path, lambda staged: remote.save_records_to_url(staged.records(), path), local=False,
+                     snapshot=snapshot)
+    return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save,
+                 snapshot=snapshot)
 
 
 def wait() -> None:
@@ -204,6 +214,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     for structure only.
     """
     path = normalize_path(path)
+    wait_snapshots()
     if remote.is_url(path):
         local = remote.download(path)
         try:

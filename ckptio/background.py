@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
-from .config import staging_config
+from .config import resolve_snapshot_mode, staging_config
+from .lazy_snapshot import lazily_copyable_storages
 from .pickling import ALIGNMENT, PickledState, pickle_state
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
@@ -165,18 +166,20 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def stage(obj, path: str, write_staged, *, stream=None, local: bool = True) -> SaveHandle:
+def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snapshot: str | None = None) -> SaveHandle:
     """Snapshot `obj` and queue ``write_staged(staged) -> SaveResult``.
 
     `stream(state, path, handle)` handles states over the staging budget; if
     None, such states are staged anyway (the budget only bounds backends that
-    can stream).
+    can stream). `snapshot` is "eager" (every storage copied before this
+    returns), "lazy" (see ckptio.lazy_snapshot) or None (CKPTIO_SNAPSHOT).
     """
     start = time.perf_counter()
+    lazy = resolve_snapshot_mode(snapshot) == "lazy"
     if local:
         check_destination(path)
     queue = get_queue()
-    queue.reserve()  # raises a pending background error; waits while the queue is full
+    queue.reserve()  # raises a pending background error; waits while the queue is full (and for lazy copies)
     state = pickle_state(obj, path)
     cfg = staging_config()
     if stream is not None and state.storage_bytes > cfg.budget_bytes:
@@ -186,15 +189,23 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True) -> S
     arena = get_arena()
     slot = arena.acquire()
     try:
-        payloads = arena.snapshot(slot, state.storages)
+        background = lazily_copyable_storages() if lazy else None
+        payloads, copying = arena.snapshot(slot, state.storages, lazy=background, path=path)
     except BaseException:
         arena.release(slot)
         raise
     staged = Staged(state, payloads, slot)
-    state.storages = []  # the caller's tensors are no longer needed
-    handle = SaveHandle(path, "staged")
+    state.storages = []  # the caller's tensors are no longer needed (a lazy copy holds its own)
+    handle = SaveHandle(path, "staged", copying)
     handle.stall_seconds = time.perf_counter() - start
-    return queue.submit(handle, lambda: write_staged(staged), cleanup=lambda: arena.release(slot))
+
+    def write():
+        if copying is not None:
+            copying.wait()
+            copying.check()  # a failed copy fails the save: nothing is written
+        return write_staged(staged)
+
+    return queue.submit(handle, write, cleanup=lambda: arena.release(slot))
 
 
 def write_native(staged: Staged, path: str):

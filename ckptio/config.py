@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["EngineConfig", "StagingConfig", "engine_config", "staging_config", "verify_by_default"]
+__all__ = [
+    "EngineConfig",
+    "StagingConfig",
+    "engine_config",
+    "resolve_snapshot_mode",
+    "staging_config",
+    "verify_by_default",
+]
 
 
 def _int_var(name: str, default: int, lo: int, hi: int) -> int:
@@ -65,6 +72,21 @@ def engine_config() -> EngineConfig:
 def verify_by_default() -> bool:
     """CKPTIO_VERIFY: whether ckptio.load checks CRC-32s when not told (default 1)."""
     return bool(_choice_var("CKPTIO_VERIFY", "1", {"1": True, "true": True, "0": False, "false": False}))
+
+
+SNAPSHOT_MODES = ("eager", "lazy")
+
+
+def resolve_snapshot_mode(snapshot: str | None) -> str:
+    """An async save's snapshot mode: `snapshot` if given, else
+    CKPTIO_SNAPSHOT (default "eager"). "eager" copies every tensor before
+    async_save returns; "lazy" leaves parameters and optimizer state to a
+    background copy that the next optimizer step waits for."""
+    if snapshot is None:
+        return _choice_var("CKPTIO_SNAPSHOT", "eager", {m: m for m in SNAPSHOT_MODES})
+    if snapshot not in SNAPSHOT_MODES:
+        raise ValueError(f"snapshot={snapshot!r} is not accepted; expected one of {', '.join(SNAPSHOT_MODES)}")
+    return snapshot
 
 
 @dataclass(frozen=True)

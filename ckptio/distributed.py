@@ -216,7 +216,7 @@ class StorageWriter(FileSystemWriter):
         if self._staging is None:
             self._arena = StagingArena(1)
             self._staging = self._arena.acquire()
-        payloads = self._arena.snapshot(self._staging, storages)
+        payloads, _ = self._arena.snapshot(self._staging, storages)
         views = _storage_views(self._staging, payloads)
         staged = {}
         for t in tensors:

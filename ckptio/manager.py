@@ -74,10 +74,10 @@ class CheckpointManager:
 
     # --- saving --------------------------------------------------------------
 
-    def save(self, step: int, state: Any):
+    def save(self, step: int, state: Any, *, snapshot: str | None = None):
         """Checkpoint `state` as `step`. Async by default: returns a SaveHandle
-        once the state is snapshotted; the pointer moves and old checkpoints go
-        only after this one is durable."""
+        once the state is snapshotted (`snapshot`: see ckptio.async_save); the
+        pointer moves and old checkpoints go only after this one is durable."""
         if self._closed:
             raise CkptioError("CheckpointManager is closed")
         path = self.path_for(step)
@@ -93,7 +93,7 @@ class CheckpointManager:
             self._after_durable(step)
             return result
 
-        return stage(state, path, write)
+        return stage(state, path, write, snapshot=snapshot)
 
     def _after_durable(self, step: int) -> None:
         _write_pointer(self.directory, os.path.basename(self.path_for(step)))

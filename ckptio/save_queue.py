@@ -5,6 +5,8 @@
   work: it ends when the queue is empty and the next submit starts another.
 - Bounded: at most CKPTIO_MAX_PENDING saves are queued or writing; the next
   submit waits (the staging arena bounds memory the same way).
+- Every wait (and reserve) first waits for pending lazy snapshot copies
+  (ckptio.lazy_snapshot): a ckptio call is one of their barriers.
 - A remove or load of a path waits for the queued saves of that path.
   Called from the worker itself (a plugin's save_checkpoint running as a
   job), waits return at once: everything queued earlier has landed.
@@ -26,6 +28,8 @@ import time
 from collections import deque
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
+from .lazy_snapshot import wait_snapshots
+
 __all__ = ["SaveHandle", "SaveQueue", "get_queue"]
 
 
@@ -37,9 +41,10 @@ class SaveHandle:
     direct_io) or raises the save's exception.
     """
 
-    def __init__(self, path: str, mode: str):
+    def __init__(self, path: str, mode: str, lazy_copy=None):
         self.path = path
         self.mode = mode  # "staged" or "streaming"
+        self._lazy_copy = lazy_copy  # ckptio.lazy_snapshot.LazyCopy still copying, or None
         self.stall_seconds = 0.0
         self._done = threading.Event()
         self._result = None
@@ -52,6 +57,18 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def snapshot(self) -> str:
+        """"lazy" if part of the snapshot was left to a background copy, else "eager"."""
+        return "lazy" if self._lazy_copy is not None else "eager"
+
+    def wait_snapshot(self, timeout: float | None = None) -> bool:
+        """Block until this save's snapshot is complete (at once for an eager
+        one); True if it is. After that the caller may change any tensor it
+        saved, whatever the write is doing. A failed copy is raised by
+        result(), not here."""
+        return self._lazy_copy is None or self._lazy_copy.wait(timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the save completes or `timeout` seconds pass; True if done.
@@ -133,8 +150,10 @@ class SaveQueue:
     # --- submitting -------------------------------------------------------
 
     def reserve(self) -> None:
-        """Wait until fewer than max_pending saves are queued or writing.
-        Raises this thread's pending background error first."""
+        """Wait for lazy snapshot copies, then until fewer than max_pending
+        saves are queued or writing. Raises this thread's pending background
+        error first."""
+        wait_snapshots()
         self.raise_pending_error(mine_only=True)
         if self._on_worker():
             return  # the running job itself counts: waiting would never end
@@ -157,8 +176,9 @@ class SaveQueue:
     # --- waiting ----------------------------------------------------------
 
     def wait_path(self, path: str) -> None:
-        """Wait for every queued or running save of `path`, then raise this
-        thread's pending background error."""
+        """Wait for lazy snapshot copies and for every queued or running save
+        of `path`, then raise this thread's pending background error."""
+        wait_snapshots()
         if self._on_worker():
             return  # a plugin saving from the worker: earlier saves of `path` have landed (FIFO)
         key = _key(path)
@@ -175,6 +195,7 @@ class SaveQueue:
             return self._cond.wait_for(lambda: not self._pending_locked(), timeout)
 
     def wait_all(self, *, raise_errors: bool = True) -> None:
+        wait_snapshots()
         with self._cond:
             while self._pending_locked() and not self._on_worker():
                 self._cond.wait()

@@ -14,6 +14,9 @@ With CUDA tensors the slot is registered with cudaHostRegister and
 device-to-host copies run non_blocking on a side stream, ending with one
 event wait, so the snapshot moves at PCIe speed without extra pinned
 allocations.
+
+A lazy snapshot (ckptio.lazy_snapshot) leaves the copy of some storages to a
+background thread (CPU) or to the side stream (CUDA) and returns at once.
 """
 
 from __future__ import annotations
@@ -137,11 +140,14 @@ class StagingArena:
         if grower is not None:
             grower.join(timeout)
 
-    def snapshot(self, slot: Slot, storages) -> list:
-        """Copy `storages` into `slot`; returns each one's (address, size) there.
+    def snapshot(self, slot: Slot, storages, *, lazy=None, path: str = "") -> tuple[list, "LazyCopy | None"]:
+        """Copy `storages` into `slot`; returns each one's (address, size)
+        there, and the LazyCopy still running (None if nothing is left).
 
-        When this returns the copies are complete: the caller may overwrite or
-        free every source tensor.
+        `lazy`, if given, is a set of storage ``_cdata`` keys whose copy may
+        run in the background (see ckptio.lazy_snapshot); every other storage
+        is copied before this returns, and the caller may then overwrite or
+        free it.
         """
         sizes = [s.nbytes() for s in storages]
         offsets, total = [], 0
@@ -150,38 +156,68 @@ class StagingArena:
             total += page_round(n)
         slot.ensure_capacity(max(total, _PAGE))
         self.grow_in_background(total)  # the next overlapping save finds its slot warm
+        items = [(s, off, n) for s, off, n in zip(storages, offsets, sizes) if n]
+        later = []
+        if lazy:
+            now = []
+            for item in items:
+                (later if item[0].device.type in _LAZY_DEVICES and item[0]._cdata in lazy else now).append(item)
+            items = now
+        finish = self._start_cuda_copies(slot, items)
+        self._copy_on_host(slot, items)
+        finish()
         base = slot.buffer.address
-        devices = {s.device.type for s in storages}
-        if "cuda" in devices:
-            slot.pin()
-            self._copy_from_cuda(slot, storages, offsets)
-        elif devices <= {"cpu"}:
-            # One engine call for the whole checkpoint: the bytes are split
-            # across the engine's copy threads and this one, GIL released.
-            get_engine().copy([(s.data_ptr(), base + off, n) for s, off, n in zip(storages, offsets, sizes) if n])
-        else:  # other devices (e.g. XLA, MPS) come to the host storage by storage
-            for s, off, n in zip(storages, offsets, sizes):
-                if n:
-                    slot.tensor[off : off + n].copy_(_as_bytes(s if s.device.type == "cpu" else s.cpu()))
-        return [(base + off, n) for off, n in zip(offsets, sizes)]
+        payloads = [(base + off, n) for off, n in zip(offsets, sizes)]
+        if not later:
+            return payloads, None
+        from .lazy_snapshot import LazyCopy
 
-    def _copy_from_cuda(self, slot: Slot, storages, offsets) -> None:
+        finish = self._start_cuda_copies(slot, later)  # queued now, behind the caller's queued work
+
+        def copy_later():
+            self._copy_on_host(slot, later)
+            finish()
+
+        return payloads, LazyCopy(path, copy_later, keepalive=later)
+
+    def _copy_on_host(self, slot: Slot, items) -> None:
+        """Copy the non-CUDA storages of [(storage, offset, size)] into
+        `slot`: CPU ones in one engine call (split across the engine's copy
+        threads and this one, GIL released), other devices (e.g. XLA, MPS)
+        by way of a host copy, storage by storage."""
+        base = slot.buffer.address
+        cpu = [(s.data_ptr(), base + off, n) for s, off, n in items if s.device.type == "cpu"]
+        if cpu:
+            get_engine().copy(cpu)
+        for s, off, n in items:
+            if s.device.type not in ("cpu", "cuda"):
+                slot.tensor[off : off + n].copy_(_as_bytes(s.cpu()))
+
+    def _start_cuda_copies(self, slot: Slot, items):
+        """Queue device-to-host copies of the CUDA storages of `items` on a
+        side stream that first waits for the work already queued on the
+        caller's stream; returns a function that waits for them."""
+        cuda = [(s, off, n) for s, off, n in items if s.device.type == "cuda"]
+        if not cuda:
+            return _nothing_to_wait_for
+        slot.pin()
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()
         stream = self._side_stream
         # The side stream must see every write the training stream queued.
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for s, off in zip(storages, offsets):
-                n = s.nbytes()
-                if not n:
-                    continue
-                src = _as_bytes(s)
-                dst = slot.tensor[off : off + n]
-                if s.device.type == "cuda":
-                    dst.copy_(src, non_blocking=slot.pinned)
-                else:
-                    dst.copy_(src if s.device.type == "cpu" else src.cpu())
+            for s, off, n in cuda:
+                slot.tensor[off : off + n].copy_(_as_bytes(s), non_blocking=slot.pinned)
             done = torch.cuda.Event()
             done.record(stream)
-        done.synchronize()
+        return done.synchronize
+
+
+def _nothing_to_wait_for() -> None:
+    pass
+
+
+# Devices whose storages a lazy snapshot may copy in the background: the
+# engine's host copy and CUDA's side stream read them without the caller.
+_LAZY_DEVICES = frozenset(("cpu", "cuda"))

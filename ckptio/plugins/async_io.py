@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .._paths import normalize_path
+from ..config import resolve_snapshot_mode
 from ..save_queue import SaveHandle, get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, record_save
 
@@ -17,7 +18,10 @@ class AsyncCheckpointIO(CheckpointIO):
 
     - ``save_checkpoint`` copies the checkpoint's tensors into the staging
       arena and returns; the write happens in the background. The caller may
-      then change or free every tensor.
+      then change or free every tensor. With ``snapshot="lazy"`` it returns
+      sooner: parameters and optimizer state are copied while the next
+      training step runs forward and backward, and that step's
+      ``optimizer.step()`` waits for the copy (see ckptio.async_save).
     - Any base plugin works: ckptio's own backends write straight from the
       snapshot; any other plugin (one derived from Lightning's CheckpointIO,
       from ckptio's, or a ckptio backend whose ``save_checkpoint`` is
@@ -39,11 +43,18 @@ class AsyncCheckpointIO(CheckpointIO):
             cls = _AsyncXLACheckpointIO
         return super().__new__(cls)
 
-    def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None):
+    def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None,
+                 snapshot: Optional[str] = None):
         """`reserve`: a state like the checkpoints to come (or their tensor
         bytes) to fault the staging memory in for, in the background, now
-        (see ckptio.reserve_staging); by default the first save sizes it."""
+        (see ckptio.reserve_staging); by default the first save sizes it.
+
+        `snapshot`: "eager" or "lazy" (see ckptio.async_save); None reads
+        CKPTIO_SNAPSHOT at each save (default "eager")."""
         super().__init__()
+        if snapshot is not None:
+            resolve_snapshot_mode(snapshot)  # a bad value fails here, not at the first save
+        self.snapshot = snapshot
         if reserve is not None:
             from ..background import reserve_staging
 
@@ -69,9 +80,9 @@ class AsyncCheckpointIO(CheckpointIO):
             base = base.checkpoint_io  # one snapshot and one queued write, not one per layer
         if _saves_natively(base):
             _reject_storage_options(self, storage_options)  # the error names the plugin the user passed
-            handle = base._async_save(checkpoint, normalize_path(path), storage_options)
+            handle = base._async_save(checkpoint, normalize_path(path), storage_options, self.snapshot)
         else:
-            handle = _save_through_plugin(base, checkpoint, path, storage_options)
+            handle = _save_through_plugin(base, checkpoint, path, storage_options, self.snapshot)
         handle.add_done_callback(_report)
         self.last_handle = handle
         return handle
@@ -134,7 +145,7 @@ def _saves_natively(plugin) -> bool:
     return getattr(getattr(plugin, "save_checkpoint", None), "__func__", None) in native
 
 
-def _save_through_plugin(plugin, checkpoint, path, storage_options) -> SaveHandle:
+def _save_through_plugin(plugin, checkpoint, path, storage_options, snapshot) -> SaveHandle:
     """Snapshot `checkpoint` now; in the background, call the plugin's own
     ``save_checkpoint`` with a copy it owns (it may keep it, or hand it to a
     thread of its own, without ever seeing a later training step). The
@@ -154,7 +165,7 @@ def _save_through_plugin(plugin, checkpoint, path, storage_options) -> SaveHandl
             plugin.save_checkpoint(obj, path, storage_options=storage_options)
         return None
 
-    return stage(checkpoint, normalize_path(path), call_plugin, local=False)
+    return stage(checkpoint, normalize_path(path), call_plugin, local=False, snapshot=snapshot)
 
 
 def _report(handle: SaveHandle) -> None:

@@ -50,7 +50,7 @@ class CheckpointIO(ABC):
         """Flush: called at the end of every Trainer stage. The plugin stays usable."""
 
     # What async saves need from a backend (see AsyncCheckpointIO).
-    def _async_save(self, checkpoint: dict, path: str, storage_options: Optional[Any]):
+    def _async_save(self, checkpoint: dict, path: str, storage_options: Optional[Any], snapshot: Optional[str] = None):
         raise NotImplementedError(f"{type(self).__name__} cannot save asynchronously")
 
 

@@ -47,14 +47,15 @@ class FastCheckpointIO(CheckpointIO):
         get_queue().wait_path(path)
         _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options):
+    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         if remote.is_url(path):
             return stage(checkpoint, path, lambda staged: remote.save_records_to_url(staged.records(), path),
-                         local=False)
+                         local=False, snapshot=snapshot)
         make_parent_directories(path)
-        return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save)
+        return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save,
+                     snapshot=snapshot)
 
 
 def _remove(path: str) -> None:

@@ -76,14 +76,14 @@ class TorchCheckpointIO(CheckpointIO):
 
         _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options):
+    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
         from ..background import stage
 
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         make_parent_directories(path)
         return stage(checkpoint, path, lambda staged: _write_staged_with_torch_save(staged, path),
-                     local=not _is_url(path))
+                     local=not _is_url(path), snapshot=snapshot)
 
 
 # --- torch.save from a snapshot ----------------------------------------------

@@ -76,7 +76,7 @@ class XLACheckpointIO(CheckpointIO):
             get_queue().wait_path(path)
             _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options):
+    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
         from ..background import stage, write_native
 
         _reject_storage_options(self, storage_options)
@@ -89,4 +89,5 @@ class XLACheckpointIO(CheckpointIO):
             handle._finish(None, None)
             return handle
         make_parent_directories(path)
-        return stage(host, path, lambda staged: write_native(staged, path))
+        # The host copies are ours alone: a lazy snapshot finds nothing to leave for later.
+        return stage(host, path, lambda staged: write_native(staged, path), snapshot=snapshot)

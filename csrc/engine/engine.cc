@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include "fault_injection.h"
+
 namespace ckptio {
 
 Engine::Engine(const EngineOptions& options)
@@ -54,6 +56,14 @@ Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* ent
   if (!s.ok()) return s;
   *file_size = file.size();
   return ReadZipDirectory(&file, base, size, entries);
+}
+
+Status Engine::Copy(const std::vector<CopySpan>& spans) {
+  if (int err = FaultInjector::Get().BeforeCopy()) {
+    return Status::FromErrno(err, "snapshot copy (injected fault)", "");
+  }
+  ParallelCopy(spans, copy_pool_.get());
+  return Status::OK();
 }
 
 }  // namespace ckptio

@@ -55,7 +55,8 @@ class Engine {
 
   // Synchronous: copies every span on the engine's copy threads and the
   // calling thread (see ParallelCopy). Copies never queue behind file I/O.
-  void Copy(const std::vector<CopySpan>& spans) { ParallelCopy(spans, copy_pool_.get()); }
+  // Fails only when a test has armed a kCopyError fault.
+  Status Copy(const std::vector<CopySpan>& spans);
 
   const EngineOptions& options() const { return options_; }
 

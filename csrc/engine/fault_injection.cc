@@ -50,4 +50,13 @@ int FaultInjector::BeforeSync() {
   return 0;
 }
 
+int FaultInjector::BeforeCopy() {
+  if (!armed()) return 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (plan_.kind != FaultPlan::Kind::kCopyError) return 0;
+  plan_.kind = FaultPlan::Kind::kNone;  // one failed copy: the next save is fine
+  armed_.store(false, std::memory_order_relaxed);
+  return plan_.error_number;
+}
+
 }  // namespace ckptio

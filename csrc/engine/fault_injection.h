@@ -1,7 +1,8 @@
 // A test seam in the file layer: makes chosen system calls fail or misbehave
 // the way disks and kernels do (EIO at a byte, ENOSPC, a failing fsync, short
-// writes, EINTR storms), so tests can check that every such failure is
-// reported, leaves the destination untouched and keeps the engine usable.
+// writes, EINTR storms) and a snapshot copy fail (standing in for a device
+// copy error), so tests can check that every such failure is reported,
+// leaves the destination untouched and keeps the engine usable.
 //
 // Off unless a test arms it through ckptio._C (never from an environment
 // variable): an unarmed check is one relaxed atomic load.
@@ -15,7 +16,7 @@
 namespace ckptio {
 
 struct FaultPlan {
-  enum class Kind { kNone = 0, kWriteErrorAtByte, kFsyncError, kShortWrites, kEintrStorm };
+  enum class Kind { kNone = 0, kWriteErrorAtByte, kFsyncError, kShortWrites, kEintrStorm, kCopyError };
   Kind kind = Kind::kNone;
   int error_number = 0;     // errno to report (EIO, ENOSPC, ...)
   uint64_t at_byte = 0;     // kWriteErrorAtByte: the first failing file offset
@@ -36,6 +37,8 @@ class FaultInjector {
   int BeforeWrite(uint64_t offset, size_t* len);
   // Called before fdatasync/fsync: 0 or an errno.
   int BeforeSync();
+  // Called before a batched snapshot copy: 0 or an errno (kCopyError, once per arming).
+  int BeforeCopy();
 
  private:
   std::atomic<bool> armed_{false};

@@ -278,8 +278,12 @@ PYBIND11_MODULE(_C, m) {
               v.push_back(CopySpan{reinterpret_cast<const uint8_t*>(t[0].cast<uintptr_t>()),
                                    reinterpret_cast<uint8_t*>(t[1].cast<uintptr_t>()), t[2].cast<uint64_t>()});
             }
-            py::gil_scoped_release release;
-            e.Copy(v);
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = e.Copy(v);
+            }
+            if (!s.ok()) RaiseStatus(s);
           },
           py::arg("spans"),
           "Copy [(src_address, dst_address, size)] in parallel (GIL released); returns when done.\n"
@@ -374,6 +378,7 @@ PYBIND11_MODULE(_C, m) {
         else if (kind == "fsync_error") p.kind = FaultPlan::Kind::kFsyncError;
         else if (kind == "short_writes") p.kind = FaultPlan::Kind::kShortWrites;
         else if (kind == "eintr_storm") p.kind = FaultPlan::Kind::kEintrStorm;
+        else if (kind == "copy_error") p.kind = FaultPlan::Kind::kCopyError;
         else throw std::invalid_argument("unknown fault kind: " + kind);
         p.error_number = error_number;
         p.at_byte = at_byte;

@@ -361,3 +361,70 @@ def test_lazy_saves_keep_memory_to_two_slots(tmp_path):
     assert out.returncode == 0, out.stderr
     growth_mib = int(out.stdout.split()[-1])
     assert growth_mib <= 2 * 64 + 32, f"peak resident memory grew by {growth_mib} MiB for 64 MiB states"
+
+
+# --- the real Trainer ----------------------------------------------------------
+
+def _lightning_module_class(pl, manual: bool):
+    class WithBatchNorm(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 2))
+            self.automatic_optimization = not manual
+
+        def training_step(self, batch, batch_idx):
+            loss = self.net(batch).pow(2).mean()
+            if not manual:
+                return loss
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.05, fused=True)
+
+        def train_dataloader(self):
+            data = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+            return torch.utils.data.DataLoader(data, batch_size=8)
+
+    return WithBatchNorm
+
+
+class RecordingAsyncIO(AsyncCheckpointIO):
+    """Keeps a clone of every checkpoint as the Trainer hands it over."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.expected, self.snapshots = {}, []
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        self.expected[str(path)] = clone_tree({k: checkpoint[k] for k in ("state_dict", "optimizer_states")})
+        handle = super().save_checkpoint(checkpoint, path, storage_options)
+        self.snapshots.append(handle.snapshot)
+        return handle
+
+
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization")
+@pytest.mark.parametrize("ns", ["lightning", "pytorch_lightning"])
+@pytest.mark.parametrize("mode", ["automatic", "manual", "accumulate"])
+def test_trainer_lazy_checkpoints_hold_the_state_at_each_save(tmp_path, ns, mode):
+    from lightning_models import lightning_namespace, trainer_kwargs
+
+    pl = lightning_namespace(ns)
+    model = _lightning_module_class(pl, manual=mode == "manual")()
+    io = RecordingAsyncIO(snapshot="lazy")
+    every = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=5, callbacks=[every], plugins=[io],
+                                          accumulate_grad_batches=2 if mode == "accumulate" else 1))
+    with delay_lazy_copies(0.1):
+        trainer.fit(model)
+    assert len(io.expected) == 5
+    assert "lazy" in io.snapshots, io.snapshots  # the first save may be eager: no optimizer had stepped yet
+    for path, expected in io.expected.items():
+        saved = ckptio.load(path, weights_only=False)
+        assert_same({k: saved[k] for k in expected}, expected, path)
+    first, last = (ckptio.load(p, weights_only=False)["state_dict"] for p in sorted(io.expected)[:: len(io.expected) - 1])
+    assert not torch.equal(first["net.0.weight"], last["net.0.weight"])
+    assert not [t for t in threading.enumerate() if t.name.startswith("ckptio-")]

@@ -202,6 +202,27 @@ def test_fast_pickling_path_writes_torch_saves_bytes(tmp_path, torch_config_set)
     assert loaded["shared"][2].untyped_storage().data_ptr() == loaded["shared"][0].untyped_storage().data_ptr()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns that backward hooks are not saved
+def test_many_tensors_of_both_paths_write_torch_saves_bytes(tmp_path, torch_config_set):
+    # Past 256 memo entries (4-byte memo indices), plain tensors (C reducer)
+    # between ones torch reduces itself, storages shared across both, and
+    # one-character strings equal to storage keys (CPython shares those
+    # objects, so the pickler's memo must meet the same ones either way).
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4000, generator=g)
+    special = _special_tensors()
+    state = {str(i % 10): [] for i in range(10)}
+    for i in range(600):
+        kind = i % 6
+        t = (base[i : i + 5] if kind == 0 else special["with_attr"] if kind == 1 else
+             torch.randn(3, 2, generator=g).t() if kind == 2 else torch.nn.Parameter(torch.randn(2, generator=g))
+             if kind == 3 else torch.arange(i, dtype=torch.int16) if kind == 4 else special["conj"])
+        state[str(i % 10)].append({"t": t, "k": str(i % 10), "i": i})
+    state["base"] = base
+    _, a, b = _saved_by_both(tmp_path, state, torch_config_set)
+    assert a == b
+
+
 def test_a_tagger_registered_ahead_of_torchs_cpu_tagger_is_honoured(tmp_path, torch_config_set, monkeypatch):
     # The fast path answers "cpu" for CPU storages without asking every
     # tagger only while nobody else's comes first: this one does.

@@ -15,6 +15,7 @@
 #include "engine/crc32.h"
 #include "engine/engine.h"
 #include "engine/fault_injection.h"
+#include "pickle_fast_path.h"
 
 namespace py = pybind11;
 using namespace ckptio;
@@ -152,57 +153,6 @@ Bytes BytesOf(py::handle data) {
   py::buffer_info info = py::reinterpret_borrow<py::buffer>(data).request();
   return {static_cast<const uint8_t*>(info.ptr), static_cast<uint64_t>(info.size * info.itemsize)};
 }
-
-// The pickler calls persistent_id for every object it meets (~20 per tensor
-// in a checkpoint: the ints of each size and stride, keys, tuples), and a
-// Python function call costs ~0.4 us. This C function answers None at once
-// for objects that are never storages and hands only the rest to the Python
-// fallback, ckptio.pickling's persistent_id. Never storages: the built-in
-// values, every class (torch's check is an isinstance test on instances, and
-// the storage classes in each persistent id come through here), and the
-// exact types in `never` (torch.Tensor, nn.Parameter: reduced, not persisted).
-struct PersistentIdFilter {
-  PyObject_HEAD
-  PyObject* fallback;
-  PyObject* never;  // tuple of exact types
-};
-
-PyObject* PersistentIdFilterCall(PyObject* self, PyObject* args, PyObject* kwargs) {
-  auto* f = reinterpret_cast<PersistentIdFilter*>(self);
-  PyObject* obj = nullptr;
-  if (kwargs != nullptr || !PyArg_UnpackTuple(args, "persistent_id", 1, 1, &obj)) {
-    PyErr_SetString(PyExc_TypeError, "persistent_id takes exactly one positional argument");
-    return nullptr;
-  }
-  PyTypeObject* t = Py_TYPE(obj);
-  if (obj == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyUnicode_Type ||
-      t == &PyBytes_Type || t == &PyTuple_Type || t == &PyList_Type || t == &PyDict_Type || t == &PyODict_Type ||
-      t == &PyFunction_Type || PyType_Check(obj)) {
-    Py_RETURN_NONE;
-  }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->never); ++i) {
-    if (reinterpret_cast<PyObject*>(t) == PyTuple_GET_ITEM(f->never, i)) Py_RETURN_NONE;
-  }
-  return PyObject_CallOneArg(f->fallback, obj);
-}
-
-void PersistentIdFilterDealloc(PyObject* self) {
-  auto* f = reinterpret_cast<PersistentIdFilter*>(self);
-  Py_XDECREF(f->fallback);
-  Py_XDECREF(f->never);
-  Py_TYPE(self)->tp_free(self);
-}
-
-PyTypeObject kPersistentIdFilterType = [] {
-  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
-  t.tp_name = "ckptio._C.PersistentIdFilter";
-  t.tp_basicsize = sizeof(PersistentIdFilter);
-  t.tp_flags = Py_TPFLAGS_DEFAULT;
-  t.tp_call = PersistentIdFilterCall;
-  t.tp_dealloc = PersistentIdFilterDealloc;
-  t.tp_doc = "None for objects that are never storages; anything else goes to the Python fallback.";
-  return t;
-}();
 
 }  // namespace
 
@@ -357,19 +307,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("crc") = 0);
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
-  m.def(
-      "persistent_id_filter",
-      [](py::object fallback, py::tuple never) {
-        if (PyType_Ready(&kPersistentIdFilterType) < 0) throw py::error_already_set();
-        auto* f = PyObject_New(PersistentIdFilter, &kPersistentIdFilterType);
-        if (f == nullptr) throw py::error_already_set();
-        f->fallback = fallback.inc_ref().ptr();
-        f->never = never.inc_ref().ptr();
-        return py::reinterpret_steal<py::object>(reinterpret_cast<PyObject*>(f));
-      },
-      py::arg("fallback"), py::arg("never") = py::tuple(),
-      "A persistent_id for pickle.Pickler: None for built-in values, classes and the exact types in\n"
-      "`never` (in C); fallback(obj) for the rest.");
+  DefinePickleFastPath(m);
   m.def(
       "_arm_fault",
       [](const std::string& kind, int error_number, uint64_t at_byte, uint64_t max_chunk, uint64_t count) {

@@ -156,12 +156,13 @@ class StagingArena:
             total += page_round(n)
         slot.ensure_capacity(max(total, _PAGE))
         self.grow_in_background(total)  # the next overlapping save finds its slot warm
-        items = [(s, off, n) for s, off, n in zip(storages, offsets, sizes) if n]
+        # (storage, offset, size, device type): the type looked up once (~0.5 us a storage)
+        items = [(s, off, n, s.device.type) for s, off, n in zip(storages, offsets, sizes) if n]
         later = []
         if lazy:
             now = []
             for item in items:
-                (later if item[0].device.type in _LAZY_DEVICES and item[0]._cdata in lazy else now).append(item)
+                (later if item[3] in _LAZY_DEVICES and item[0]._cdata in lazy else now).append(item)
             items = now
         finish = self._start_cuda_copies(slot, items)
         self._copy_on_host(slot, items)
@@ -181,23 +182,23 @@ class StagingArena:
         return payloads, LazyCopy(path, copy_later, keepalive=later)
 
     def _copy_on_host(self, slot: Slot, items) -> None:
-        """Copy the non-CUDA storages of [(storage, offset, size)] into
-        `slot`: CPU ones in one engine call (split across the engine's copy
-        threads and this one, GIL released), other devices (e.g. XLA, MPS)
-        by way of a host copy, storage by storage."""
+        """Copy the non-CUDA storages of [(storage, offset, size, device
+        type)] into `slot`: CPU ones in one engine call (split across the
+        engine's copy threads and this one, GIL released), other devices
+        (e.g. XLA, MPS) by way of a host copy, storage by storage."""
         base = slot.buffer.address
-        cpu = [(s.data_ptr(), base + off, n) for s, off, n in items if s.device.type == "cpu"]
+        cpu = [(s.data_ptr(), base + off, n) for s, off, n, kind in items if kind == "cpu"]
         if cpu:
             get_engine().copy(cpu)
-        for s, off, n in items:
-            if s.device.type not in ("cpu", "cuda"):
+        for s, off, n, kind in items:
+            if kind not in ("cpu", "cuda"):
                 slot.tensor[off : off + n].copy_(_as_bytes(s.cpu()))
 
     def _start_cuda_copies(self, slot: Slot, items):
         """Queue device-to-host copies of the CUDA storages of `items` on a
         side stream that first waits for the work already queued on the
         caller's stream; returns a function that waits for them."""
-        cuda = [(s, off, n) for s, off, n in items if s.device.type == "cuda"]
+        cuda = [(s, off, n) for s, off, n, kind in items if kind == "cuda"]
         if not cuda:
             return _nothing_to_wait_for
         slot.pin()

@@ -81,25 +81,32 @@ def assert_file_holds(path, expected, live):
     assert moved, "training did not change the state after the save: this test proves nothing"
 
 
+def lazy_save_then(run, path, train, save=None):
+    """Save `run`'s state lazily (with `save(state, path)` if given), call
+    `train(handle)` while the copy is held back, then check that the file
+    holds the state at the call."""
+    expected = clone_tree(run.state())
+    with delay_lazy_copies(DELAY):
+        handle = (save or (lambda s, p: ckptio.async_save(s, p, snapshot="lazy")))(run.state(), path)
+        assert handle.snapshot == "lazy"
+        train(handle)
+    handle.result(timeout=60)
+    assert_file_holds(path, expected, run.state())
+
+
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_lazy_save_holds_the_state_at_the_call(tmp_path, optimizer):
     run = Training(optimizer)
     run.step(2)
-    expected = clone_tree(run.state())
-    with delay_lazy_copies(DELAY):
-        handle = ckptio.async_save(run.state(), tmp_path / "c.pt", snapshot="lazy")
-        assert handle.snapshot == "lazy"
-        run.step(2)  # forward changes BatchNorm's stats, step the parameters and optimizer state
-    handle.result(timeout=60)
-    assert_file_holds(tmp_path / "c.pt", expected, run.state())
+    # forward changes BatchNorm's stats, the step the parameters and optimizer state
+    lazy_save_then(run, tmp_path / "c.pt", lambda handle: run.step(2))
 
 
 def test_gradient_accumulation_waits_only_at_the_step(tmp_path):
     run = Training("adam_foreach")
     run.step(1)
-    expected = clone_tree(run.state())
-    with delay_lazy_copies(DELAY):
-        handle = ckptio.async_save(run.state(), tmp_path / "c.pt", snapshot="lazy")
+
+    def accumulate_then_step(handle):
         start = time.monotonic()
         for _ in range(3):
             run.forward_backward()  # several micro-batches before one step
@@ -107,8 +114,8 @@ def test_gradient_accumulation_waits_only_at_the_step(tmp_path):
         assert time.monotonic() - start < DELAY
         run.optimizer.step()  # waits for the copy first
         assert handle.wait_snapshot(0)
-    handle.result(timeout=60)
-    assert_file_holds(tmp_path / "c.pt", expected, run.state())
+
+    lazy_save_then(run, tmp_path / "c.pt", accumulate_then_step)
 
 
 def test_a_save_before_any_step_is_eager(tmp_path):
@@ -206,32 +213,24 @@ def test_an_optimizer_that_changes_parameters_before_its_closure_waits_first(tmp
         return run.forward_backward()
 
     run.optimizer.step(closure)
-    expected = clone_tree(run.state())
-    with delay_lazy_copies(DELAY):
-        handle = ckptio.async_save(run.state(), tmp_path / "c.pt", snapshot="lazy")
-        assert handle.snapshot == "lazy"
-        run.optimizer.step(closure)
-    handle.result(timeout=60)
-    assert_file_holds(tmp_path / "c.pt", expected, run.state())
+    lazy_save_then(run, tmp_path / "c.pt", lambda handle: run.optimizer.step(closure))
 
 
 def test_torchs_optimizers_wait_after_their_closure_so_forward_backward_overlap(tmp_path):
     run = Training("adam_foreach")
     run.step(1)
-    expected = clone_tree(run.state())
     seen = {}
 
-    def closure():
-        seen["copy done when forward started"] = handle.wait_snapshot(0)
-        run.optimizer.zero_grad()
-        return run.forward_backward()
+    def step_with_closure(handle):
+        def closure():
+            seen["copy done when forward started"] = handle.wait_snapshot(0)
+            run.optimizer.zero_grad()
+            return run.forward_backward()
 
-    with delay_lazy_copies(DELAY):
-        handle = ckptio.async_save(run.state(), tmp_path / "c.pt", snapshot="lazy")
         run.optimizer.step(closure)
+
+    lazy_save_then(run, tmp_path / "c.pt", step_with_closure)
     assert seen == {"copy done when forward started": False}
-    handle.result(timeout=60)
-    assert_file_holds(tmp_path / "c.pt", expected, run.state())
 
 
 def test_lbfgs_calls_its_closure_many_times(tmp_path):
@@ -308,13 +307,8 @@ def test_async_checkpoint_io_lazy_over_each_backend(tmp_path, base):
     io = AsyncCheckpointIO(plugin, snapshot="lazy")
     run = Training("adamw_fused")
     run.step(1)
-    expected = clone_tree(run.state())
-    with delay_lazy_copies(DELAY):
-        handle = io.save_checkpoint(run.state(), tmp_path / "c.pt")
-        assert handle.snapshot == "lazy"
-        run.step(2)
+    lazy_save_then(run, tmp_path / "c.pt", lambda handle: run.step(2), save=io.save_checkpoint)
     io.teardown()
-    assert_file_holds(tmp_path / "c.pt", expected, run.state())
     assert not [t for t in threading.enumerate() if t.name.startswith("ckptio-")]
 
 

@@ -4,6 +4,16 @@ namespace py = pybind11;
 
 namespace {
 
+// A static type whose objects only C code here makes (no tp_new).
+PyTypeObject MadeInCType(const char* name, Py_ssize_t size, const char* doc) {
+  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
+  t.tp_name = name;
+  t.tp_basicsize = size;
+  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  t.tp_doc = doc;
+  return t;
+}
+
 // Stands for the empty OrderedDict() (backward hooks) in a dense tensor's
 // rebuild arguments: it pickles to the same bytes (the OrderedDict class,
 // no arguments, REDUCE; a fresh object, so memoized like a fresh dict)
@@ -23,12 +33,8 @@ PyMethodDef kEmptyOrderedDictMethods[] = {
 };
 
 PyTypeObject kEmptyOrderedDictType = [] {
-  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
-  t.tp_name = "ckptio._C.EmptyOrderedDict";
-  t.tp_basicsize = sizeof(EmptyOrderedDict);
-  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  PyTypeObject t = MadeInCType("ckptio._C.EmptyOrderedDict", sizeof(EmptyOrderedDict), "Pickles as OrderedDict().");
   t.tp_methods = kEmptyOrderedDictMethods;
-  t.tp_doc = "Pickles as OrderedDict().";
   return t;
 }();
 
@@ -61,12 +67,9 @@ void PidHolderDealloc(PyObject* self) {
 }
 
 PyTypeObject kPidHolderType = [] {
-  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
-  t.tp_name = "ckptio._C.PidHolder";
-  t.tp_basicsize = sizeof(PidHolder);
-  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  PyTypeObject t = MadeInCType("ckptio._C.PidHolder", sizeof(PidHolder),
+                               "A storage's persistent id, made by the dense reducer.");
   t.tp_dealloc = PidHolderDealloc;
-  t.tp_doc = "A storage's persistent id, made by the dense reducer.";
   return t;
 }();
 
@@ -103,13 +106,10 @@ void PersistentIdFilterDealloc(PyObject* self) {
 }
 
 PyTypeObject kPersistentIdFilterType = [] {
-  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
-  t.tp_name = "ckptio._C.PersistentIdFilter";
-  t.tp_basicsize = sizeof(PersistentIdFilter);
-  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  PyTypeObject t = MadeInCType("ckptio._C.PersistentIdFilter", sizeof(PersistentIdFilter),
+                               "None for objects that are never storages; anything else goes to the Python fallback.");
   t.tp_call = PersistentIdFilterCall;
   t.tp_dealloc = PersistentIdFilterDealloc;
-  t.tp_doc = "None for objects that are never storages; anything else goes to the Python fallback.";
   return t;
 }();
 
@@ -311,13 +311,10 @@ void DenseReducerDealloc(PyObject* self) {
 }
 
 PyTypeObject kDenseReducerType = [] {
-  PyTypeObject t{PyVarObject_HEAD_INIT(nullptr, 0)};
-  t.tp_name = "ckptio._C.DenseReducer";
-  t.tp_basicsize = sizeof(DenseReducer);
-  t.tp_flags = Py_TPFLAGS_DEFAULT;
+  PyTypeObject t = MadeInCType("ckptio._C.DenseReducer", sizeof(DenseReducer),
+                               "torch.Tensor's reduction for plain dense tensors; the rest go to the fallback.");
   t.tp_call = DenseReducerCall;
   t.tp_dealloc = DenseReducerDealloc;
-  t.tp_doc = "torch.Tensor's reduction for plain dense tensors; the rest go to the fallback.";
   return t;
 }();
 

@@ -330,14 +330,15 @@ def test_snapshot_mode_from_the_environment_and_bad_values(tmp_path, monkeypatch
 
 
 def test_lazy_saves_keep_memory_to_two_slots(tmp_path):
-    """Ten lazy saves of a 64 MiB state, each overlapping training: the
-    process's peak resident memory grows by the two staging slots, not more."""
+    """Ten lazy saves of a 128 MiB state, each overlapping training: the
+    process's peak resident memory grows by the two staging slots and some
+    of a training step's transients (~35 MiB measured), never by a third copy (+128)."""
     script = textwrap.dedent(
         f"""
         import resource, torch, ckptio
         from torch import nn
-        model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)])  # 32 MiB of parameters
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # + 32 MiB of momentum
+        model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(16)])  # 64 MiB of parameters
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)  # + 64 MiB of momentum
         x = torch.randn(8, 1024)
         def step():
             opt.zero_grad(); model(x).sum().backward(); opt.step()
@@ -354,7 +355,7 @@ def test_lazy_saves_keep_memory_to_two_slots(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     growth_mib = int(out.stdout.split()[-1])
-    assert growth_mib <= 2 * 64 + 32, f"peak resident memory grew by {growth_mib} MiB for 64 MiB states"
+    assert growth_mib <= 2 * 128 + 96, f"peak resident memory grew by {growth_mib} MiB for 128 MiB states"
 
 
 # --- the real Trainer ----------------------------------------------------------

@@ -15,7 +15,13 @@ mkdir -p "$OUT"
 
 "$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print("torch", torch.__version__, torch.cuda.get_device_name())'
 "$PYTHON" -m pip install -q --no-build-isolation --no-deps --force-reinstall . 2>&1 | tail -3
-cd tests
-"$PYTHON" -m pytest -q -x -p no:cacheprovider test_lazy_snapshot.py test_async.py -k "not trainer" 2>&1 | tail -5 || true
-cd ..
-"$PYTHON" bench/gpu_check.py --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt"
+# A test failure is reported at the end, after the bench has run too.
+tests_rc=0
+(cd tests && "$PYTHON" -m pytest -q -p no:cacheprovider test_lazy_snapshot.py test_async.py -k "not trainer") \
+    > "$OUT/gpu_tests.txt" 2>&1 || tests_rc=$?
+tail -5 "$OUT/gpu_tests.txt"
+bench_rc=0
+"$PYTHON" bench/gpu_check.py --json "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1 || bench_rc=$?
+cat "$OUT/gpu_check.txt"
+echo "tests rc=$tests_rc, gpu_check rc=$bench_rc (1: a file differed from the state at its save)"
+exit $(( tests_rc || bench_rc ))

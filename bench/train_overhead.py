@@ -114,12 +114,10 @@ def _saver(method: str, directory: str):
     if method == "ckptio.save":
         import ckptio
         return _Saver(lambda state, name: ckptio.save(state, path(name)))
-    if method == "ckptio.async_save":
+    if method in ("ckptio.async_save", "ckptio.async_save lazy"):
         import ckptio
-        return _Saver(lambda state, name: ckptio.async_save(state, path(name)), ckptio.wait)
-    if method == "ckptio.async_save lazy":
-        import ckptio
-        return _Saver(lambda state, name: ckptio.async_save(state, path(name), snapshot="lazy"), ckptio.wait)
+        mode = "lazy" if method.endswith("lazy") else "eager"
+        return _Saver(lambda state, name: ckptio.async_save(state, path(name), snapshot=mode), ckptio.wait)
     if method == "dcp.async_save":
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp

@@ -190,7 +190,7 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
     slot = arena.acquire()
     try:
         background = lazily_copyable_storages() if lazy else None
-        payloads, copying = arena.snapshot(slot, state.storages, lazy=background, path=path)
+        payloads, copying = arena.snapshot(slot, state.storages, lazy=background)
     except BaseException:
         arena.release(slot)
         raise

@@ -48,8 +48,7 @@ class LazyCopy:
     storages are kept alive until it has finished. A failure is kept and
     raised by ``check()`` (the save's job raises it: nothing is written)."""
 
-    def __init__(self, path: str, run, keepalive):
-        self.path = path
+    def __init__(self, run, keepalive):
         self.error: BaseException | None = None
         self._done = threading.Event()
         self._keepalive = keepalive
@@ -72,18 +71,13 @@ class LazyCopy:
                     _pending.remove(self)
             self._done.set()
 
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def wait(self, timeout: float | None = None) -> bool:
         """True once the copy has finished (successfully or not)."""
         return self._done.wait(timeout)
 
     def join(self) -> None:
         """Wait for the copy and for its thread to end (teardown leaves no thread)."""
-        self._done.wait()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        self._thread.join()
 
     def check(self) -> None:
         if self.error is not None:

@@ -27,6 +27,7 @@ import torch
 
 from . import _C
 from ._engine import get_engine
+from .lazy_snapshot import LazyCopy
 
 __all__ = ["StagingArena", "Slot", "page_round"]
 
@@ -140,7 +141,7 @@ class StagingArena:
         if grower is not None:
             grower.join(timeout)
 
-    def snapshot(self, slot: Slot, storages, *, lazy=None, path: str = "") -> tuple[list, "LazyCopy | None"]:
+    def snapshot(self, slot: Slot, storages, *, lazy=None) -> tuple[list, LazyCopy | None]:
         """Copy `storages` into `slot`; returns each one's (address, size)
         there, and the LazyCopy still running (None if nothing is left).
 
@@ -171,15 +172,13 @@ class StagingArena:
         payloads = [(base + off, n) for off, n in zip(offsets, sizes)]
         if not later:
             return payloads, None
-        from .lazy_snapshot import LazyCopy
-
         finish = self._start_cuda_copies(slot, later)  # queued now, behind the caller's queued work
 
         def copy_later():
             self._copy_on_host(slot, later)
             finish()
 
-        return payloads, LazyCopy(path, copy_later, keepalive=later)
+        return payloads, LazyCopy(copy_later, keepalive=later)
 
     def _copy_on_host(self, slot: Slot, items) -> None:
         """Copy the non-CUDA storages of [(storage, offset, size, device

@@ -27,8 +27,7 @@ struct EmptyOrderedDict {
 PyObject* EmptyOrderedDictReduce(PyObject*, PyObject*) { return Py_BuildValue("(O())", g_ordered_dict); }
 
 PyMethodDef kEmptyOrderedDictMethods[] = {
-    {"__reduce_ex__", EmptyOrderedDictReduce, METH_O, "(OrderedDict, ())"},
-    {"__reduce__", reinterpret_cast<PyCFunction>(EmptyOrderedDictReduce), METH_NOARGS, "(OrderedDict, ())"},
+    {"__reduce_ex__", EmptyOrderedDictReduce, METH_O, "(OrderedDict, ())"},  // what the pickler asks
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -170,7 +169,8 @@ struct Ref {
 };
 
 // 1: plain dense (fast path), 0: not (fallback), -1: a Python error is set.
-int IsPlainDense(const DenseReducer* r, PyObject* t, const Names& n, bool* on_cpu) {
+// Sets *on_cpu, and *dtype (a new reference) when it returns 1.
+int IsPlainDense(const DenseReducer* r, PyObject* t, const Names& n, bool* on_cpu, PyObject** dtype_out) {
   // t.device.type in ("cpu", "cuda"), without making a device object.
   Ref is_cpu(PyObject_GetAttr(t, n.is_cpu));
   if (!is_cpu.p) return -1;
@@ -199,6 +199,8 @@ int IsPlainDense(const DenseReducer* r, PyObject* t, const Names& n, bool* on_cp
   if (!dict.p) return -1;
   int d = PyObject_IsTrue(dict.p);
   if (d != 0) return d < 0 ? -1 : 0;
+  Py_INCREF(dtype.p);
+  *dtype_out = dtype.p;
   return 1;
 }
 
@@ -266,13 +268,13 @@ PyObject* DenseReducerCall(PyObject* self, PyObject* args, PyObject* kwargs) {
   }
   const Names& n = AttrNames();
   bool on_cpu = false;
-  int plain = IsPlainDense(r, t, n, &on_cpu);
+  Ref dtype(nullptr);
+  int plain = IsPlainDense(r, t, n, &on_cpu, &dtype.p);
   if (plain < 0) return nullptr;
   if (plain == 0) return PyObject_CallOneArg(r->fallback, t);
 
   Ref storage(PyObject_CallMethodNoArgs(t, n.untyped_storage));
-  Ref dtype(PyObject_GetAttr(t, n.dtype));
-  if (!storage.p || !dtype.p) return nullptr;
+  if (!storage.p) return nullptr;
   Ref pid(PersistentIdOf(r, storage.p, dtype.p, on_cpu, n));
   if (!pid.p) return nullptr;
   Ref offset(PyObject_CallMethodNoArgs(t, n.storage_offset));

@@ -123,7 +123,7 @@ def reserve_staging(size, *, wait: bool = False) -> int:
             raise ValueError(f"reserve_staging: size must be >= 0 bytes, not {size}")
         nbytes = page_round(size + size // 100 + (1 << 20))
     else:
-        nbytes = sum(page_round(s.nbytes()) for s in pickle_state(size, "reserve").storages)
+        nbytes = sum(page_round(n) for n in pickle_state(size, "reserve").nbytes)
     arena = get_arena()
     arena.grow_in_background(nbytes)
     if wait:
@@ -190,7 +190,8 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
     slot = arena.acquire()
     try:
         background = lazily_copyable_storages() if lazy else None
-        payloads, copying = arena.snapshot(slot, state.storages, lazy=background)
+        payloads, copying = arena.snapshot(slot, state.storages, lazy=background,
+                                           known=(state.nbytes, state.device_types, state.data_ptrs, state.cdatas))
     except BaseException:
         arena.release(slot)
         raise

@@ -22,6 +22,7 @@ background thread (CPU) or to the side stream (CUDA) and returns at once.
 from __future__ import annotations
 
 import threading
+from itertools import accumulate
 
 import torch
 
@@ -141,35 +142,40 @@ class StagingArena:
         if grower is not None:
             grower.join(timeout)
 
-    def snapshot(self, slot: Slot, storages, *, lazy=None) -> tuple[list, LazyCopy | None]:
+    def snapshot(self, slot: Slot, storages, *, known=None, lazy=None) -> tuple[list, LazyCopy | None]:
         """Copy `storages` into `slot`; returns each one's (address, size)
         there, and the LazyCopy still running (None if nothing is left).
 
-        `lazy`, if given, is a set of storage ``_cdata`` keys whose copy may
-        run in the background (see ckptio.lazy_snapshot); every other storage
-        is copied before this returns, and the caller may then overwrite or
-        free it.
+        `known`, if given, is (nbytes, device types, data_ptrs, _cdata) of
+        each storage, as a PickledState notes them while pickling: asking
+        torch again costs ~1 us a storage. `lazy`, if given, is a set of
+        storage ``_cdata`` keys whose copy may run in the background (see
+        ckptio.lazy_snapshot); every other storage is copied before this
+        returns, and the caller may then overwrite or free it.
         """
-        sizes = [s.nbytes() for s in storages]
-        offsets, total = [], 0
-        for n in sizes:
-            offsets.append(total)
-            total += page_round(n)
+        if known is None:
+            device_types = [s.device.type for s in storages]
+            known = ([s.nbytes() for s in storages], device_types,
+                     [s.data_ptr() if kind == "cpu" else 0 for s, kind in zip(storages, device_types)],
+                     [s._cdata for s in storages])
+        sizes, device_types, data_ptrs, cdatas = known  # data_ptrs are read for CPU storages only
+        offsets = list(accumulate([-(-n // _PAGE) * _PAGE for n in sizes], initial=0))
+        total = offsets.pop()
         slot.ensure_capacity(max(total, _PAGE))
         self.grow_in_background(total)  # the next overlapping save finds its slot warm
-        # (storage, offset, size, device type): the type looked up once (~0.5 us a storage)
-        items = [(s, off, n, s.device.type) for s, off, n in zip(storages, offsets, sizes) if n]
+        base = slot.buffer.address
+        payloads = [(base + off, n) for off, n in zip(offsets, sizes)]
+        # (storage, data_ptr, offset, size, device type) of each storage with bytes
+        items = [item for item in zip(storages, data_ptrs, offsets, sizes, device_types) if item[3]]
         later = []
         if lazy:
             now = []
-            for item in items:
-                (later if item[3] in _LAZY_DEVICES and item[0]._cdata in lazy else now).append(item)
+            for item, cdata in zip(items, (c for c, n in zip(cdatas, sizes) if n)):
+                (later if cdata in lazy and item[4] in _LAZY_DEVICES else now).append(item)
             items = now
         finish = self._start_cuda_copies(slot, items)
         self._copy_on_host(slot, items)
         finish()
-        base = slot.buffer.address
-        payloads = [(base + off, n) for off, n in zip(offsets, sizes)]
         if not later:
             return payloads, None
         finish = self._start_cuda_copies(slot, later)  # queued now, behind the caller's queued work
@@ -181,15 +187,15 @@ class StagingArena:
         return payloads, LazyCopy(copy_later, keepalive=later)
 
     def _copy_on_host(self, slot: Slot, items) -> None:
-        """Copy the non-CUDA storages of [(storage, offset, size, device
-        type)] into `slot`: CPU ones in one engine call (split across the
-        engine's copy threads and this one, GIL released), other devices
+        """Copy the non-CUDA storages of [(storage, data_ptr, offset, size,
+        device type)] into `slot`: CPU ones in one engine call (split across
+        the engine's copy threads and this one, GIL released), other devices
         (e.g. XLA, MPS) by way of a host copy, storage by storage."""
         base = slot.buffer.address
-        cpu = [(s.data_ptr(), base + off, n) for s, off, n, kind in items if kind == "cpu"]
+        cpu = [(ptr, base + off, n) for _, ptr, off, n, kind in items if kind == "cpu"]
         if cpu:
             get_engine().copy(cpu)
-        for s, off, n, kind in items:
+        for s, _, off, n, kind in items:
             if kind not in ("cpu", "cuda"):
                 slot.tensor[off : off + n].copy_(_as_bytes(s.cpu()))
 
@@ -197,7 +203,7 @@ class StagingArena:
         """Queue device-to-host copies of the CUDA storages of `items` on a
         side stream that first waits for the work already queued on the
         caller's stream; returns a function that waits for them."""
-        cuda = [(s, off, n) for s, off, n, kind in items if kind == "cuda"]
+        cuda = [(s, off, n) for s, _, off, n, kind in items if kind == "cuda"]
         if not cuda:
             return _nothing_to_wait_for
         slot.pin()

@@ -15,6 +15,7 @@
 #include "engine/crc32.h"
 #include "engine/engine.h"
 #include "engine/fault_injection.h"
+#include "native_pickler.h"
 #include "pickle_fast_path.h"
 
 namespace py = pybind11;
@@ -308,6 +309,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
   DefinePickleFastPath(m);
+  DefineNativePickler(m);
   m.def(
       "_arm_fault",
       [](const std::string& kind, int error_number, uint64_t at_byte, uint64_t max_chunk, uint64_t count) {

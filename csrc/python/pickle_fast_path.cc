@@ -2,6 +2,7 @@
 
 namespace py = pybind11;
 
+namespace ckptio::pickle {
 namespace {
 
 // A static type whose objects only C code here makes (no tp_new).
@@ -45,12 +46,6 @@ PyTypeObject kEmptyOrderedDictType = [] {
 // values, every class (torch's check is an isinstance test on instances, and
 // the storage classes in each persistent id come through here), and the
 // exact types in `never` (torch.Tensor, nn.Parameter: reduced, not persisted).
-struct PersistentIdFilter {
-  PyObject_HEAD
-  PyObject* fallback;
-  PyObject* never;  // tuple of exact types
-};
-
 // What the dense reducer puts where the storage goes in a tensor's rebuild
 // arguments: the storage's persistent id, already made (the storage was
 // registered when its tensor was reduced, which the pickler does right
@@ -73,28 +68,12 @@ PyTypeObject kPidHolderType = [] {
 }();
 
 PyObject* PersistentIdFilterCall(PyObject* self, PyObject* args, PyObject* kwargs) {
-  auto* f = reinterpret_cast<PersistentIdFilter*>(self);
   PyObject* obj = nullptr;
   if (kwargs != nullptr || !PyArg_UnpackTuple(args, "persistent_id", 1, 1, &obj)) {
     PyErr_SetString(PyExc_TypeError, "persistent_id takes exactly one positional argument");
     return nullptr;
   }
-  PyTypeObject* t = Py_TYPE(obj);
-  if (t == &kEmptyOrderedDictType) Py_RETURN_NONE;
-  if (t == &kPidHolderType) {
-    PyObject* pid = reinterpret_cast<PidHolder*>(obj)->pid;
-    Py_INCREF(pid);
-    return pid;
-  }
-  if (obj == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyUnicode_Type ||
-      t == &PyBytes_Type || t == &PyTuple_Type || t == &PyList_Type || t == &PyDict_Type || t == &PyODict_Type ||
-      t == &PyFunction_Type || PyType_Check(obj)) {
-    Py_RETURN_NONE;
-  }
-  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->never); ++i) {
-    if (reinterpret_cast<PyObject*>(t) == PyTuple_GET_ITEM(f->never, i)) Py_RETURN_NONE;
-  }
-  return PyObject_CallOneArg(f->fallback, obj);
+  return FilterPersistentId(reinterpret_cast<PersistentIdFilter*>(self), obj);
 }
 
 void PersistentIdFilterDealloc(PyObject* self) {
@@ -123,27 +102,72 @@ PyTypeObject kPersistentIdFilterType = [] {
 // quantized, a v3 dtype, backward hooks, Python attributes) goes to
 // `fallback`, torch's own reduction. Built only while a tensor's Python state
 // is its instance dict.
-struct DenseReducer {
-  PyObject_HEAD
-  PyObject* fallback;         // t -> torch's reduction
-  PyObject* rebuild;          // torch._utils._rebuild_tensor_v2
-  PyObject* strided;          // torch.strided
-  PyObject* v3_dtypes;        // frozenset of dtypes torch rebuilds with _rebuild_tensor_v3
-  PyObject* get_metadata;     // torch._C._get_tensor_metadata
-  PyObject* keys;             // dict: storage._cdata -> key (str)
-  PyObject* storage_dtypes;   // dict: storage.data_ptr() -> dtype
-  PyObject* storages;         // list, in key order
-  PyObject* locations;        // list, in key order
-  PyObject* storage_types;    // dict cache: dtype -> torch.<Dtype>Storage
-  PyObject* storage_type_of;  // dtype -> torch.<Dtype>Storage, on a cache miss (it fills the cache)
-  PyObject* location_tag;     // storage -> location, when not simply "cpu"
-  int cpu_is_cpu;             // every CPU storage is tagged "cpu"
-};
 
-struct Names {
-  PyObject *is_cpu, *is_cuda, *layout, *is_quantized, *dtype, *backward_hooks, *dict, *untyped_storage,
-      *storage_offset, *size, *stride, *requires_grad, *data_ptr, *cdata, *nbytes, *itemsize, *storage, *cpu;
-};
+
+PyObject* DenseReducerCall(PyObject* self, PyObject* args, PyObject* kwargs) {
+  auto* r = reinterpret_cast<DenseReducer*>(self);
+  PyObject* t = nullptr;
+  if (kwargs != nullptr || !PyArg_UnpackTuple(args, "reduce", 1, 1, &t)) {
+    PyErr_SetString(PyExc_TypeError, "the tensor reducer takes exactly one positional argument");
+    return nullptr;
+  }
+  const Names& n = AttrNames();
+  bool on_cpu = false;
+  Ref dtype(nullptr);
+  int plain = IsPlainDense(r, t, n, &on_cpu, &dtype.p);
+  if (plain < 0) return nullptr;
+  if (plain == 0) return PyObject_CallOneArg(r->fallback, t);
+
+  Ref storage(PyObject_CallMethodNoArgs(t, n.untyped_storage));
+  if (!storage.p) return nullptr;
+  StoragePid parts;
+  if (!RegisterStorage(r, storage.p, dtype.p, on_cpu, n, &parts)) return nullptr;
+  Ref pid(PyTuple_Pack(5, n.storage, parts.storage_type.p, parts.key.p, parts.location.p, parts.numel.p));
+  if (!pid.p) return nullptr;
+  Ref offset(PyObject_CallMethodNoArgs(t, n.storage_offset));
+  Ref size_obj(PyObject_CallMethodNoArgs(t, n.size));
+  Ref stride(PyObject_CallMethodNoArgs(t, n.stride));
+  Ref requires_grad(PyObject_GetAttr(t, n.requires_grad));
+  Ref hooks(PyObject_New(PyObject, &kEmptyOrderedDictType));
+  Ref metadata(PyObject_CallOneArg(r->get_metadata, t));
+  if (!offset.p || !size_obj.p || !stride.p || !requires_grad.p || !hooks.p || !metadata.p) return nullptr;
+  Ref size(PySequence_Tuple(size_obj.p));  // torch.Size -> tuple, as tuple(t.size())
+  Ref stride_tuple(PySequence_Tuple(stride.p));
+  if (!size.p || !stride_tuple.p) return nullptr;
+  auto* holder = PyObject_New(PidHolder, &kPidHolderType);
+  if (holder == nullptr) return nullptr;
+  holder->pid = pid.p;
+  Py_INCREF(pid.p);
+  Ref holder_ref(reinterpret_cast<PyObject*>(holder));
+  int has_metadata = PyObject_IsTrue(metadata.p);
+  if (has_metadata < 0) return nullptr;
+  Ref rebuild_args(has_metadata ? PyTuple_Pack(7, holder_ref.p, offset.p, size.p, stride_tuple.p, requires_grad.p,
+                                               hooks.p, metadata.p)
+                                : PyTuple_Pack(6, holder_ref.p, offset.p, size.p, stride_tuple.p, requires_grad.p,
+                                               hooks.p));
+  if (!rebuild_args.p) return nullptr;
+  return PyTuple_Pack(2, r->rebuild, rebuild_args.p);
+}
+
+void DenseReducerDealloc(PyObject* self) {
+  auto* r = reinterpret_cast<DenseReducer*>(self);
+  for (PyObject* o : {r->fallback, r->rebuild, r->strided, r->v3_dtypes, r->get_metadata, r->keys,
+                      r->storage_dtypes, r->registry, r->storage_types, r->storage_type_of,
+                      r->location_tag}) {
+    Py_XDECREF(o);
+  }
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyTypeObject kDenseReducerType = [] {
+  PyTypeObject t = MadeInCType("ckptio._C.DenseReducer", sizeof(DenseReducer),
+                               "torch.Tensor's reduction for plain dense tensors; the rest go to the fallback.");
+  t.tp_call = DenseReducerCall;
+  t.tp_dealloc = DenseReducerDealloc;
+  return t;
+}();
+
+}  // namespace
 
 const Names& AttrNames() {
   // The strings "storage" and "cpu" are the interned ones torch's own
@@ -154,19 +178,30 @@ const Names& AttrNames() {
     return Names{n("is_cpu"), n("is_cuda"), n("layout"), n("is_quantized"), n("dtype"), n("_backward_hooks"),
                  n("__dict__"), n("untyped_storage"), n("storage_offset"), n("size"), n("stride"),
                  n("requires_grad"), n("data_ptr"), n("_cdata"), n("nbytes"), n("itemsize"), n("storage"),
-                 n("cpu")};
+                 n("cpu"), n("cuda")};
   }();
   return names;
 }
 
-// An owned reference, released on scope exit.
-struct Ref {
-  PyObject* p = nullptr;
-  explicit Ref(PyObject* o = nullptr) : p(o) {}
-  ~Ref() { Py_XDECREF(p); }
-  Ref(const Ref&) = delete;
-  Ref& operator=(const Ref&) = delete;
-};
+
+PyObject* FilterPersistentId(PersistentIdFilter* f, PyObject* obj) {
+  PyTypeObject* t = Py_TYPE(obj);
+  if (t == &kEmptyOrderedDictType) Py_RETURN_NONE;
+  if (t == &kPidHolderType) {
+    PyObject* pid = reinterpret_cast<PidHolder*>(obj)->pid;
+    Py_INCREF(pid);
+    return pid;
+  }
+  if (obj == Py_None || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyUnicode_Type ||
+      t == &PyBytes_Type || t == &PyTuple_Type || t == &PyList_Type || t == &PyDict_Type || t == &PyODict_Type ||
+      t == &PyFunction_Type || PyType_Check(obj)) {
+    Py_RETURN_NONE;
+  }
+  for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(f->never); ++i) {
+    if (reinterpret_cast<PyObject*>(t) == PyTuple_GET_ITEM(f->never, i)) Py_RETURN_NONE;
+  }
+  return PyObject_CallOneArg(f->fallback, obj);
+}
 
 // 1: plain dense (fast path), 0: not (fallback), -1: a Python error is set.
 // Sets *on_cpu, and *dtype (a new reference) when it returns 1.
@@ -204,123 +239,73 @@ int IsPlainDense(const DenseReducer* r, PyObject* t, const Names& n, bool* on_cp
   return 1;
 }
 
-// The persistent id of `storage` viewed as `dtype`, registering the storage
-// if new: pickling.py's add_storage, for the dense path. New reference.
-PyObject* PersistentIdOf(DenseReducer* r, PyObject* storage, PyObject* dtype, bool on_cpu, const Names& n) {
+// pickling.py's add_storage, for the dense path.
+bool RegisterStorage(DenseReducer* r, PyObject* storage, PyObject* dtype, bool on_cpu, const Names& n,
+                     StoragePid* out) {
   Ref data_ptr(PyObject_CallMethodNoArgs(storage, n.data_ptr));
-  if (!data_ptr.p) return nullptr;
+  if (!data_ptr.p) return false;
   int null_ptr = PyObject_Not(data_ptr.p);
-  if (null_ptr < 0) return nullptr;
+  if (null_ptr < 0) return false;
   if (!null_ptr) {
     PyObject* seen = PyDict_SetDefault(r->storage_dtypes, data_ptr.p, dtype);  // borrowed
-    if (seen == nullptr) return nullptr;
+    if (seen == nullptr) return false;
     if (seen != dtype) {
       PyErr_SetString(PyExc_RuntimeError,
                       "Cannot save multiple tensors or storages that view the same data as different types");
-      return nullptr;
+      return false;
     }
   }
-  Ref location(nullptr);
+  Ref& location = out->location;
   if (on_cpu && r->cpu_is_cpu) {
     Py_INCREF(n.cpu);
     location.p = n.cpu;
   } else {
     location.p = PyObject_CallOneArg(r->location_tag, storage);
-    if (!location.p) return nullptr;
+    if (!location.p) return false;
   }
   Ref cdata(PyObject_GetAttr(storage, n.cdata));
-  if (!cdata.p) return nullptr;
+  if (!cdata.p) return false;
+  Ref nbytes(PyObject_CallMethodNoArgs(storage, n.nbytes));
+  if (!nbytes.p) return false;
   PyObject* key = PyDict_GetItemWithError(r->keys, cdata.p);  // borrowed
   Ref new_key(nullptr);
   if (key == nullptr) {
-    if (PyErr_Occurred()) return nullptr;
+    if (PyErr_Occurred()) return false;
     Ref count(PyLong_FromSsize_t(PyDict_GET_SIZE(r->keys)));
-    if (!count.p) return nullptr;
+    if (!count.p) return false;
     new_key.p = PyObject_Str(count.p);  // str(len(keys)), as pickling.py makes it
-    if (!new_key.p || PyDict_SetItem(r->keys, cdata.p, new_key.p) < 0 || PyList_Append(r->storages, storage) < 0 ||
-        PyList_Append(r->locations, location.p) < 0) {
-      return nullptr;
+    if (!new_key.p || PyDict_SetItem(r->keys, cdata.p, new_key.p) < 0) return false;
+    // The facts the snapshot needs, in PickledState's order (see pickling.py).
+    PyObject* facts[] = {storage, location.p, nbytes.p, on_cpu ? n.cpu : n.cuda, data_ptr.p, cdata.p};
+    for (Py_ssize_t i = 0; i < kRegistryLists; ++i) {
+      if (PyList_Append(PyList_GET_ITEM(r->registry, i), facts[i]) < 0) return false;
     }
     key = new_key.p;
   }
+  Py_INCREF(key);
+  out->key.p = key;
   PyObject* storage_type = PyDict_GetItemWithError(r->storage_types, dtype);  // borrowed
-  Ref made_type(nullptr);
   if (storage_type == nullptr) {
-    if (PyErr_Occurred()) return nullptr;
-    made_type.p = PyObject_CallOneArg(r->storage_type_of, dtype);
-    if (!made_type.p) return nullptr;
-    storage_type = made_type.p;
+    if (PyErr_Occurred()) return false;
+    out->storage_type.p = PyObject_CallOneArg(r->storage_type_of, dtype);
+    if (!out->storage_type.p) return false;
+  } else {
+    Py_INCREF(storage_type);
+    out->storage_type.p = storage_type;
   }
-  Ref nbytes(PyObject_CallMethodNoArgs(storage, n.nbytes));
   Ref itemsize(PyObject_GetAttr(dtype, n.itemsize));
-  if (!nbytes.p || !itemsize.p) return nullptr;
-  Ref numel(PyNumber_FloorDivide(nbytes.p, itemsize.p));
-  if (!numel.p) return nullptr;
-  return PyTuple_Pack(5, n.storage, storage_type, key, location.p, numel.p);
+  if (!itemsize.p) return false;
+  out->numel.p = PyNumber_FloorDivide(nbytes.p, itemsize.p);
+  return out->numel.p != nullptr;
 }
 
-PyObject* DenseReducerCall(PyObject* self, PyObject* args, PyObject* kwargs) {
-  auto* r = reinterpret_cast<DenseReducer*>(self);
-  PyObject* t = nullptr;
-  if (kwargs != nullptr || !PyArg_UnpackTuple(args, "reduce", 1, 1, &t)) {
-    PyErr_SetString(PyExc_TypeError, "the tensor reducer takes exactly one positional argument");
-    return nullptr;
-  }
-  const Names& n = AttrNames();
-  bool on_cpu = false;
-  Ref dtype(nullptr);
-  int plain = IsPlainDense(r, t, n, &on_cpu, &dtype.p);
-  if (plain < 0) return nullptr;
-  if (plain == 0) return PyObject_CallOneArg(r->fallback, t);
+bool IsPersistentIdFilter(PyObject* o) { return Py_TYPE(o) == &kPersistentIdFilterType; }
+bool IsDenseReducer(PyObject* o) { return Py_TYPE(o) == &kDenseReducerType; }
+PyObject* OrderedDictClass() { return g_ordered_dict; }
 
-  Ref storage(PyObject_CallMethodNoArgs(t, n.untyped_storage));
-  if (!storage.p) return nullptr;
-  Ref pid(PersistentIdOf(r, storage.p, dtype.p, on_cpu, n));
-  if (!pid.p) return nullptr;
-  Ref offset(PyObject_CallMethodNoArgs(t, n.storage_offset));
-  Ref size_obj(PyObject_CallMethodNoArgs(t, n.size));
-  Ref stride(PyObject_CallMethodNoArgs(t, n.stride));
-  Ref requires_grad(PyObject_GetAttr(t, n.requires_grad));
-  Ref hooks(PyObject_New(PyObject, &kEmptyOrderedDictType));
-  Ref metadata(PyObject_CallOneArg(r->get_metadata, t));
-  if (!offset.p || !size_obj.p || !stride.p || !requires_grad.p || !hooks.p || !metadata.p) return nullptr;
-  Ref size(PySequence_Tuple(size_obj.p));  // torch.Size -> tuple, as tuple(t.size())
-  Ref stride_tuple(PySequence_Tuple(stride.p));
-  if (!size.p || !stride_tuple.p) return nullptr;
-  auto* holder = PyObject_New(PidHolder, &kPidHolderType);
-  if (holder == nullptr) return nullptr;
-  holder->pid = pid.p;
-  Py_INCREF(pid.p);
-  Ref holder_ref(reinterpret_cast<PyObject*>(holder));
-  int has_metadata = PyObject_IsTrue(metadata.p);
-  if (has_metadata < 0) return nullptr;
-  Ref rebuild_args(has_metadata ? PyTuple_Pack(7, holder_ref.p, offset.p, size.p, stride_tuple.p, requires_grad.p,
-                                               hooks.p, metadata.p)
-                                : PyTuple_Pack(6, holder_ref.p, offset.p, size.p, stride_tuple.p, requires_grad.p,
-                                               hooks.p));
-  if (!rebuild_args.p) return nullptr;
-  return PyTuple_Pack(2, r->rebuild, rebuild_args.p);
-}
+}  // namespace ckptio::pickle
 
-void DenseReducerDealloc(PyObject* self) {
-  auto* r = reinterpret_cast<DenseReducer*>(self);
-  for (PyObject* o : {r->fallback, r->rebuild, r->strided, r->v3_dtypes, r->get_metadata, r->keys,
-                      r->storage_dtypes, r->storages, r->locations, r->storage_types, r->storage_type_of,
-                      r->location_tag}) {
-    Py_XDECREF(o);
-  }
-  Py_TYPE(self)->tp_free(self);
-}
-
-PyTypeObject kDenseReducerType = [] {
-  PyTypeObject t = MadeInCType("ckptio._C.DenseReducer", sizeof(DenseReducer),
-                               "torch.Tensor's reduction for plain dense tensors; the rest go to the fallback.");
-  t.tp_call = DenseReducerCall;
-  t.tp_dealloc = DenseReducerDealloc;
-  return t;
-}();
-
-}  // namespace
+using namespace ckptio::pickle;
 
 void DefinePickleFastPath(py::module_& m) {
   m.def(
@@ -339,8 +324,12 @@ void DefinePickleFastPath(py::module_& m) {
   m.def(
       "dense_reducer",
       [](py::object fallback, py::object rebuild, py::object strided, py::object v3_dtypes, py::object get_metadata,
-         py::object ordered_dict, py::dict keys, py::dict storage_dtypes, py::list storages, py::list locations,
+         py::object ordered_dict, py::dict keys, py::dict storage_dtypes, py::list registry,
          py::dict storage_types, py::object storage_type_of, py::object location_tag, bool cpu_is_cpu) {
+        if (registry.size() != kRegistryLists) throw py::value_error("dense_reducer: registry must hold 6 lists");
+        for (py::handle l : registry) {
+          if (!PyList_CheckExact(l.ptr())) throw py::type_error("dense_reducer: registry must hold 6 lists");
+        }
         if (PyType_Ready(&kDenseReducerType) < 0 || PyType_Ready(&kPidHolderType) < 0 ||
             PyType_Ready(&kEmptyOrderedDictType) < 0) {
           throw py::error_already_set();
@@ -355,8 +344,7 @@ void DefinePickleFastPath(py::module_& m) {
         r->get_metadata = get_metadata.inc_ref().ptr();
         r->keys = keys.inc_ref().ptr();
         r->storage_dtypes = storage_dtypes.inc_ref().ptr();
-        r->storages = storages.inc_ref().ptr();
-        r->locations = locations.inc_ref().ptr();
+        r->registry = registry.inc_ref().ptr();
         r->storage_types = storage_types.inc_ref().ptr();
         r->storage_type_of = storage_type_of.inc_ref().ptr();
         r->location_tag = location_tag.inc_ref().ptr();

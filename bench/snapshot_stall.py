@@ -17,7 +17,7 @@ saves of a run.
    a second one 20 ms later (while the first is being written, so it takes the
    other staging slot), then four more each after the previous landed
    (steady state, no back-pressure); without and with
-   ckptio.reserve_staging(state) up front.
+   ckptio.reserve_staging(state, wait=True) up front.
 
 Usage: python bench/snapshot_stall.py [--mib 512] [--reps 5] [--dir D] [--json F]
 """
@@ -106,8 +106,7 @@ sys.path.insert(0, {here!r})
 from snapshot_stall import make_state
 state = make_state({mib}, 100)
 if {reserve}:
-    ckptio.reserve_staging(state)
-    time.sleep(2.0)  # the rest of a run's setup goes on meanwhile
+    ckptio.reserve_staging(state, wait=True)  # e.g. in Lightning's setup hook, sized from the model
 path = lambda i: os.path.join({directory!r}, f"cliff{{i}}.pt")
 # the first save, then a second while the first is still being written (so it takes the other slot)
 stalls = [ckptio.async_save(state, path(0)).stall_seconds]

@@ -23,7 +23,7 @@ from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import resolve_snapshot_mode, staging_config
 from .lazy_snapshot import lazily_copyable_storages
-from .pickling import ALIGNMENT, PickledState, pickle_state
+from .pickling import ALIGNMENT, PickledState, gc_paused, pickle_state
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
 
@@ -180,23 +180,25 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
         check_destination(path)
     queue = get_queue()
     queue.reserve()  # raises a pending background error; waits while the queue is full (and for lazy copies)
-    state = pickle_state(obj, path)
-    cfg = staging_config()
-    if stream is not None and state.storage_bytes > cfg.budget_bytes:
-        handle = SaveHandle(path, "streaming")
-        stream(state, path, handle, start)
-        return handle
-    arena = get_arena()
-    slot = arena.acquire()
-    try:
-        background = lazily_copyable_storages() if lazy else None
-        payloads, copying = arena.snapshot(slot, state.storages, lazy=background,
-                                           known=(state.nbytes, state.device_types, state.data_ptrs, state.cdatas))
-    except BaseException:
-        arena.release(slot)
-        raise
-    staged = Staged(state, payloads, slot)
-    state.storages = []  # the caller's tensors are no longer needed (a lazy copy holds its own)
+    with gc_paused():  # until the listed storages are dropped (see gc_paused)
+        state = pickle_state(obj, path)
+        cfg = staging_config()
+        if stream is not None and state.storage_bytes > cfg.budget_bytes:
+            handle = SaveHandle(path, "streaming")
+            stream(state, path, handle, start)
+            return handle
+        arena = get_arena()
+        slot = arena.acquire()
+        try:
+            background = lazily_copyable_storages() if lazy else None
+            payloads, copying = arena.snapshot(
+                slot, state.storages, lazy=background,
+                known=(state.nbytes, state.device_types, state.data_ptrs, state.cdatas))
+        except BaseException:
+            arena.release(slot)
+            raise
+        staged = Staged(state, payloads, slot)
+        state.storages = []  # the caller's tensors are no longer needed (a lazy copy holds its own)
     handle = SaveHandle(path, "staged", copying)
     handle.stall_seconds = time.perf_counter() - start
 

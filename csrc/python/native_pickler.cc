@@ -50,6 +50,52 @@ PyObject* Check(PyObject* o) {
   return o;
 }
 
+// The memo's index: object address -> memo index, open addressing with
+// linear probing in one array (a node-based map allocates per entry and
+// misses the cache on every lookup; a checkpoint memoizes ~2 objects a tensor).
+class AddressIndex {
+ public:
+  const uint32_t* Find(PyObject* key) const {
+    if (slots_.empty()) return nullptr;
+    for (size_t i = Hash(key) & Mask();; i = (i + 1) & Mask()) {
+      if (slots_[i].key == key) return &slots_[i].value;
+      if (slots_[i].key == nullptr) return nullptr;
+    }
+  }
+
+  void Insert(PyObject* key, uint32_t value) {  // `key` is not in the index
+    if ((used_ + 1) * 2 > slots_.size()) Grow();
+    size_t i = Hash(key) & Mask();
+    while (slots_[i].key != nullptr) i = (i + 1) & Mask();
+    slots_[i] = Slot{key, value};
+    ++used_;
+  }
+
+ private:
+  struct Slot {
+    PyObject* key = nullptr;
+    uint32_t value = 0;
+  };
+
+  static size_t Hash(PyObject* p) {
+    uint64_t h = (reinterpret_cast<uintptr_t>(p) >> 4) * 0x9E3779B97F4A7C15ull;  // objects are 16-byte aligned
+    return static_cast<size_t>(h ^ (h >> 29));
+  }
+  size_t Mask() const { return slots_.size() - 1; }
+
+  void Grow() {
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(old.empty() ? 1024 : old.size() * 2, Slot{});
+    used_ = 0;
+    for (const Slot& s : old) {
+      if (s.key != nullptr) Insert(s.key, s.value);
+    }
+  }
+
+  std::vector<Slot> slots_;
+  size_t used_ = 0;
+};
+
 class Protocol2Writer {
  public:
   Protocol2Writer(PersistentIdFilter* filter, DenseReducer* reducer, PyObject* dispatch_table,
@@ -86,7 +132,7 @@ class Protocol2Writer {
   void MemoPut(PyObject* obj) {
     uint32_t index = memo_size_++;
     if (obj != nullptr) {
-      memo_.emplace(obj, index);
+      memo_.Insert(obj, index);
       Py_INCREF(obj);
       kept_.push_back(obj);
     }
@@ -100,19 +146,19 @@ class Protocol2Writer {
   }
 
   bool MemoGet(PyObject* obj) {
-    auto it = memo_.find(obj);
-    if (it == memo_.end()) return false;
-    if (it->second < 256) {
+    const uint32_t* index = memo_.Find(obj);
+    if (index == nullptr) return false;
+    if (*index < 256) {
       Op(kBinGet);
-      Op(static_cast<char>(it->second));
+      Op(static_cast<char>(*index));
     } else {
       Op(kLongBinGet);
-      Uint32(it->second);
+      Uint32(*index);
     }
     return true;
   }
 
-  bool InMemo(PyObject* obj) const { return memo_.count(obj) != 0; }
+  bool InMemo(PyObject* obj) const { return memo_.Find(obj) != nullptr; }
 
   // --- save() ---
   void Save(PyObject* obj, bool pers_save) {
@@ -554,7 +600,7 @@ class Protocol2Writer {
   PyTypeObject* tensor_type_;
   const Names& names_;
   std::string out_;
-  std::unordered_map<PyObject*, uint32_t> memo_;
+  AddressIndex memo_;
   std::vector<PyObject*> kept_;
   uint32_t memo_size_ = 0;
   int depth_ = 0;

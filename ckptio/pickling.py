@@ -204,6 +204,19 @@ def gc_paused():
             gc.enable()
 
 
+class _Pickler(pickle.Pickler):
+    """pickle.Pickler at protocol 2 with a persistent_id, as torch.save
+    makes it: a method of a subclass (Python 3.13.0's C Pickler refuses the
+    attribute on its instances)."""
+
+    def __init__(self, file, persistent_id):
+        super().__init__(file, protocol=_PICKLE_PROTOCOL)
+        self._persistent_id = persistent_id
+
+    def persistent_id(self, obj):
+        return self._persistent_id(obj)
+
+
 # Tests switch this off to compare the native pickler with pickle.Pickler.
 _use_native_pickler = True
 
@@ -254,9 +267,9 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
         return None
 
     buf = io.BytesIO()
-    pickler = pickle.Pickler(buf, protocol=_PICKLE_PROTOCOL)
     # Called for every pickled object: built-in values are answered in C.
-    pickler.persistent_id = _C.persistent_id_filter(persistent_id, _NEVER_PERSISTED)
+    filtered_persistent_id = _C.persistent_id_filter(persistent_id, _NEVER_PERSISTED)
+    pickler = _Pickler(buf, filtered_persistent_id)
     cpu_is_cpu = _cpu_storages_tag_as_cpu()
     reduce_tensor = None
     if not torch.serialization._serialization_tls.skip_data:
@@ -280,7 +293,7 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
         if reduce_tensor is not None and _use_native_pickler:
             # The same pickle, written in C (csrc/python/native_pickler.cc);
             # None where it leaves the object to pickle.Pickler.
-            data = _C.pickle_protocol2(obj, pickler.persistent_id, reduce_tensor, pickler.dispatch_table,
+            data = _C.pickle_protocol2(obj, filtered_persistent_id, reduce_tensor, pickler.dispatch_table,
                                        torch.Tensor)
             if data is None:  # start the pass again, its tables empty
                 for table in (keys, storage_dtypes, *state.registry()):

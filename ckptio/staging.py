@@ -181,7 +181,15 @@ class StagingArena:
         finish = self._start_cuda_copies(slot, later)  # queued now, behind the caller's queued work
 
         def copy_later():
-            self._copy_on_host(slot, later)
+            # Read each source again now: a storage resized in place since
+            # the call (FSDP frees parameters with resize_(0)) must fail the
+            # save, not be read at its old address or past its new end.
+            for s, _, _, n, kind in later:
+                if kind == "cpu" and s.nbytes() != n:
+                    raise RuntimeError(f"a storage of {n} bytes was resized to {s.nbytes()} before its lazy "
+                                       "snapshot copy: nothing was written (wait_snapshots() before resizing)")
+            self._copy_on_host(slot, [(s, s.data_ptr() if kind == "cpu" else ptr, off, n, kind)
+                                      for s, ptr, off, n, kind in later])
             finish()
 
         return payloads, LazyCopy(copy_later, keepalive=later)

@@ -185,6 +185,23 @@ def test_the_failure_reaches_the_handle_first(tmp_path):
     assert not (tmp_path / "c.pt").exists()
 
 
+def test_a_storage_resized_before_its_lazy_copy_fails_the_save(tmp_path):
+    # FSDP frees parameters with storage().resize_(0) between steps: a lazy
+    # copy must not read the old address (freed) or past the new end.
+    run = Training("adam_foreach", batchnorm=False)
+    run.step(1)
+    path = tmp_path / "c.pt"
+    ckptio.save(run.state(), path)
+    before = path.read_bytes()
+    weight = run.model[0].weight
+    with delay_lazy_copies(DELAY):
+        handle = ckptio.async_save(run.state(), path, snapshot="lazy")
+        weight.untyped_storage().resize_(0)  # no optimizer step, no barrier: against the contract
+    with pytest.raises(RuntimeError, match="resized .* before its lazy snapshot copy"):
+        handle.result(timeout=60)
+    assert path.read_bytes() == before
+
+
 class PerturbFirst(torch.optim.Optimizer):
     """Changes the parameters before calling its closure (as SAM does), so the
     wait cannot be moved after the closure for it."""

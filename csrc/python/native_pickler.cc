@@ -305,12 +305,14 @@ class Protocol2Writer {
     MemoPut(obj);
   }
 
-  void SaveTuple(PyObject* obj) {
+  // `fresh`: a tuple pickle would have made itself for this pass, so never
+  // met before and never met again: only its memo index is used.
+  void SaveTuple(PyObject* obj, bool fresh = false) {
     const Py_ssize_t n = PyTuple_GET_SIZE(obj);
     if (n == 0) return Op(kEmptyTuple);
     if (n > 3) Op(kMark);
     for (Py_ssize_t i = 0; i < n; ++i) Save(PyTuple_GET_ITEM(obj, i), false);
-    if (InMemo(obj)) {  // a tuple that contains itself (through a list or dict): pop what was pushed
+    if (!fresh && InMemo(obj)) {  // a tuple that contains itself (through a list or dict): pop what was pushed
       if (n > 3) {
         Op(kPopMark);
       } else {
@@ -320,7 +322,7 @@ class Protocol2Writer {
       return;
     }
     Op(n > 3 ? kTuple : static_cast<char>(kTuple1 + n - 1));
-    MemoPut(obj);
+    MemoPut(fresh ? nullptr : obj);
   }
 
   void SaveList(PyObject* obj) {
@@ -569,8 +571,8 @@ class Protocol2Writer {
     MemoPut(nullptr);
     Op(kBinPersId);
     Save(offset.p, false);
-    SaveFreshTuple(size.p);  // tuple(t.size()): a new tuple, equal items
-    SaveFreshTuple(stride.p);
+    SaveTuple(size.p, /*fresh=*/true);  // tuple(t.size()): a new tuple, equal items
+    SaveTuple(stride.p, /*fresh=*/true);
     Save(requires_grad.p, false);
     // OrderedDict(): the class, no arguments, REDUCE, memoized (a fresh object).
     Save(OrderedDictClass(), false);
@@ -582,16 +584,6 @@ class Protocol2Writer {
     MemoPut(nullptr);
     Op(kReduce);
     MemoPut(t);
-  }
-
-  // A tuple pickle has never met (so never a memo hit) with `items`' items.
-  void SaveFreshTuple(PyObject* items) {
-    const Py_ssize_t n = PyTuple_GET_SIZE(items);
-    if (n == 0) return Op(kEmptyTuple);
-    if (n > 3) Op(kMark);
-    for (Py_ssize_t i = 0; i < n; ++i) Save(PyTuple_GET_ITEM(items, i), false);
-    Op(n > 3 ? kTuple : static_cast<char>(kTuple1 + n - 1));
-    MemoPut(nullptr);
   }
 
   PersistentIdFilter* filter_;

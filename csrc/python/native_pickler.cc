@@ -215,7 +215,11 @@ class Protocol2Writer {
       } else if (PyType_IsSubtype(type, &PyType_Type)) {
         return SaveGlobal(obj, nullptr);
       } else {
-        Ref reduce_ex(Check(PyObject_GetAttrString(obj, "__reduce_ex__")));
+        Ref reduce_ex(PyObject_GetAttrString(obj, "__reduce_ex__"));
+        if (!reduce_ex.p) {  // pickle then tries __reduce__: not followed here
+          if (!PyErr_ExceptionMatches(PyExc_AttributeError)) throw PythonError{};
+          throw GiveUp{};
+        }
         Ref protocol(Check(PyLong_FromLong(2)));
         reduced.p = Check(PyObject_CallOneArg(reduce_ex.p, protocol.p));
       }

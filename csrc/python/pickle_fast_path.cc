@@ -38,14 +38,6 @@ PyTypeObject kEmptyOrderedDictType = [] {
   return t;
 }();
 
-// The pickler calls persistent_id for every object it meets (~20 per tensor
-// in a checkpoint: the ints of each size and stride, keys, tuples), and a
-// Python function call costs ~0.4 us. This C function answers None at once
-// for objects that are never storages and hands only the rest to the Python
-// fallback, ckptio.pickling's persistent_id. Never storages: the built-in
-// values, every class (torch's check is an isinstance test on instances, and
-// the storage classes in each persistent id come through here), and the
-// exact types in `never` (torch.Tensor, nn.Parameter: reduced, not persisted).
 // What the dense reducer puts where the storage goes in a tensor's rebuild
 // arguments: the storage's persistent id, already made (the storage was
 // registered when its tensor was reduced, which the pickler does right
@@ -67,6 +59,14 @@ PyTypeObject kPidHolderType = [] {
   return t;
 }();
 
+// The pickler calls persistent_id for every object it meets (~20 per tensor
+// in a checkpoint: the ints of each size and stride, keys, tuples), and a
+// Python function call costs ~0.4 us. This C function answers None at once
+// for objects that are never storages and hands only the rest to the Python
+// fallback, ckptio.pickling's persistent_id. Never storages: the built-in
+// values, every class (torch's check is an isinstance test on instances, and
+// the storage classes in each persistent id come through here), and the
+// exact types in `never` (torch.Tensor, nn.Parameter: reduced, not persisted).
 PyObject* PersistentIdFilterCall(PyObject* self, PyObject* args, PyObject* kwargs) {
   PyObject* obj = nullptr;
   if (kwargs != nullptr || !PyArg_UnpackTuple(args, "persistent_id", 1, 1, &obj)) {
@@ -102,8 +102,6 @@ PyTypeObject kPersistentIdFilterType = [] {
 // quantized, a v3 dtype, backward hooks, Python attributes) goes to
 // `fallback`, torch's own reduction. Built only while a tensor's Python state
 // is its instance dict.
-
-
 PyObject* DenseReducerCall(PyObject* self, PyObject* args, PyObject* kwargs) {
   auto* r = reinterpret_cast<DenseReducer*>(self);
   PyObject* t = nullptr;
@@ -182,7 +180,6 @@ const Names& AttrNames() {
   }();
   return names;
 }
-
 
 PyObject* FilterPersistentId(PersistentIdFilter* f, PyObject* obj) {
   PyTypeObject* t = Py_TYPE(obj);

@@ -23,7 +23,8 @@ struct Ref {
   Ref& operator=(const Ref&) = delete;
 };
 
-// Interned attribute names and the two interned strings persistent ids use.
+// Interned attribute names, the two strings persistent ids hold ("storage",
+// the location "cpu") and the device type "cuda".
 struct Names {
   PyObject *is_cpu, *is_cuda, *layout, *is_quantized, *dtype, *backward_hooks, *dict, *untyped_storage,
       *storage_offset, *size, *stride, *requires_grad, *data_ptr, *cdata, *nbytes, *itemsize, *storage, *cpu, *cuda;

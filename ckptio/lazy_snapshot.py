@@ -59,8 +59,10 @@ class LazyCopy:
 
     def _run(self, run) -> None:
         try:
-            if _test_start_delay:
-                time.sleep(_test_start_delay)
+            # Hand the GIL back first: the caller's save call still has a
+            # little Python left, and this thread's (a check of every source)
+            # would otherwise hold it for up to a switch interval (5 ms).
+            time.sleep(_test_start_delay)
             run()
         except BaseException as e:  # reported by the save, once
             self.error = e

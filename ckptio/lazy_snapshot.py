@@ -38,7 +38,9 @@ __all__ = ["LazyCopy", "lazily_copyable_storages", "wait_snapshots"]
 _seen_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
 _pending: list["LazyCopy"] = []
 _pending_lock = threading.Lock()
-_test_start_delay = 0.0  # tests only (ckptio._testing.delay_lazy_copies): seconds before a copy starts
+# Seconds a copy thread sleeps before copying: 0 (a bare yield of the GIL,
+# see LazyCopy._run) except in tests (ckptio._testing.delay_lazy_copies).
+_test_start_delay = 0.0
 
 
 class LazyCopy:

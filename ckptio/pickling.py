@@ -82,11 +82,12 @@ class PickledState:
         """Records pointing straight at the storages' memory (copying device
         storages to the host first), and the objects that own that memory."""
         owners, payloads = [], []
-        for s in self.storages:
-            if s.device.type != "cpu":
+        for s, kind, ptr, n in zip(self.storages, self.device_types, self.data_ptrs, self.nbytes):
+            if kind != "cpu":
                 s = s.cpu()
+                ptr = s.data_ptr()
             owners.append(s)
-            payloads.append((s.data_ptr(), s.nbytes()))
+            payloads.append((ptr, n))
         return self.records_for(payloads), owners
 
 

@@ -159,7 +159,7 @@ class StagingArena:
                      [s.data_ptr() if kind == "cpu" else 0 for s, kind in zip(storages, device_types)],
                      [s._cdata for s in storages])
         sizes, device_types, data_ptrs, cdatas = known  # data_ptrs are read for CPU storages only
-        offsets = list(accumulate([-(-n // _PAGE) * _PAGE for n in sizes], initial=0))
+        offsets = list(accumulate([-(-n // _PAGE) * _PAGE for n in sizes], initial=0))  # page_round, inlined
         total = offsets.pop()
         slot.ensure_capacity(max(total, _PAGE))
         self.grow_in_background(total)  # the next overlapping save finds its slot warm

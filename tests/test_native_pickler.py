@@ -79,6 +79,10 @@ class Holder(torch.Tensor):
     pass
 
 
+class ListOf(list):
+    """Pickled through a reduction whose list items come from an iterator."""
+
+
 def _model_checkpoint():
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -103,7 +107,8 @@ CASES = {
                 "d2000": dict.fromkeys(range(2000)), "d1001": dict.fromkeys(range(1001)),
                 "l1": [1], "l1000": list(range(1000)), "l1001": list(range(1001)), "l2000": list(range(2000)),
                 "od1": OrderedDict(a=1), "od1000": OrderedDict.fromkeys(range(1000)),
-                "od1001": OrderedDict.fromkeys(range(1001))},
+                "od1001": OrderedDict.fromkeys(range(1001)), "sub1": ListOf([1]), "sub2": ListOf([1, 2]),
+                "sub1000": ListOf(range(1000)), "sub1001": ListOf(range(1001))},
     "shared_objects": (lambda s, t: {"a": s, "b": s, "c": [t, t], "d": (t, s)})("shared", torch.ones(2)),
     "views_of_one_storage": [base[:3], base[3:], base.view(8, 8), base[:3], base[::2]],
     "special_tensors": {"param": torch.nn.Parameter(torch.randn(3)), "frozen": torch.nn.Parameter(

@@ -389,69 +389,55 @@ class Protocol2Writer {
     Save(value, false);
   }
 
-  // pickle's batch_list / batch_dict: items from a reduction's iterator.
-  void BatchAppends(PyObject* iterator) {
+  // pickle's batch_list / batch_dict: the items of a reduction's iterator,
+  // a lone one followed by `one_op`, else MARK, items, `many_op` in batches
+  // of BATCHSIZE. `check` runs on each item before it is used.
+  template <typename Check, typename SaveOne>
+  void Batch(PyObject* iterator, Check check, SaveOne save_one, char one_op, char many_op) {
     for (;;) {
-      Ref first(PyIter_Next(iterator));
-      if (!first.p) {
-        if (PyErr_Occurred()) throw PythonError{};
-        return;
-      }
-      Ref next(PyIter_Next(iterator));
+      Ref first(NextItem(iterator));
+      if (!first.p) return;
+      check(first.p);
+      Ref next(NextItem(iterator));
       if (!next.p) {
-        if (PyErr_Occurred()) throw PythonError{};
-        Save(first.p, false);
-        return Op(kAppend);
+        save_one(first.p);
+        return Op(one_op);
       }
       Op(kMark);
-      Save(first.p, false);
+      save_one(first.p);
       Py_ssize_t n = 1;
       while (next.p) {
-        Save(next.p, false);
+        check(next.p);
+        save_one(next.p);
         Py_CLEAR(next.p);
         if (++n == kBatchSize) break;
-        next.p = PyIter_Next(iterator);
-        if (!next.p && PyErr_Occurred()) throw PythonError{};
+        next.p = NextItem(iterator);
       }
-      Op(kAppends);
+      Op(many_op);
       if (n != kBatchSize) return;
     }
   }
 
+  // The iterator's next item (new reference), nullptr at its end.
+  static PyObject* NextItem(PyObject* iterator) {
+    PyObject* item = PyIter_Next(iterator);
+    if (item == nullptr && PyErr_Occurred()) throw PythonError{};
+    return item;
+  }
+
+  void BatchAppends(PyObject* iterator) {
+    Batch(iterator, [](PyObject*) {}, [this](PyObject* item) { Save(item, false); }, kAppend, kAppends);
+  }
+
   void BatchSetItems(PyObject* iterator) {
-    auto pair = [](PyObject* item) {
+    auto is_pair = [](PyObject* item) {
       if (!PyTuple_Check(item) || PyTuple_Size(item) != 2) throw GiveUp{};  // pickle raises a TypeError
     };
-    for (;;) {
-      Ref first(PyIter_Next(iterator));
-      if (!first.p) {
-        if (PyErr_Occurred()) throw PythonError{};
-        return;
-      }
-      pair(first.p);
-      Ref next(PyIter_Next(iterator));
-      if (!next.p) {
-        if (PyErr_Occurred()) throw PythonError{};
-        Save(PyTuple_GET_ITEM(first.p, 0), false);
-        Save(PyTuple_GET_ITEM(first.p, 1), false);
-        return Op(kSetItem);
-      }
-      Op(kMark);
-      Save(PyTuple_GET_ITEM(first.p, 0), false);
-      Save(PyTuple_GET_ITEM(first.p, 1), false);
-      Py_ssize_t n = 1;
-      while (next.p) {
-        pair(next.p);
-        Save(PyTuple_GET_ITEM(next.p, 0), false);
-        Save(PyTuple_GET_ITEM(next.p, 1), false);
-        Py_CLEAR(next.p);
-        if (++n == kBatchSize) break;
-        next.p = PyIter_Next(iterator);
-        if (!next.p && PyErr_Occurred()) throw PythonError{};
-      }
-      Op(kSetItems);
-      if (n != kBatchSize) return;
-    }
+    auto save_pair = [this](PyObject* pair) {
+      Save(PyTuple_GET_ITEM(pair, 0), false);
+      Save(PyTuple_GET_ITEM(pair, 1), false);
+    };
+    Batch(iterator, is_pair, save_pair, kSetItem, kSetItems);
   }
 
   // pickle's save_reduce for a reduction tuple of `obj`.

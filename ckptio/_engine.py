@@ -25,7 +25,8 @@ def get_engine() -> _C.Engine:
     with _lock:
         if _engine is None:
             cfg = engine_config()
-            _engine = _C.Engine(cfg.num_threads, cfg.block_bytes, cfg.queue_depth, cfg.direct)
+            _engine = _C.Engine(cfg.num_threads, cfg.block_bytes, cfg.queue_depth, cfg.direct,
+                                cfg.zero_copy_reads)
             _config = cfg
         return _engine
 
@@ -36,7 +37,7 @@ def engine_info() -> dict:
     cfg = _config
     direct = {DIRECT_AUTO: "auto", DIRECT_REQUIRE: "1", DIRECT_OFF: "0"}[cfg.direct]
     return {"num_threads": cfg.num_threads, "block_bytes": cfg.block_bytes, "queue_depth": cfg.queue_depth,
-            "direct_io": direct}
+            "direct_io": direct, "zero_copy_reads": cfg.zero_copy_reads}
 
 
 def reset_engine() -> None:

@@ -46,6 +46,8 @@ def _choice_var(name: str, default: str, choices: dict[str, object]) -> object:
 # csrc/engine/file_io.h: DirectIoMode.
 DIRECT_AUTO, DIRECT_REQUIRE, DIRECT_OFF = 0, 1, 2
 
+_BOOLEAN = {"1": True, "true": True, "0": False, "false": False}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -53,6 +55,7 @@ class EngineConfig:
     block_bytes: int   # CKPTIO_BLOCK_MB: one aligned read/write request
     queue_depth: int   # CKPTIO_QUEUE_DEPTH: requests in flight per file
     direct: int        # CKPTIO_DIRECT_IO: auto / 1 (require) / 0 (buffered + fdatasync)
+    zero_copy_reads: bool = False  # CKPTIO_READ_ZERO_COPY: O_DIRECT into page-aligned destinations
 
 
 def engine_config() -> EngineConfig:
@@ -66,12 +69,13 @@ def engine_config() -> EngineConfig:
             "auto",
             {"auto": DIRECT_AUTO, "1": DIRECT_REQUIRE, "true": DIRECT_REQUIRE, "0": DIRECT_OFF, "false": DIRECT_OFF},
         ),
+        zero_copy_reads=bool(_choice_var("CKPTIO_READ_ZERO_COPY", "0", _BOOLEAN)),
     )
 
 
 def verify_by_default() -> bool:
     """CKPTIO_VERIFY: whether ckptio.load checks CRC-32s when not told (default 1)."""
-    return bool(_choice_var("CKPTIO_VERIFY", "1", {"1": True, "true": True, "0": False, "false": False}))
+    return bool(_choice_var("CKPTIO_VERIFY", "1", _BOOLEAN))
 
 
 SNAPSHOT_MODES = ("eager", "lazy")

@@ -27,6 +27,7 @@ def _state():
         ("CKPTIO_QUEUE_DEPTH", "-1"),
         ("CKPTIO_DIRECT_IO", "maybe"),
         ("CKPTIO_VERIFY", "2"),
+        ("CKPTIO_READ_ZERO_COPY", "yes please"),
     ],
 )
 def test_bad_value_names_the_variable(tmp_path, monkeypatch, fresh_engine, var, value):
@@ -43,7 +44,9 @@ def test_engine_takes_its_options_from_the_environment(monkeypatch, fresh_engine
     monkeypatch.setenv("CKPTIO_BLOCK_MB", "2")
     monkeypatch.setenv("CKPTIO_QUEUE_DEPTH", "5")
     monkeypatch.setenv("CKPTIO_DIRECT_IO", "0")
-    assert engine_info() == {"num_threads": 3, "block_bytes": 2 << 20, "queue_depth": 5, "direct_io": "0"}
+    monkeypatch.setenv("CKPTIO_READ_ZERO_COPY", "1")
+    assert engine_info() == {"num_threads": 3, "block_bytes": 2 << 20, "queue_depth": 5, "direct_io": "0",
+                             "zero_copy_reads": True}
 
 
 def test_num_threads_sets_the_worker_count(tmp_path):
@@ -53,13 +56,16 @@ def test_num_threads_sets_the_worker_count(tmp_path):
         "print(len(os.listdir('/proc/self/task')))"
     )
     counts = {}
-    for n in (1, 6):
-        env = dict(os.environ, CKPTIO_NUM_THREADS=str(n), OMP_NUM_THREADS="1")
+    for n, depth in ((1, 1), (6, 1), (1, 4)):
+        env = dict(os.environ, CKPTIO_NUM_THREADS=str(n), CKPTIO_QUEUE_DEPTH=str(depth), OMP_NUM_THREADS="1")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        counts[n] = int(out.stdout.strip())
-    # per engine thread: one I/O worker and one snapshot-copy worker (the
-    # caller is the copy pool's last thread, so one thread means none)
-    assert counts[6] - counts[1] == 2 * 5
+        counts[n, depth] = int(out.stdout.strip())
+    # Per engine thread: one I/O worker and one snapshot-copy worker (the
+    # caller is the copy pool's last thread, so one thread means none). The
+    # I/O pool never has fewer than queue_depth + 1 workers (requests in
+    # flight block in the kernel, plus the read prefaulter).
+    assert counts[6, 1] - counts[1, 1] == (6 - 2) + 5
+    assert counts[1, 4] - counts[1, 1] == 5 - 2
 
 
 def test_direct_io_off_uses_buffered_writes(tmp_path, monkeypatch, fresh_engine):

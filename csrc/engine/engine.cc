@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+
 #include "fault_injection.h"
 
 namespace ckptio {
@@ -9,7 +11,10 @@ namespace ckptio {
 Engine::Engine(const EngineOptions& options)
     : options_(options),
       owner_pid_(::getpid()),
-      pool_(std::make_unique<ThreadPool>(options.num_threads)),
+      // Reads block in the kernel, not on a core: the I/O pool always has a
+      // thread for each request in flight plus the read prefaulter, however
+      // few cores there are. Copies stay at num_threads (they are CPU work).
+      pool_(std::make_unique<ThreadPool>(std::max(options.num_threads, options.queue_depth + 1))),
       copy_pool_(options.num_threads > 1 ? std::make_unique<ThreadPool>(options.num_threads - 1) : nullptr) {}
 
 Engine::~Engine() {
@@ -46,6 +51,7 @@ ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> reques
   r.block_bytes = options_.block_bytes;
   r.queue_depth = options_.queue_depth;
   r.direct = options_.direct;
+  r.zero_copy = options_.zero_copy_reads;
   return StartRead(path, std::move(requests), r, pool_.get(), BuffersFor(r.block_bytes));
 }
 

@@ -25,6 +25,7 @@ struct EngineOptions {
   size_t block_bytes = 8 << 20;  // multiple of 4096
   size_t queue_depth = 4;
   DirectIoMode direct = DirectIoMode::kAuto;
+  bool zero_copy_reads = false;  // see ReadOptions::zero_copy
 };
 
 class Engine {

@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include <sys/mman.h>
+
 #include "crc32.h"
 
 namespace ckptio {
@@ -40,6 +42,19 @@ void ReadProgress::StopAll() {
 namespace {
 
 constexpr uint32_t kLocalHeaderSig = 0x04034b50;
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older headers lack the name
+#endif
+
+// Maps the pages under [p, p + len) writable without touching their bytes.
+// False where the kernel does not know MADV_POPULATE_WRITE.
+bool PopulateWrite(uint8_t* p, uint64_t len) {
+  const uint64_t start = RoundDown(reinterpret_cast<uintptr_t>(p), kPageSize);
+  const uint64_t end = RoundUp(reinterpret_cast<uintptr_t>(p) + len, kPageSize);
+  if (::madvise(reinterpret_cast<void*>(start), end - start, MADV_POPULATE_WRITE) == 0) return true;
+  return errno != EINVAL;  // EFAULT/ENOMEM on odd mappings: skip that span, keep going
+}
 
 // One unit of work: a slice of one large record, read straight into its
 // destination, or a run of small neighbouring records (headers included),
@@ -77,8 +92,11 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
       return handle;
     }
     const size_t runners = std::max<size_t>(1, std::min(options_.queue_depth, work_.size()));
-    active_.store(runners);
+    const bool prefault = options_.prefault && HasDestinations();
+    active_.store(runners + (prefault ? 1 : 0));
     auto self = shared_from_this();
+    // The prefaulter first: with a small pool it must not wait for the readers to finish.
+    if (prefault) pool_->Submit([self] { self->Prefault(); });
     for (size_t i = 0; i < runners; ++i) pool_->Submit([self] { self->Run(); });
     return handle;
   }
@@ -154,6 +172,38 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
     return Status::OK();
   }
 
+  bool HasDestinations() const {
+    for (const ReadRequest& r : requests_)
+      if (r.dest != nullptr && r.size > 0) return true;
+    return false;
+  }
+
+  // Faults in the destination pages of the work items the readers have not
+  // reached yet, in the order they will be read. Fresh memory costs a page
+  // fault (and the kernel zeroing the page) on first touch; done inside a
+  // read, that CPU time sits between one request and the next, done here it
+  // overlaps the reads in flight. MADV_POPULATE_WRITE maps the pages without
+  // writing to them, so racing with a reader that already got there is
+  // harmless. Live tensors (load_into) are already mapped: a cheap walk.
+  void Prefault() {
+    for (size_t w = 0; w < work_.size() && !ticket_->failed(); ++w) {
+      w = std::max(w, next_.load(std::memory_order_relaxed));  // never behind the readers
+      if (w >= work_.size()) break;
+      const WorkItem& item = work_[w];
+      for (size_t k = item.first; k < item.last; ++k) {
+        const ReadRequest& r = requests_[order_[k]];
+        if (r.dest == nullptr || r.size == 0) continue;
+        const uint64_t offset = item.is_slice ? item.slice_offset : 0;
+        const uint64_t len = item.is_slice ? item.slice_len : r.size;
+        if (!PopulateWrite(r.dest + offset, len)) {
+          RunnerDone();
+          return;  // unsupported kernel: the readers fault pages themselves
+        }
+      }
+    }
+    RunnerDone();
+  }
+
   void Run() {
     AlignedBuffer bounce = buffers_->Acquire();
     if (bounce.data() == nullptr)
@@ -168,22 +218,32 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
       }
     }
     buffers_->Release(std::move(bounce));
+    RunnerDone();
+  }
+
+  void RunnerDone() {
     if (active_.fetch_sub(1) == 1) Finish();
   }
 
-  // Reads file bytes [offset, offset+len) into `dest` when given (O_DIRECT
-  // when aligned), else into `bounce` from the page below `offset`. *where
-  // points at the first requested byte; *got counts requested bytes read.
+  // Reads file bytes [offset, offset+len) for a destination `dest` (null:
+  // checksum only). A page-aligned dest with room for whole pages is read
+  // into with O_DIRECT; otherwise the bytes land in `bounce` (O_DIRECT from
+  // the page below `offset` when the file allows). *where points at the
+  // first requested byte, wherever it landed; *got counts requested bytes
+  // read. The caller copies from *where to dest when they differ, after
+  // checksumming them while they are still in cache.
   Status ReadRange(uint64_t offset, uint64_t len, uint8_t* dest, uint64_t dest_room, uint8_t* bounce,
                    const uint8_t** where, uint64_t* got_out) {
     size_t got = 0;
     Status s;
-    if (dest != nullptr) {
-      const uint64_t whole = RoundUp(len, kPageSize);
-      const bool direct =
-          file_.has_direct() && offset % kPageSize == 0 && IsAligned(dest, kPageSize) && dest_room >= whole;
-      s = file_.ReadAt(offset, dest, direct ? whole : len, &got, direct);
-      if (direct) direct_bytes_.fetch_add(len, std::memory_order_relaxed);
+    const bool into_dest = dest != nullptr && options_.zero_copy && file_.has_direct() && offset % kPageSize == 0 &&
+                           IsAligned(dest, kPageSize) && dest_room >= RoundUp(len, kPageSize);
+    if (into_dest) {
+      s = file_.ReadAt(offset, dest, RoundUp(len, kPageSize), &got, true);
+      direct_bytes_.fetch_add(len, std::memory_order_relaxed);
+      *where = dest;
+    } else if (dest != nullptr && !file_.has_direct()) {
+      s = file_.ReadAt(offset, dest, len, &got, false);  // buffered anyway: straight into dest
       *where = dest;
     } else {
       const uint64_t start = RoundDown(offset, kPageSize);
@@ -205,10 +265,12 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
     const uint64_t room = r.dest ? r.dest_capacity - w.slice_offset : 0;
     const uint8_t* where = nullptr;
     uint64_t got = 0;
+    if (dest != nullptr) progress_->MarkWritten(i);
     Status s = ReadRange(data_offset_[i] + w.slice_offset, w.slice_len, dest, room, bounce, &where, &got);
     if (!s.ok()) return s;
     if (got < w.slice_len) return Truncated(r);
     if (r.verify) pieces_[i][w.piece] = Crc32(0, where, w.slice_len);
+    if (dest != nullptr && where != dest) std::memcpy(dest, where, w.slice_len);
     return PieceDone(i);
   }
 
@@ -228,8 +290,15 @@ class ReadJob : public std::enable_shared_from_this<ReadJob> {
       if (!s.ok()) return s;
       const uint64_t d = data_offset_[i] - begin;
       if (got < d + r.size) return Truncated(r);
-      if (r.dest && r.size) std::memcpy(r.dest, where + d, r.size);
-      if (r.verify) pieces_[i][0] = Crc32(0, where + d, r.size);
+      if (r.verify) {
+        pieces_[i][0] = Crc32(0, where + d, r.size);
+        // A small record is whole here: a damaged one never reaches dest.
+        if (pieces_[i][0] != r.crc) return PieceDone(i);
+      }
+      if (r.dest && r.size) {
+        progress_->MarkWritten(i);
+        std::memcpy(r.dest, where + d, r.size);
+      }
       s = PieceDone(i);
       if (!s.ok()) return s;
     }

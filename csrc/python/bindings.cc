@@ -96,6 +96,14 @@ class PyTicket {
       check();
     }
   }
+  // Read jobs, REQUIRES done(): for each request, whether its destination
+  // received any bytes (after a failure, the others are untouched).
+  std::vector<bool> written() const {
+    if (!progress_) throw std::invalid_argument("not a read job");
+    std::vector<bool> out(progress_->size());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = progress_->Written(i);
+    return out;
+  }
   // Save jobs: true once the job no longer reads the records' memory.
   bool wait_sources_released(py::object timeout) {
     return WaitInterruptibly([this](double s) { return t_->WaitSourcesReleased(s); }, TimeoutSeconds(timeout));
@@ -168,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
            "Read jobs: block until request `index` is read and verified.")
       .def("wait_sources_released", &PyTicket::wait_sources_released, py::arg("timeout") = py::none(),
            "Save jobs: block until the records' memory is no longer read (True) or timeout (False).")
+      .def("written", &PyTicket::written,
+           "Read jobs, once done: per request, whether its destination received any bytes.")
       .def("done", &PyTicket::done)
       .def("cancel", &PyTicket::cancel)
       .def("check", &PyTicket::check, "Raise the job's error, if it failed. Requires done().")
@@ -186,15 +196,17 @@ PYBIND11_MODULE(_C, m) {
       });
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init([](size_t num_threads, size_t block_bytes, size_t queue_depth, int direct) {
+      .def(py::init([](size_t num_threads, size_t block_bytes, size_t queue_depth, int direct, bool zero_copy_reads) {
              EngineOptions o;
              o.num_threads = num_threads;
              o.block_bytes = block_bytes;
              o.queue_depth = queue_depth;
              o.direct = static_cast<DirectIoMode>(direct);
+             o.zero_copy_reads = zero_copy_reads;
              return std::make_unique<Engine>(o);
            }),
-           py::arg("num_threads"), py::arg("block_bytes"), py::arg("queue_depth"), py::arg("direct"))
+           py::arg("num_threads"), py::arg("block_bytes"), py::arg("queue_depth"), py::arg("direct"),
+           py::arg("zero_copy_reads") = false)
       .def(
           "save",
           [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive,

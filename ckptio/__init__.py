@@ -8,6 +8,7 @@ half of each.
 
 from ._engine import engine_info
 from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait, wait_snapshots
+from .load_into import load_into
 from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
 from .manager import CheckpointManager
 from .save_queue import SaveHandle
@@ -19,6 +20,7 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     SaveCancelledError,
+    StateMismatchError,
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "wait_snapshots",
     "reserve_staging",
     "load",
+    "load_into",
     "verify",
     "SaveHandle",
     "CheckpointIO",
@@ -49,6 +52,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ConfigError",
     "SaveCancelledError",
+    "StateMismatchError",
     "UnsafeCheckpointError",
     "UnsupportedTransformError",
 ]

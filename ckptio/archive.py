@@ -111,15 +111,24 @@ class RecordReader:
 
     `records` is [(key, Record)]: any hashable keys, so records of several
     archives in one file (a DCP rank file) can share one read. With
-    keep=False the records are only checksummed (verification)."""
+    keep=False the records are only checksummed (verification).
+    `destinations` maps keys to (address, owner): that record is read into
+    the memory at `address` (e.g. a live tensor's), which `owner` keeps
+    alive, instead of into a fresh buffer."""
 
-    def __init__(self, path: str, records, *, verify: bool, keep: bool = True):
+    def __init__(self, path: str, records, *, verify: bool, keep: bool = True, destinations=None):
         self._buffers = {}
         self._index = {}
+        destinations = destinations or {}
+        owners = []
         requests = []
         for key, r in records:
             address = capacity = 0
-            if keep:
+            if key in destinations:
+                address, owner = destinations[key]
+                capacity = r.size
+                owners.append(owner)
+            elif keep:
                 buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
                 self._buffers[key] = buf
                 address, capacity = buf.address, buf.capacity
@@ -128,7 +137,7 @@ class RecordReader:
                 (r.name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
             )
         # The ticket keeps the buffers alive until the engine is done with them.
-        self._ticket = get_engine().read(path, requests, list(self._buffers.values()))
+        self._ticket = get_engine().read(path, requests, list(self._buffers.values()) + owners)
 
     @classmethod
     def of(cls, archive: Archive, *, verify: bool, keep: bool = True) -> "RecordReader":
@@ -145,10 +154,18 @@ class RecordReader:
         try:
             self._ticket.wait()
         except BaseException:
-            self._ticket.cancel()
-            self._ticket.wait_uninterruptible()
+            self.abandon()
             raise
         self._ticket.check()
+
+    def abandon(self) -> None:
+        """Stop reading and return once the engine no longer writes anywhere."""
+        self._ticket.cancel()
+        self._ticket.wait_uninterruptible()
+
+    def written(self, key) -> bool:
+        """Once finished or abandoned: whether any bytes of record `key` reached its destination."""
+        return self._ticket.written()[self._index[key]]
 
 
 def storage_from_buffer(buf) -> torch.UntypedStorage:

@@ -19,6 +19,7 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
     "UnsupportedTransformError",
+    "StateMismatchError",
     "ConfigError",
     "SaveCancelledError",
 ]
@@ -60,6 +61,31 @@ class CorruptCheckpointError(CkptioError, ValueError):
         super().__init__(message)
         self.path = path
         self.record = record
+        self.written_keys: tuple = ()  # load_into: target key paths already written into
+
+
+class StateMismatchError(CkptioError, RuntimeError):
+    """load_into(strict=True): the checkpoint's tensors and the target's do not
+    pair up. ``missing``: target key paths the checkpoint has no tensor for;
+    ``unexpected``: checkpoint tensors the target has no place for;
+    ``mismatched``: {key path: (checkpoint's shape/dtype, target's)}. Raised
+    before anything is written into the target. (RuntimeError, like
+    ``Module.load_state_dict(strict=True)``.)"""
+
+    def __init__(self, path: str, *, missing=(), unexpected=(), mismatched=None):
+        self.path = path
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = dict(mismatched or {})
+        lines = [f"{path}: the checkpoint does not fit the target; nothing was written into it."]
+        if self.missing:
+            lines.append(f"  in the target but not in the checkpoint: {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  in the checkpoint but not in the target: {', '.join(self.unexpected)}")
+        for key, (saved, target) in self.mismatched.items():
+            lines.append(f"  {key}: the checkpoint has {saved}, the target {target}")
+        lines.append("Pass strict=False to load what fits (the rest into fresh memory).")
+        super().__init__("\n".join(lines))
 
 
 class UnsafeCheckpointError(CorruptCheckpointError, _pickle.UnpicklingError):

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from . import api
 from ._paths import committed_file, normalize_path
+from .load_into import load_into
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager"]
@@ -131,13 +132,23 @@ class CheckpointManager:
         path = self.latest()
         return None if path is None else self._step_of(path)
 
-    def load_latest(self, map_location=None, *, weights_only: bool = True):
+    def load_latest(self, map_location=None, *, weights_only: bool = True, into=None, strict: bool = True):
         """Load the newest checkpoint that is intact (CRC-verified), falling
         back to older ones if it was damaged; raises CheckpointNotFoundError
-        if there is none."""
+        if there is none.
+
+        With `into` (e.g. ``{"model": model.state_dict(), "optimizer":
+        opt.state_dict()}``) the tensors are read straight into those
+        tensors, as ``ckptio.load_into(into, path, strict=strict)`` does. A
+        damaged newest checkpoint may have been partly read into `into`
+        before its damage showed; the older checkpoint then loaded rewrites
+        every tensor it pairs with."""
         damaged = []
         for path in self._candidates():
             try:
+                if into is not None:
+                    return load_into(into, path, strict=strict, map_location=map_location,
+                                     weights_only=weights_only)
                 return api.load(path, map_location=map_location, weights_only=weights_only)
             except CorruptCheckpointError as e:
                 damaged.append(e)

@@ -19,6 +19,7 @@ $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
 	    pytest psutil hypothesis safetensors "lightning==2.6.6" fsspec rich matplotlib s3fs "moto[server]" zstandard
+	command -v strace >/dev/null || (apt-get update -qq && apt-get install -y -qq strace >/dev/null)
 	touch $@
 
 # A real (non-editable) install: tests import what users would get.

@@ -191,7 +191,8 @@ std::string TemporaryPathFor(const std::string& final_path) {
   return dir + ".ckptio-tmp-" + std::to_string(::getpid()) + "-" + std::to_string(counter.fetch_add(1));
 }
 
-Status RenameDurably(const std::string& from, const std::string& to) {
+Status RenameDurably(const std::string& from, const std::string& to, int* replaced) {
+  if (replaced != nullptr) *replaced = ::open(to.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (::rename(from.c_str(), to.c_str()) != 0) return Status::FromErrno(errno, "rename", to);
   std::string dir = DirectoryOf(to);
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

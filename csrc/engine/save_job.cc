@@ -266,13 +266,18 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
     if (s.ok()) s = file_.Sync();
     const bool direct = file_.direct();
     if (s.ok()) s = file_.Close();
-    if (s.ok()) s = RenameDurably(temp_path_, path_);
+    int replaced = -1;
+    if (s.ok()) s = RenameDurably(temp_path_, path_, &replaced);
     if (!s.ok()) {
+      if (replaced >= 0) ::close(replaced);
       Fail(s);
       Abort();
       return;
     }
     ticket_->Finish(JobStats{path_, layout_.file_size(), 0, direct, options_.block_bytes});
+    // The save is durable and reported; only now let the kernel free the
+    // replaced file's blocks, on this engine thread, off the caller's path.
+    if (replaced >= 0) ::close(replaced);
   }
 
   // Errors name the destination, the path the user knows, not the temporary file.

@@ -144,9 +144,13 @@ class RecordReader:
         """Every record of one archive, keyed by name."""
         return cls(archive.path, list(archive.records.items()), verify=verify, keep=keep)
 
+    def wait(self, key) -> None:
+        """Block until record `key` is read (into its buffer or destination) and verified."""
+        self._ticket.wait_request(self._index[key])
+
     def get(self, key):
         """The page-aligned buffer holding record `key`, once read and verified."""
-        self._ticket.wait_request(self._index[key])
+        self.wait(key)
         return self._buffers[key]
 
     def finish(self) -> None:
@@ -166,6 +170,20 @@ class RecordReader:
     def written(self, key) -> bool:
         """Once finished or abandoned: whether any bytes of record `key` reached its destination."""
         return self._ticket.written()[self._index[key]]
+
+
+def read_small_records(path: str, archives: dict, *, verify: bool) -> dict:
+    """{key: {name: bytes}} of every record that is not a tensor payload (the
+    pickle, byteorder, version, ...) of each archive in `archives` ({key:
+    Archive}, all in file `path`): small, read in one engine job."""
+    requests = [((key, name), r) for key, arc in archives.items() for name, r in arc.records.items()
+                if not name.startswith("data/")]
+    reader = RecordReader(path, requests, verify=verify)
+    reader.finish()
+    out: dict = {key: {} for key in archives}
+    for (key, name), _ in requests:
+        out[key][name] = bytes(reader.get((key, name)))
+    return out
 
 
 def storage_from_buffer(buf) -> torch.UntypedStorage:
@@ -188,17 +206,21 @@ class _RecordStorage:
 
 class LoadedArchive:
     """The reader interface torch.serialization._load calls, served from
-    records the engine reads (and verifies) in the background."""
+    records the engine reads (and verifies) in the background, or from
+    `known`: {record name: bytes} already read (e.g. the pickle)."""
 
-    def __init__(self, archive: Archive, reader: RecordReader, key=lambda name: name):
+    def __init__(self, archive: Archive, reader: RecordReader | None, key=lambda name: name, known=None):
         self._archive = archive
         self._reader = reader
         self._key = key  # record name -> the reader's key
+        self._known = known or {}
 
     def has_record(self, name: str) -> bool:
         return name in self._archive.records
 
     def get_record(self, name: str) -> bytes:
+        if name in self._known:
+            return self._known[name]
         return bytes(self._reader.get(self._key(name)))
 
     def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import io
 import os
 import pathlib
@@ -63,6 +64,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
+from .load_into import unpickle_skeleton
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
@@ -333,6 +335,10 @@ class StorageReader(FileSystemReader):
         super().__init__(os.fspath(path), _extension_registry=_extension_registry)
         self.verify = verify
         self.safe_globals = list(safe_globals)
+        # Tensor items of the last read_data: read straight into the planner's
+        # tensor, or rebuilt in fresh memory and copied in.
+        self.items_in_place = 0
+        self.items_copied = 0
 
     # --- metadata -------------------------------------------------------------
 
@@ -362,46 +368,114 @@ class StorageReader(FileSystemReader):
     # --- data -----------------------------------------------------------------
 
     def read_data(self, plan, planner) -> Future:
-        """Per rank file: parse every tensor archive's directory, read all their
-        records in one engine job (parallel, CRC-verified), then rebuild each
-        tensor with torch's unpickler and copy it into DCP's target. BYTES items
-        and transformed (e.g. compressed) items are read whole and decoded."""
+        """Per rank file: parse every tensor archive's directory and read their
+        pickles (one small engine job), then read all their payloads in one
+        engine job (parallel, CRC-verified). A payload that is exactly the
+        tensor the planner resolves (contiguous CPU memory, the saved item
+        whole: a same-sharding load, or 2 -> 1 along dim 0) is read straight
+        into it; the others are rebuilt with torch's unpickler from fresh
+        buffers, narrowed and copied in. BYTES items and transformed (e.g.
+        compressed) items are read whole and decoded."""
         directory = os.fspath(self.path)
+        self.items_in_place = self.items_copied = 0
         by_file: dict = {}
         for req in plan.items:
             by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in by_file.items():
             path = _join_inside(directory, relative_path)
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
-            archives = {}  # (offset, length) -> Archive
-            try:
-                for req in reqs:
-                    info = self.storage_data[req.storage_index]
-                    if (req.type != LoadItemType.BYTE_IO and not _transforms_of(info)
-                            and (info.offset, info.length) not in archives):
-                        archives[(info.offset, info.length)] = _archive.open_archive(
-                            path, base=info.offset, size=info.length)
-            except FileNotFoundError as e:
-                raise CheckpointIOError(2, f"missing checkpoint file of rank {_rank_of(relative_path)}", path) from e
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{path} (rank {_rank_of(relative_path)}): {e}", path=path) from e
-            reader = _archive.RecordReader(
-                path, [((span, name), r) for span, arc in archives.items() for name, r in arc.records.items()],
-                verify=self.verify)
-            for req in reqs:
-                self._read_item(req, path, relative_path, archives, reader, planner)
-            try:
-                reader.finish()
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{path} (rank {_rank_of(relative_path)}): {e}", path=path) from e
+            self._read_file(path, _rank_of(relative_path), reqs, planner)
         fut = Future()
         fut.set_result(None)
         return fut
 
-    def _read_item(self, req, path, relative_path, archives, reader, planner) -> None:
+    def _read_file(self, path, rank, reqs, planner) -> None:
+        in_file = f"{path} (rank {rank})"
+        tensor_reqs = [r for r in reqs
+                       if r.type != LoadItemType.BYTE_IO and not _transforms_of(self.storage_data[r.storage_index])]
+        archives = {}  # (offset, length) -> Archive
+        try:
+            for req in tensor_reqs:
+                span = self._span(req)
+                if span not in archives:
+                    archives[span] = _archive.open_archive(path, base=span[0], size=span[1])
+            small = _archive.read_small_records(path, archives, verify=self.verify)
+        except FileNotFoundError as e:
+            raise CheckpointIOError(2, f"missing checkpoint file of rank {rank}", path) from e
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{in_file}: {e}", path=path) from e
+
+        placed, targets = self._place(path, rank, tensor_reqs, archives, small, planner)
+        items = {}  # engine request name -> item, for naming damage
+        records = []
+        for span, arc in archives.items():
+            fqns = sorted({r.storage_index.fqn for r in tensor_reqs if self._span(r) == span})
+            for name, r in arc.records.items():
+                if name.startswith("data/"):
+                    unique = dataclasses.replace(r, name=f"{name}@{span[0]}")
+                    items[unique.name] = ", ".join(map(repr, fqns))
+                    records.append(((span, name), unique))
+        reader = _archive.RecordReader(path, records, verify=self.verify, destinations=placed)
+        try:
+            for req in reqs:
+                if req in targets and (self._span(req), targets[req][1]) in placed:
+                    reader.wait((self._span(req), targets[req][1]))  # read straight into the target, verified
+                    planner.commit_tensor(req, targets[req][0])
+                    self.items_in_place += 1
+                else:
+                    self.items_copied += req in targets
+                    self._read_item(req, path, rank, archives, small, reader, planner, targets)
+            reader.finish()
+        except CorruptCheckpointError as e:
+            reader.abandon()
+            if e.record not in items:
+                raise  # already names its item
+            raise CorruptCheckpointError(f"{in_file}, item {items[e.record]}: {e}", path=path, record=e.record) from e
+        except BaseException:
+            reader.abandon()
+            raise
+
+    def _span(self, req) -> tuple:
+        info = self.storage_data[req.storage_index]
+        return (info.offset, info.length)
+
+    def _place(self, path, rank, tensor_reqs, archives, small, planner) -> tuple:
+        """Resolves each tensor item's target; returns the records that can be
+        read straight into one ({(span, record): (address, target)}) and
+        {req: (target, record)}."""
+        from torch.distributed._shard._utils import narrow_tensor_by_index
+
+        targets, candidates, uses = {}, {}, collections.Counter()
+        for req in tensor_reqs:
+            span = self._span(req)
+            where = f"{path} (rank {rank}, item {req.storage_index.fqn!r})"
+            with torch.serialization.safe_globals(self.safe_globals):
+                saved, record_of = unpickle_skeleton(archives[span], small[span], True, where)
+            if not isinstance(saved, torch.Tensor):
+                raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
+                                             path=path, record=req.storage_index.fqn)
+            record = record_of.get(saved.untyped_storage()._cdata)
+            view = narrow_tensor_by_index(saved, req.storage_offsets, req.lengths)
+            target = planner.resolve_tensor(req).detach()
+            targets[req] = (target, record)
+            uses[(span, record)] += 1
+            size = archives[span].records[record].size if record else -1
+            if (view.is_contiguous() and view.storage_offset() == 0 and view.nbytes == size > 0
+                    and target.dtype == view.dtype and target.shape == view.shape and target.device.type == "cpu"
+                    and target.is_contiguous()):
+                candidates[(span, record)] = (target.data_ptr(), target)
+        placed, claimed = {}, []
+        for key, (address, target) in candidates.items():
+            size = archives[key[0]].records[key[1]].size
+            if uses[key] == 1 and not any(address < end and start < address + size for start, end in claimed):
+                claimed.append((address, address + size))
+                placed[key] = (address, target)
+        return placed, targets
+
+    def _read_item(self, req, path, rank, archives, small, reader, planner, targets) -> None:
         info: _StorageInfo = self.storage_data[req.storage_index]
         fqn = req.storage_index.fqn
-        where = f"{path} (rank {_rank_of(relative_path)}, item {fqn!r})"
+        where = f"{path} (rank {rank}, item {fqn!r})"
         if req.type == LoadItemType.BYTE_IO or _transforms_of(info):
             raw = self._read_whole(req, info, path, where)
             if req.type == LoadItemType.BYTE_IO:
@@ -409,25 +483,24 @@ class StorageReader(FileSystemReader):
                 return
             descriptors = _transforms_of(info)
             tensor = self._tensor_from_bytes(raw, path, f"{where} (decoded with {_names(descriptors)})", fqn)
+            target = planner.resolve_tensor(req).detach()
         else:
             span = (info.offset, info.length)
-            try:
+            with torch.serialization.safe_globals(self.safe_globals):
                 tensor = torch.serialization._load(
-                    _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name)), "cpu",
-                    torch._weights_only_unpickler, encoding="utf-8")
-            except CorruptCheckpointError as e:
-                raise CorruptCheckpointError(f"{where}: {e}", path=path, record=fqn) from e
-        self._commit_tensor(req, tensor, path, where, planner)
+                    _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name), known=small[span]),
+                    "cpu", torch._weights_only_unpickler, encoding="utf-8")
+            target = targets[req][0]
+        self._commit_tensor(req, tensor, target, path, where, planner)
 
     @staticmethod
-    def _commit_tensor(req, tensor, path, where, planner) -> None:
+    def _commit_tensor(req, tensor, target, path, where, planner) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         if not isinstance(tensor, torch.Tensor):
             raise CorruptCheckpointError(f"{where}: holds a {type(tensor).__name__}, not a tensor",
                                          path=path, record=req.storage_index.fqn)
         tensor = narrow_tensor_by_index(tensor, req.storage_offsets, req.lengths)
-        target = planner.resolve_tensor(req).detach()
         if target.size() != tensor.size():
             raise CorruptCheckpointError(f"{where}: size {tuple(tensor.size())}, expected {tuple(target.size())}",
                                          path=path, record=req.storage_index.fqn)

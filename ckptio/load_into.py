@@ -93,8 +93,8 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     arc = _archive.open_archive(path)
     if "constants.pkl" in arc.records:
         raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
-    metadata = _read_metadata_records(arc, verify)
-    skeleton, record_of = _unpickle_skeleton(arc, metadata, weights_only, path)
+    metadata = _archive.read_small_records(path, {None: arc}, verify=verify)[None]
+    skeleton, record_of = unpickle_skeleton(arc, metadata, weights_only, path)
     pairs, missing = _pair(skeleton, target)
     _check(pairs, missing, strict, path)
     plan = _Plan.of(arc, pairs, record_of)
@@ -106,27 +106,14 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
 # Pass 1: the object graph, with placeholder storages
 # --------------------------------------------------------------------------
 
-def _read_metadata_records(arc: _archive.Archive, verify: bool) -> dict:
-    """The bytes of every record that is not a tensor payload (the pickle,
-    byteorder, version, ...): small, and needed before planning."""
-    names = [n for n in arc.records if not n.startswith("data/")]
-    reader = _archive.RecordReader(arc.path, [(n, arc.records[n]) for n in names], verify=verify)
-    reader.finish()
-    return {n: bytes(reader.get(n)) for n in names}
-
-
 class _SkeletonArchive(_archive.LoadedArchive):
     """torch's zip reader interface with meta storages: no payload is read.
     Remembers which record each storage stands for."""
 
     def __init__(self, archive, metadata: dict):
-        super().__init__(archive, reader=None)
-        self._metadata = metadata
+        super().__init__(archive, reader=None, known=metadata)
         self.record_of = {}  # storage _cdata -> record name
         self._alive = []     # keeps each placeholder (and so its _cdata) unique
-
-    def get_record(self, name: str) -> bytes:
-        return self._metadata[name]
 
     def get_storage_from_record(self, name, numel, storage_type):
         self._archive.record(name)
@@ -136,7 +123,9 @@ class _SkeletonArchive(_archive.LoadedArchive):
         return _archive._RecordStorage(storage)
 
 
-def _unpickle_skeleton(arc, metadata, weights_only, path):
+def unpickle_skeleton(arc, metadata: dict, weights_only: bool, path: str):
+    """The archive's object graph with meta tensors, and {storage _cdata:
+    record name} for them; `metadata` holds the archive's non-payload records."""
     skeleton_archive = _SkeletonArchive(arc, metadata)
     graph = _unpickle(skeleton_archive, lambda storage, location: storage, weights_only, path)
     return graph, skeleton_archive.record_of
@@ -321,13 +310,9 @@ class _PlacedArchive(_archive.LoadedArchive):
     the target's memory, the others fresh buffers."""
 
     def __init__(self, archive, reader, metadata: dict, plan: _Plan):
-        super().__init__(archive, reader)
-        self._metadata = metadata
+        super().__init__(archive, reader, known=metadata)
         self._plan = plan
         self.placed_storages = set()  # _cdata of the storages that are target memory
-
-    def get_record(self, name: str) -> bytes:
-        return self._metadata[name] if name in self._metadata else super().get_record(name)
 
     def get_storage_from_record(self, name, numel, storage_type):
         placement = self._plan.placed.get(name)

@@ -64,7 +64,7 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
-from .load_into import unpickle_skeleton
+from .load_into import MemoryClaims, unpickle_skeleton
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
@@ -406,14 +406,16 @@ class StorageReader(FileSystemReader):
             raise CorruptCheckpointError(f"{in_file}: {e}", path=path) from e
 
         placed, targets = self._place(path, rank, tensor_reqs, archives, small, planner)
+        fqns_of = collections.defaultdict(set)
+        for r in tensor_reqs:
+            fqns_of[self._span(r)].add(r.storage_index.fqn)
         items = {}  # engine request name -> item, for naming damage
         records = []
         for span, arc in archives.items():
-            fqns = sorted({r.storage_index.fqn for r in tensor_reqs if self._span(r) == span})
             for name, r in arc.records.items():
                 if name.startswith("data/"):
                     unique = dataclasses.replace(r, name=f"{name}@{span[0]}")
-                    items[unique.name] = ", ".join(map(repr, fqns))
+                    items[unique.name] = ", ".join(map(repr, sorted(fqns_of[span])))
                     records.append(((span, name), unique))
         reader = _archive.RecordReader(path, records, verify=self.verify, destinations=placed)
         try:
@@ -464,11 +466,9 @@ class StorageReader(FileSystemReader):
                     and target.dtype == view.dtype and target.shape == view.shape and target.device.type == "cpu"
                     and target.is_contiguous()):
                 candidates[(span, record)] = (target.data_ptr(), target)
-        placed, claimed = {}, []
+        placed, claimed = {}, MemoryClaims()
         for key, (address, target) in candidates.items():
-            size = archives[key[0]].records[key[1]].size
-            if uses[key] == 1 and not any(address < end and start < address + size for start, end in claimed):
-                claimed.append((address, address + size))
+            if uses[key] == 1 and claimed.claim(address, archives[key[0]].records[key[1]].size):
                 placed[key] = (address, target)
         return placed, targets
 

@@ -11,6 +11,11 @@ nothing here runs unless a ckptio plugin is created.
 
 ``CheckpointMetrics`` (a Callback, for either package) logs every async
 save's stall, time to durable and throughput to the Trainer's loggers.
+
+``ResumeInPlace`` (a Callback, for either package) makes a resume
+(``trainer.fit(..., ckpt_path=...)``) read the model's tensors straight into
+the LightningModule's own parameters and buffers (``ckptio.load_into``)
+instead of into fresh memory that ``load_state_dict`` then copies from.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import importlib
 import importlib.util
 import threading
 
-__all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics"]
+__all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace"]
 
 # Where each Lightning distribution keeps CheckpointIO (the Trainer re-exports it).
 _FABRIC_IO_MODULES = {"lightning": "lightning.fabric.plugins.io", "pytorch_lightning": "lightning_fabric.plugins.io"}
@@ -103,3 +108,48 @@ def CheckpointMetrics(namespace: str = "lightning"):
     if namespace not in _FABRIC_IO_MODULES:
         raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
     return _callback_class(namespace)()
+
+
+def _resume_in_place_class(top: str):
+    callbacks = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+
+    class _ResumeInPlace(callbacks.Callback):
+        """Points the Trainer's ckptio plugin at the module's state_dict, so a
+        resume reads the checkpoint's "state_dict" into it. Lightning's
+        load_state_dict then finds each tensor already in place (copy_ of a
+        tensor onto its own memory returns at once). Optimizer states and
+        everything else load into fresh memory as before."""
+
+        def setup(self, trainer, pl_module, stage=None):
+            plugin = _fast_plugin_of(trainer.strategy)
+            if plugin is None:
+                import warnings
+
+                warnings.warn("ckptio.lightning.ResumeInPlace does nothing here: the Trainer's checkpoint_io is not "
+                              "ckptio's FastCheckpointIO (or an AsyncCheckpointIO over it)", stacklevel=2)
+                return
+            plugin.load_target = lambda: {"state_dict": pl_module.state_dict()}
+
+        def teardown(self, trainer, pl_module, stage=None):
+            plugin = _fast_plugin_of(trainer.strategy)
+            if plugin is not None:
+                plugin.load_target = None
+
+    _ResumeInPlace.__name__ = _ResumeInPlace.__qualname__ = "ResumeInPlace"
+    return _ResumeInPlace
+
+
+def _fast_plugin_of(strategy):
+    from .plugins import FastCheckpointIO
+
+    io = strategy.checkpoint_io
+    io = getattr(io, "checkpoint_io", io)  # ckptio's AsyncCheckpointIO wraps one
+    return io if isinstance(io, FastCheckpointIO) else None
+
+
+def ResumeInPlace(namespace: str = "lightning"):
+    """A Callback (for ``lightning`` or ``pytorch_lightning``): resumes read
+    the model's tensors straight into the LightningModule (ckptio.load_into)."""
+    if namespace not in _FABRIC_IO_MODULES:
+        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
+    return _resume_in_place_class(namespace)()

@@ -25,8 +25,10 @@ Two passes over the pickle, one over the payloads:
 
 from __future__ import annotations
 
+import bisect
 import os
 import pickle
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -98,6 +100,10 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     pairs, missing = _pair(skeleton, target)
     _check(pairs, missing, strict, path)
     plan = _Plan.of(arc, pairs, record_of)
+    if metadata.get("byteorder", sys.byteorder.encode()).decode(errors="replace") != sys.byteorder:
+        # torch byte-swaps each storage as the unpickler meets it, before
+        # the bytes would have arrived in place: read fresh, then copy.
+        plan = _Plan(placed={}, copies=plan.pairs, pairs=plan.pairs)
     result = _read(arc, metadata, plan, verify, weights_only, map_location, path)
     return _adopt(result, target, plan, path)
 
@@ -234,6 +240,26 @@ def _check(pairs, missing, strict, path) -> None:
 # Placing records in target memory
 # --------------------------------------------------------------------------
 
+class MemoryClaims:
+    """Byte ranges of target memory that records are placed into; a range
+    overlapping one already claimed (tied weights, a tensor under two keys) is
+    refused, so no two concurrent reads write the same bytes."""
+
+    def __init__(self):
+        self._starts: list = []  # sorted; the claimed ranges never overlap
+        self._ends: list = []
+
+    def claim(self, start: int, size: int) -> bool:
+        i = bisect.bisect_right(self._starts, start)
+        if i > 0 and self._ends[i - 1] > start:
+            return False
+        if i < len(self._starts) and self._starts[i] < start + size:
+            return False
+        self._starts.insert(i, start)
+        self._ends.insert(i, start + size)
+        return True
+
+
 @dataclass
 class _Placement:
     storage: torch.UntypedStorage  # what the unpickler builds the record's tensors on
@@ -255,7 +281,7 @@ class _Plan:
             by_record.setdefault(record_of.get(p.saved.untyped_storage()._cdata), []).append(p)
         by_record.pop(None, None)
         placed: dict = {}
-        claimed: list = []  # (start, end) of target memory records are placed into
+        claimed = MemoryClaims()
         for name, group in by_record.items():
             placement = _placement(arc.records[name].size, group, claimed)
             if placement is not None:
@@ -264,7 +290,7 @@ class _Plan:
         return cls(placed, copies, matching)
 
 
-def _placement(size: int, group: list, claimed: list) -> _Placement | None:
+def _placement(size: int, group: list, claimed: MemoryClaims) -> _Placement | None:
     """Where record bytes can go straight into a target: a paired tensor that
     covers the record whole (contiguous, from its start) whose target is
     contiguous CPU memory no other record is placed into."""
@@ -275,9 +301,8 @@ def _placement(size: int, group: list, claimed: list) -> _Placement | None:
         if tgt.device.type != "cpu" or not tgt.is_contiguous() or tgt.is_quantized or tgt.is_sparse:
             continue
         start = tgt.data_ptr()
-        if any(start < end and b < start + size for b, end in claimed):
+        if not claimed.claim(start, size):
             continue  # tied or overlapping target memory: copied in order instead
-        claimed.append((start, start + size))
         storage = tgt.untyped_storage()
         offset = start - storage.data_ptr()
         if offset != 0 or storage.nbytes() != size:

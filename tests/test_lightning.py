@@ -241,3 +241,41 @@ def test_two_process_ddp_saves_async_and_every_rank_resumes(tmp_path, strategy):
         assert seen == {"start": 4, "end": 8, "same": True}, (rank, seen)
     files = sorted(os.listdir(tmp_path / "ckpt"))
     assert files == ["epoch=0-step=8.ckpt", "last.ckpt"], files
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
+@pytest.mark.parametrize("wrap", [False, True])
+def test_resume_in_place_reads_into_the_modules_own_tensors(tmp_path, ns, wrap):
+    from ckptio.lightning import ResumeInPlace
+
+    pl = lightning_namespace(ns)
+    io = AsyncCheckpointIO(FastCheckpointIO()) if wrap else FastCheckpointIO()
+    _, first, _ = _fit(pl, tmp_path, io, max_steps=6, every_n_train_steps=3, save_last=True)
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_load_checkpoint(self, trainer, module, checkpoint):
+            # The checkpoint's tensors are the module's own memory already.
+            own = {k: v.data_ptr() for k, v in module.state_dict().items()}
+            seen["in_place"] = {k: checkpoint["state_dict"][k].data_ptr() == own[k] for k in own}
+            seen["optimizer_states"] = len(checkpoint["optimizer_states"])
+
+        def on_train_start(self, trainer, module):
+            seen["step"] = trainer.global_step
+            seen["weights"] = {k: v.clone() for k, v in module.state_dict().items()}
+
+    Model = make_model_class(pl)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=10, callbacks=[ResumeInPlace(ns), Probe()],
+                                          plugins=[io]))
+    trainer.fit(Model(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert seen["in_place"] and all(seen["in_place"].values()), seen["in_place"]
+    assert seen["optimizer_states"] == 1
+    assert seen["step"] == 6 and trainer.global_step == 10
+    for k, v in saved.items():
+        assert torch.equal(seen["weights"][k], v), k
+    assert _plugin_target(io) is None  # the Trainer's teardown let go of the module
+
+
+def _plugin_target(io):
+    return getattr(io, "checkpoint_io", io).load_target

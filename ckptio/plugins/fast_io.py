@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import api, remote
 from .._paths import make_parent_directories, normalize_path
 from ..background import stage, streaming_native_save, write_native
+from ..load_into import load_into
 from ..save_queue import get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
 
@@ -27,6 +28,9 @@ class FastCheckpointIO(CheckpointIO):
     def __init__(self, *, verify: Optional[bool] = None):
         super().__init__()
         self.verify = verify
+        # Set by ckptio.lightning.ResumeInPlace: returns the tensors a load
+        # may read straight into (e.g. {"state_dict": module.state_dict()}).
+        self.load_target: Optional[Callable[[], Any]] = None
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
@@ -39,8 +43,21 @@ class FastCheckpointIO(CheckpointIO):
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         path = normalize_path(path)
         get_queue().wait_path(path)
-        return api.load(path, map_location=map_location if map_location is not None else _to_cpu,
-                        weights_only=weights_only, verify=self.verify)
+        map_location = map_location if map_location is not None else _to_cpu
+        target = self.load_target() if self.load_target is not None else None
+        if target is not None:
+            # What pairs with the target lands in it; the rest (optimizer
+            # states, loops, callbacks) as ckptio.load returns it.
+            return load_into(target, path, strict=False, map_location=map_location, weights_only=weights_only,
+                             verify=self.verify)
+        return api.load(path, map_location=map_location, weights_only=weights_only, verify=self.verify)
+
+    def __getstate__(self) -> dict:
+        # Lightning pickles the Trainer (ddp_spawn): the target belongs to
+        # this process's module (ResumeInPlace sets it again in setup).
+        state = self.__dict__.copy()
+        state["load_target"] = None
+        return state
 
     def remove_checkpoint(self, path) -> None:
         path = normalize_path(path)

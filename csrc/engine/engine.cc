@@ -52,6 +52,7 @@ ReadHandle Engine::Read(const std::string& path, std::vector<ReadRequest> reques
   r.queue_depth = options_.queue_depth;
   r.direct = options_.direct;
   r.zero_copy = options_.zero_copy_reads;
+  r.prefault = options_.read_prefault;
   return StartRead(path, std::move(requests), r, pool_.get(), BuffersFor(r.block_bytes));
 }
 

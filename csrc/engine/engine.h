@@ -26,6 +26,7 @@ struct EngineOptions {
   size_t queue_depth = 4;
   DirectIoMode direct = DirectIoMode::kAuto;
   bool zero_copy_reads = false;  // see ReadOptions::zero_copy
+  bool read_prefault = true;     // see ReadOptions::prefault (off only to measure what it buys)
 };
 
 class Engine {

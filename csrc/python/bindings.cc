@@ -196,17 +196,19 @@ PYBIND11_MODULE(_C, m) {
       });
 
   py::class_<Engine>(m, "Engine")
-      .def(py::init([](size_t num_threads, size_t block_bytes, size_t queue_depth, int direct, bool zero_copy_reads) {
+      .def(py::init([](size_t num_threads, size_t block_bytes, size_t queue_depth, int direct, bool zero_copy_reads,
+                       bool read_prefault) {
              EngineOptions o;
              o.num_threads = num_threads;
              o.block_bytes = block_bytes;
              o.queue_depth = queue_depth;
              o.direct = static_cast<DirectIoMode>(direct);
              o.zero_copy_reads = zero_copy_reads;
+             o.read_prefault = read_prefault;
              return std::make_unique<Engine>(o);
            }),
            py::arg("num_threads"), py::arg("block_bytes"), py::arg("queue_depth"), py::arg("direct"),
-           py::arg("zero_copy_reads") = false)
+           py::arg("zero_copy_reads") = false, py::arg("read_prefault") = true)
       .def(
           "save",
           [](Engine& e, const std::string& path, py::list records, uint64_t alignment, py::object keepalive,

@@ -12,7 +12,8 @@ from ._engine import get_engine
 from .errors import CheckpointIOError, CorruptCheckpointError
 from . import _C
 
-__all__ = ["Archive", "Record", "RecordReader", "LoadedArchive", "open_archive", "is_zip_checkpoint"]
+__all__ = ["Archive", "Record", "RecordReader", "LoadedArchive", "open_archive", "open_archives",
+           "is_zip_checkpoint", "read_small_records"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PAGE = 4096
@@ -68,6 +69,21 @@ def open_archive(path: str, *, base: int = 0, size: int | None = None) -> Archiv
                 )
     else:  # an archive inside a larger file: its local headers are checked as they are read
         file_size, entries = get_engine().read_directory(path, base, size)
+    return _archive_from_entries(path, file_size, entries)
+
+
+def open_archives(path: str, windows) -> dict:
+    """open_archive for many archives inside one file (a DCP rank file):
+    {(base, size): Archive}, their directories read in parallel."""
+    windows = list(windows)
+    if os.path.isdir(path):
+        raise CheckpointIOError(21, "is a directory, not a checkpoint file", path)
+    listed = get_engine().read_directories(path, windows)
+    file_size = os.path.getsize(path)
+    return {w: _archive_from_entries(path, file_size, entries) for w, entries in zip(windows, listed)}
+
+
+def _archive_from_entries(path: str, file_size: int, entries) -> Archive:
     if not entries:
         raise CorruptCheckpointError(f"{path}: the archive holds no records", path=path)
     first = _decode(entries[0][0], path)
@@ -209,11 +225,13 @@ class LoadedArchive:
     records the engine reads (and verifies) in the background, or from
     `known`: {record name: bytes} already read (e.g. the pickle)."""
 
-    def __init__(self, archive: Archive, reader: RecordReader | None, key=lambda name: name, known=None):
+    def __init__(self, archive: Archive, reader: RecordReader | None, key=lambda name: name, known=None,
+                 storages=None):
         self._archive = archive
         self._reader = reader
         self._key = key  # record name -> the reader's key
         self._known = known or {}
+        self._storages = storages or {}  # record name -> an UntypedStorage already holding its bytes
 
     def has_record(self, name: str) -> bool:
         return name in self._archive.records
@@ -225,6 +243,8 @@ class LoadedArchive:
 
     def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
         record = self._archive.record(name)
+        if name in self._storages:
+            return _RecordStorage(self._storages[name])
         if record.size != numel:
             raise CorruptCheckpointError(
                 f"{self._archive.path}: record '{name}' holds {record.size} bytes but the pickle expects {numel}",

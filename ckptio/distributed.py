@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import dataclasses
 import io
 import os
 import pathlib
@@ -64,7 +63,8 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
-from .load_into import MemoryClaims, unpickle_skeleton
+from .load_into import MemoryClaims, _unpickle
+from .skeleton import unpickle_skeleton
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
@@ -390,22 +390,25 @@ class StorageReader(FileSystemReader):
         return fut
 
     def _read_file(self, path, rank, reqs, planner) -> None:
+        """One rank file, in one engine job: every archive's small records
+        (its pickle) and payloads. A payload predicted to be exactly the
+        planner's tensor (see _predict_place) is read straight into it; the
+        prediction is checked against the pickle before the tensor is
+        committed (a miss is rebuilt from the bytes that landed, no re-read).
+        Pickles are parsed while the payloads are still arriving."""
         in_file = f"{path} (rank {rank})"
         tensor_reqs = [r for r in reqs
                        if r.type != LoadItemType.BYTE_IO and not _transforms_of(self.storage_data[r.storage_index])]
-        archives = {}  # (offset, length) -> Archive
         try:
-            for req in tensor_reqs:
-                span = self._span(req)
-                if span not in archives:
-                    archives[span] = _archive.open_archive(path, base=span[0], size=span[1])
-            small = _archive.read_small_records(path, archives, verify=self.verify)
+            # (offset, length) -> Archive
+            archives = _archive.open_archives(path, dict.fromkeys(self._span(r) for r in tensor_reqs))
         except FileNotFoundError as e:
             raise CheckpointIOError(2, f"missing checkpoint file of rank {rank}", path) from e
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{in_file}: {e}", path=path) from e
 
-        placed, targets = self._place(path, rank, tensor_reqs, archives, small, planner)
+        targets = {req: planner.resolve_tensor(req).detach() for req in tensor_reqs}
+        placed = _predict_place(tensor_reqs, targets, archives, self._span)
         fqns_of = collections.defaultdict(set)
         for r in tensor_reqs:
             fqns_of[self._span(r)].add(r.storage_index.fqn)
@@ -413,20 +416,18 @@ class StorageReader(FileSystemReader):
         records = []
         for span, arc in archives.items():
             for name, r in arc.records.items():
-                if name.startswith("data/"):
-                    unique = dataclasses.replace(r, name=f"{name}@{span[0]}")
-                    items[unique.name] = ", ".join(map(repr, sorted(fqns_of[span])))
-                    records.append(((span, name), unique))
+                unique = _archive.Record(f"{name} of the archive at offset {span[0]}", r.header_offset,
+                                         r.end_offset, r.size, r.crc)
+                items[unique.name] = ", ".join(map(repr, sorted(fqns_of[span])))
+                records.append(((span, name), unique))
         reader = _archive.RecordReader(path, records, verify=self.verify, destinations=placed)
         try:
             for req in reqs:
-                if req in targets and (self._span(req), targets[req][1]) in placed:
-                    reader.wait((self._span(req), targets[req][1]))  # read straight into the target, verified
-                    planner.commit_tensor(req, targets[req][0])
-                    self.items_in_place += 1
+                if req in targets:
+                    self._read_tensor(req, path, rank, archives[self._span(req)], reader, placed, targets[req],
+                                      planner)
                 else:
-                    self.items_copied += req in targets
-                    self._read_item(req, path, rank, archives, small, reader, planner, targets)
+                    self._read_item(req, path, rank, planner)
             reader.finish()
         except CorruptCheckpointError as e:
             reader.abandon()
@@ -441,57 +442,50 @@ class StorageReader(FileSystemReader):
         info = self.storage_data[req.storage_index]
         return (info.offset, info.length)
 
-    def _place(self, path, rank, tensor_reqs, archives, small, planner) -> tuple:
-        """Resolves each tensor item's target; returns the records that can be
-        read straight into one ({(span, record): (address, target)}) and
-        {req: (target, record)}."""
+    def _read_tensor(self, req, path, rank, arc, reader, placed, target, planner) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
-        targets, candidates, uses = {}, {}, collections.Counter()
-        for req in tensor_reqs:
-            span = self._span(req)
-            where = f"{path} (rank {rank}, item {req.storage_index.fqn!r})"
-            with torch.serialization.safe_globals(self.safe_globals):
-                saved, record_of = unpickle_skeleton(archives[span], small[span], True, where)
-            if not isinstance(saved, torch.Tensor):
-                raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
-                                             path=path, record=req.storage_index.fqn)
-            record = record_of.get(saved.untyped_storage()._cdata)
+        span = self._span(req)
+        where = f"{path} (rank {rank}, item {req.storage_index.fqn!r})"
+        small = {name: bytes(reader.get((span, name))) for name in arc.records if not name.startswith("data/")}
+        with torch.serialization.safe_globals(self.safe_globals):
+            saved, record_of = unpickle_skeleton(arc, small, True, where, _unpickle)
+        if not isinstance(saved, torch.Tensor):
+            raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
+                                         path=path, record=req.storage_index.fqn)
+        record = record_of.get(saved.untyped_storage()._cdata)
+        if (span, record) in placed:
+            reader.wait((span, record))  # read straight into the target, verified
             view = narrow_tensor_by_index(saved, req.storage_offsets, req.lengths)
-            target = planner.resolve_tensor(req).detach()
-            targets[req] = (target, record)
-            uses[(span, record)] += 1
-            size = archives[span].records[record].size if record else -1
-            if (view.is_contiguous() and view.storage_offset() == 0 and view.nbytes == size > 0
-                    and target.dtype == view.dtype and target.shape == view.shape and target.device.type == "cpu"
-                    and target.is_contiguous()):
-                candidates[(span, record)] = (target.data_ptr(), target)
-        placed, claimed = {}, MemoryClaims()
-        for key, (address, target) in candidates.items():
-            if uses[key] == 1 and claimed.claim(address, archives[key[0]].records[key[1]].size):
-                placed[key] = (address, target)
-        return placed, targets
+            if (view.is_contiguous() and view.storage_offset() == 0 and view.dtype == target.dtype
+                    and view.shape == target.shape):
+                planner.commit_tensor(req, target)
+                self.items_in_place += 1
+                return
+            # Mispredicted (a view of a larger storage, another dtype): the
+            # target holds the record's bytes; rebuild the tensor from them.
+            bytes_landed = {record: target.reshape(-1).view(torch.uint8).clone().untyped_storage()}
+            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), known=small,
+                                            storages=bytes_landed)
+        else:
+            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), known=small)
+        with torch.serialization.safe_globals(self.safe_globals):
+            tensor = _unpickle(loaded, "cpu", True, where)
+        self.items_copied += 1
+        self._commit_tensor(req, tensor, target, path, where, planner)
 
-    def _read_item(self, req, path, rank, archives, small, reader, planner, targets) -> None:
+    def _read_item(self, req, path, rank, planner) -> None:
+        """A BYTES item, or a tensor written through stream transforms: read whole and decoded."""
         info: _StorageInfo = self.storage_data[req.storage_index]
         fqn = req.storage_index.fqn
         where = f"{path} (rank {rank}, item {fqn!r})"
-        if req.type == LoadItemType.BYTE_IO or _transforms_of(info):
-            raw = self._read_whole(req, info, path, where)
-            if req.type == LoadItemType.BYTE_IO:
-                self._load_bytes(req, raw, path, where, planner)
-                return
-            descriptors = _transforms_of(info)
-            tensor = self._tensor_from_bytes(raw, path, f"{where} (decoded with {_names(descriptors)})", fqn)
-            target = planner.resolve_tensor(req).detach()
-        else:
-            span = (info.offset, info.length)
-            with torch.serialization.safe_globals(self.safe_globals):
-                tensor = torch.serialization._load(
-                    _archive.LoadedArchive(archives[span], reader, key=lambda name: (span, name), known=small[span]),
-                    "cpu", torch._weights_only_unpickler, encoding="utf-8")
-            target = targets[req][0]
-        self._commit_tensor(req, tensor, target, path, where, planner)
+        raw = self._read_whole(req, info, path, where)
+        if req.type == LoadItemType.BYTE_IO:
+            self._load_bytes(req, raw, path, where, planner)
+            return
+        descriptors = _transforms_of(info)
+        tensor = self._tensor_from_bytes(raw, path, f"{where} (decoded with {_names(descriptors)})", fqn)
+        self._commit_tensor(req, tensor, planner.resolve_tensor(req).detach(), path, where, planner)
 
     @staticmethod
     def _commit_tensor(req, tensor, target, path, where, planner) -> None:
@@ -587,6 +581,27 @@ class StorageReader(FileSystemReader):
             planner.load_bytes(req, buf)
         else:
             planner.load_bytes(req, io.BytesIO(raw))
+
+
+def _predict_place(tensor_reqs, targets: dict, archives: dict, span_of) -> dict:
+    """{(span, record): (address, target)} of the payloads to read straight
+    into the planner's tensors, decided before any pickle is read: the item's
+    only payload record is as large as its target, which is contiguous CPU
+    memory, read from its start (storage_offsets all 0) by this request alone
+    (no resharding split) and overlapping no other placed target. That is
+    what a saved item whole is; _read_tensor checks it against the pickle."""
+    uses = collections.Counter(span_of(r) for r in tensor_reqs)
+    placed, claimed = {}, MemoryClaims()
+    for req in tensor_reqs:
+        span, target = span_of(req), targets[req]
+        data = [name for name in archives[span].records if name.startswith("data/")]
+        if len(data) != 1 or uses[span] != 1 or any(req.storage_offsets):
+            continue
+        size = archives[span].records[data[0]].size
+        if (size > 0 and size == target.nbytes and target.device.type == "cpu" and target.is_contiguous()
+                and claimed.claim(target.data_ptr(), size)):
+            placed[(span, data[0])] = (target.data_ptr(), target)
+    return placed
 
 
 def _transforms_of(info) -> tuple:

@@ -42,6 +42,7 @@ from .api import _resolve_weights_only, load
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError, StateMismatchError
 from .save_queue import get_queue
+from .skeleton import unpickle_skeleton
 
 __all__ = ["load_into"]
 
@@ -96,7 +97,7 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     if "constants.pkl" in arc.records:
         raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
     metadata = _archive.read_small_records(path, {None: arc}, verify=verify)[None]
-    skeleton, record_of = unpickle_skeleton(arc, metadata, weights_only, path)
+    skeleton, record_of = unpickle_skeleton(arc, metadata, weights_only, path, _unpickle)
     pairs, missing = _pair(skeleton, target)
     _check(pairs, missing, strict, path)
     plan = _Plan.of(arc, pairs, record_of)
@@ -108,36 +109,9 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     return _adopt(result, target, plan, path)
 
 
-# --------------------------------------------------------------------------
-# Pass 1: the object graph, with placeholder storages
-# --------------------------------------------------------------------------
-
-class _SkeletonArchive(_archive.LoadedArchive):
-    """torch's zip reader interface with meta storages: no payload is read.
-    Remembers which record each storage stands for."""
-
-    def __init__(self, archive, metadata: dict):
-        super().__init__(archive, reader=None, known=metadata)
-        self.record_of = {}  # storage _cdata -> record name
-        self._alive = []     # keeps each placeholder (and so its _cdata) unique
-
-    def get_storage_from_record(self, name, numel, storage_type):
-        self._archive.record(name)
-        storage = torch.UntypedStorage(numel, device="meta")
-        self.record_of[storage._cdata] = name
-        self._alive.append(storage)
-        return _archive._RecordStorage(storage)
-
-
-def unpickle_skeleton(arc, metadata: dict, weights_only: bool, path: str):
-    """The archive's object graph with meta tensors, and {storage _cdata:
-    record name} for them; `metadata` holds the archive's non-payload records."""
-    skeleton_archive = _SkeletonArchive(arc, metadata)
-    graph = _unpickle(skeleton_archive, lambda storage, location: storage, weights_only, path)
-    return graph, skeleton_archive.record_of
-
-
 def _unpickle(zip_reader, map_location, weights_only, path):
+    """torch's own unpickling of an archive (weights-only unless told), with
+    ckptio's wording for a refusal."""
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
     try:
         return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")

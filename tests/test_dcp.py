@@ -10,6 +10,8 @@ import time
 import dcp_cases
 import pytest
 import torch
+
+import ckptio
 from dcp_cases import assert_same as _assert_same
 from dcp_cases import run
 
@@ -141,3 +143,44 @@ def _zeros_like(obj):
     if isinstance(obj, list):
         return [_zeros_like(v) for v in obj]
     return obj
+
+
+def test_reader_checks_each_placement_against_the_pickle(tmp_path):
+    # The stock writer saves a transposed tensor as it is: its one record is
+    # exactly as large as the target, so it is read into the target, and the
+    # pickle (a non-contiguous view) then says the bytes are in the wrong
+    # order: they are rebuilt from what landed, not read again.
+    import torch.distributed.checkpoint as dcp
+    from ckptio.distributed import StorageReader
+
+    state = {"t": torch.randn(40, 60).t(), "plain": torch.randn(100), "step": 3}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp_path / "ck")), no_dist=True)
+    target = {"t": torch.zeros(60, 40), "plain": torch.zeros(100), "step": 0}
+    reader = StorageReader(tmp_path / "ck")
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["t"], state["t"]) and torch.equal(target["plain"], state["plain"])
+    assert target["step"] == 3
+    assert reader.items_in_place == 1 and reader.items_copied == 1
+
+
+def test_flipped_byte_in_a_placed_item_is_named(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from ckptio.distributed import StorageReader, StorageWriter
+
+    state = {"w": torch.randn(1 << 20), "b": torch.randn(10)}
+    dcp.save(state, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True)
+    rank_file = tmp_path / "ck" / "__0_0.distcp"
+    data = bytearray(rank_file.read_bytes())
+    pos = data.find(b"/data/0")  # the first archive's payload record (item "w" or "b")
+    header = data.rfind(b"PK\x03\x04", 0, pos)
+    n = int.from_bytes(data[header + 26: header + 28], "little")
+    m = int.from_bytes(data[header + 28: header + 30], "little")
+    data[header + 30 + n + m + 1] ^= 0x40
+    rank_file.write_bytes(bytes(data))
+    target = {"w": torch.zeros(1 << 20), "b": torch.zeros(10)}
+    with pytest.raises(Exception) as info:  # DCP wraps it in a CheckpointException
+        dcp.load(target, storage_reader=StorageReader(tmp_path / "ck"), no_dist=True)
+    message = str(info.value)
+    assert "CorruptCheckpointError" in message and "of the archive at offset" in message
+    assert "__0_0.distcp" in message and "rank 0" in message and "CRC-32" in message
+    assert "item 'w'" in message or "item 'b'" in message

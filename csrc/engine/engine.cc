@@ -3,6 +3,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
 
 #include "fault_injection.h"
 
@@ -63,6 +66,33 @@ Status Engine::ReadDirectory(const std::string& path, std::vector<ZipEntry>* ent
   if (!s.ok()) return s;
   *file_size = file.size();
   return ReadZipDirectory(&file, base, size, entries);
+}
+
+Status Engine::ReadDirectories(const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& windows,
+                               std::vector<std::vector<ZipEntry>>* entries) {
+  ReadableFile file;
+  Status s = ReadableFile::Open(path, DirectIoMode::kOff, &file);
+  if (!s.ok()) return s;
+  entries->assign(windows.size(), {});
+  std::vector<Status> results(windows.size());
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  const size_t workers = std::max<size_t>(1, std::min(options_.queue_depth, windows.size()));
+  size_t running = workers;
+  for (size_t w = 0; w < workers; ++w) {
+    pool_->Submit([&] {
+      for (size_t i = next.fetch_add(1); i < windows.size(); i = next.fetch_add(1))
+        results[i] = ReadZipDirectory(&file, windows[i].first, windows[i].second, &(*entries)[i]);
+      std::lock_guard<std::mutex> lock(mu);
+      if (--running == 0) cv.notify_all();
+    });
+  }
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return running == 0; });
+  for (const Status& r : results)
+    if (!r.ok()) return r;
+  return Status::OK();
 }
 
 Status Engine::Copy(const std::vector<CopySpan>& spans) {

@@ -54,6 +54,11 @@ class Engine {
   // occupying bytes [base, base + size) of it.
   Status ReadDirectory(const std::string& path, std::vector<ZipEntry>* entries, uint64_t* file_size,
                        uint64_t base = 0, uint64_t size = UINT64_MAX);
+  // Synchronous: the directories of many archives in one file (windows of
+  // {base, size}, as in a DCP rank file), parsed queue_depth at a time on the
+  // I/O threads. Fails with the first failing window's status.
+  Status ReadDirectories(const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& windows,
+                         std::vector<std::vector<ZipEntry>>* entries);
 
   // Synchronous: copies every span on the engine's copy threads and the
   // calling thread (see ParallelCopy). Copies never queue behind file I/O.

@@ -48,22 +48,42 @@ Status ReadZipDirectory(ReadableFile* file, uint64_t base, uint64_t size, std::v
                            "not a checkpoint: the file is only " + std::to_string(file_size) +
                                " bytes, too small for a zip archive");
 
-  // The end record sits in the last 22 + 65535 (max comment) bytes.
-  const uint64_t tail_len = std::min<uint64_t>(file_size, 22 + 0xFFFF);
-  std::vector<uint8_t> tail(tail_len);
-  Status s = ReadExactly(file, base, file_size - tail_len, tail.data(), tail_len, "end of central directory");
-  if (!s.ok()) return s;
+  // The end record sits in the last 22 + 65535 (max comment) bytes. A
+  // checkpoint has no comment, and its ZIP64 records and directory take well
+  // under 8 KiB: one small read usually holds all of them (a DCP rank file
+  // has an archive per item, so this is one read per item instead of four,
+  // of up to 64 KiB each). Only a long comment needs the full tail.
+  std::vector<uint8_t> tail;
+  uint64_t tail_start = 0;
   int64_t eocd = -1;
-  for (int64_t i = static_cast<int64_t>(tail_len) - 22; i >= 0; --i) {
-    if (Get32(&tail[i]) == kEndSig && i + 22 + Get16(&tail[i + 20]) == static_cast<int64_t>(tail_len)) {
-      eocd = i;
-      break;
+  for (uint64_t want : {uint64_t{8192}, uint64_t{22 + 0xFFFF}}) {
+    const uint64_t tail_len = std::min<uint64_t>(file_size, want);
+    if (tail_len <= tail.size()) break;  // the first read already held the whole archive
+    tail.resize(tail_len);
+    tail_start = file_size - tail_len;
+    Status s = ReadExactly(file, base, tail_start, tail.data(), tail_len, "end of central directory");
+    if (!s.ok()) return s;
+    for (int64_t i = static_cast<int64_t>(tail_len) - 22; i >= 0; --i) {
+      if (Get32(&tail[i]) == kEndSig && i + 22 + Get16(&tail[i + 20]) == static_cast<int64_t>(tail_len)) {
+        eocd = i;
+        break;
+      }
     }
+    if (eocd >= 0) break;
   }
   if (eocd < 0)
     return Status::Corrupt(path, "end of central directory",
                            "not a checkpoint: no zip end-of-directory record (truncated or not a zip file)");
-  const uint64_t eocd_offset = file_size - tail_len + static_cast<uint64_t>(eocd);
+  // Archive bytes [offset, offset + len), from the tail when it holds them.
+  auto read_at = [&](uint64_t offset, void* buf, size_t len, const char* what) {
+    if (offset >= tail_start && offset - tail_start <= tail.size() && len <= tail.size() - (offset - tail_start)) {
+      if (len > 0) std::memcpy(buf, &tail[offset - tail_start], len);
+      return Status::OK();
+    }
+    return ReadExactly(file, base, offset, buf, len, what);
+  };
+  Status s;
+  const uint64_t eocd_offset = tail_start + static_cast<uint64_t>(eocd);
   const uint8_t* e = &tail[eocd];
   uint64_t count = Get16(e + 10);
   uint64_t cd_size = Get32(e + 12);
@@ -73,14 +93,14 @@ Status ReadZipDirectory(ReadableFile* file, uint64_t base, uint64_t size, std::v
   // ZIP64: the locator sits right before the end record.
   if (eocd_offset >= 20) {
     uint8_t loc[20];
-    s = ReadExactly(file, base, eocd_offset - 20, loc, 20, "zip64 locator");
+    s = read_at(eocd_offset - 20, loc, 20, "zip64 locator");
     if (!s.ok()) return s;
     if (Get32(loc) == kZip64LocatorSig) {
       const uint64_t z64_offset = Get64(loc + 8);
       if (z64_offset > eocd_offset - 20 || eocd_offset - 20 - z64_offset < 56)
         return Status::Corrupt(path, "zip64 end of central directory", "points outside the file");
       uint8_t z[56];
-      s = ReadExactly(file, base, z64_offset, z, 56, "zip64 end of central directory");
+      s = read_at(z64_offset, z, 56, "zip64 end of central directory");
       if (!s.ok()) return s;
       if (Get32(z) != kZip64EndSig)
         return Status::Corrupt(path, "zip64 end of central directory", "bad signature");
@@ -98,7 +118,7 @@ Status ReadZipDirectory(ReadableFile* file, uint64_t base, uint64_t size, std::v
     return Status::Corrupt(path, "central directory", "declares more entries than it holds");
 
   std::vector<uint8_t> cd(cd_size);
-  s = ReadExactly(file, base, cd_offset, cd.data(), cd_size, "central directory");
+  s = read_at(cd_offset, cd.data(), cd_size, "central directory");
   if (!s.ok()) return s;
 
   entries->reserve(count);

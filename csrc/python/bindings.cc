@@ -283,6 +283,27 @@ PYBIND11_MODULE(_C, m) {
           "Start reading [(name, header_offset, end_offset, size, crc, verify, dest_address, dest_capacity)];\n"
           "returns a Ticket whose wait_request(i) says when request i is ready.")
       .def(
+          "read_directories",
+          [](Engine& e, const std::string& path, const std::vector<std::pair<uint64_t, uint64_t>>& windows) {
+            std::vector<std::vector<ZipEntry>> entries;
+            Status s;
+            {
+              py::gil_scoped_release release;
+              s = e.ReadDirectories(path, windows, &entries);
+            }
+            if (!s.ok()) RaiseStatus(s);
+            py::list out;
+            for (const auto& one : entries) {
+              py::list archive;
+              for (const ZipEntry& z : one)
+                archive.append(py::make_tuple(py::bytes(z.name), z.header_offset, z.end_offset, z.size, z.crc));
+              out.append(archive);
+            }
+            return out;
+          },
+          py::arg("path"), py::arg("windows"),
+          "The directories of the archives at [(base, size)] of one file, in parallel: a list of entry lists.")
+      .def(
           "read_directory",
           [](Engine& e, const std::string& path, uint64_t base, uint64_t size) {
             std::vector<ZipEntry> entries;

@@ -115,6 +115,10 @@ def _decode(raw: bytes, path: str) -> str:
         raise CorruptCheckpointError(f"{path}: a record name is not valid UTF-8: {raw[:80]!r}", path=path) from None
 
 
+def _is_payload(record: Record) -> bool:
+    return record.name.startswith("data/")
+
+
 def _checks(record: Record, verify: bool) -> bool:
     # torch.save(..., compute_crc32=False) records CRC 0: nothing to compare against.
     return verify and not (record.crc == 0 and record.size > 0)
@@ -130,20 +134,38 @@ class RecordReader:
     keep=False the records are only checksummed (verification).
     `destinations` maps keys to (address, owner): that record is read into
     the memory at `address` (e.g. a live tensor's), which `owner` keeps
-    alive, instead of into a fresh buffer."""
+    alive, instead of into a fresh buffer. Records that are not tensor
+    payloads (pickles, versions: a DCP rank file has several per item)
+    share one buffer."""
 
     def __init__(self, path: str, records, *, verify: bool, keep: bool = True, destinations=None):
         self._buffers = {}
         self._index = {}
         destinations = destinations or {}
+        records = list(records)
         owners = []
         requests = []
+        shared, shared_at = None, {}
+        if keep:
+            total = 0
+            for key, r in records:
+                if key not in destinations and not _is_payload(r):
+                    shared_at[key] = total
+                    total += -(-r.size // 8) * 8
+            if total:
+                shared = _C.AlignedBuffer(total, -(-total // _PAGE) * _PAGE)
+                owners.append(shared)
+                view = memoryview(shared)
         for key, r in records:
             address = capacity = 0
             if key in destinations:
                 address, owner = destinations[key]
                 capacity = r.size
                 owners.append(owner)
+            elif key in shared_at:
+                start = shared_at[key]
+                self._buffers[key] = view[start:start + r.size]
+                address, capacity = shared.address + start, r.size
             elif keep:
                 buf = _C.AlignedBuffer(r.size, -(-r.size // _PAGE) * _PAGE)
                 self._buffers[key] = buf
@@ -153,7 +175,8 @@ class RecordReader:
                 (r.name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
             )
         # The ticket keeps the buffers alive until the engine is done with them.
-        self._ticket = get_engine().read(path, requests, list(self._buffers.values()) + owners)
+        buffers = [b for b in self._buffers.values() if not isinstance(b, memoryview)]
+        self._ticket = get_engine().read(path, requests, buffers + owners)
 
     @classmethod
     def of(cls, archive: Archive, *, verify: bool, keep: bool = True) -> "RecordReader":

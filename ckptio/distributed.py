@@ -40,6 +40,7 @@ import os
 import pathlib
 import pickle
 import re
+import sys
 import zipfile
 
 import torch
@@ -64,7 +65,7 @@ from .errors import (
     UnsupportedTransformError,
 )
 from .load_into import MemoryClaims, _unpickle
-from .skeleton import unpickle_skeleton
+from .skeleton import TensorSpec, tensor_spec
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
@@ -409,31 +410,31 @@ class StorageReader(FileSystemReader):
 
         targets = {req: planner.resolve_tensor(req).detach() for req in tensor_reqs}
         placed = _predict_place(tensor_reqs, targets, archives, self._span)
-        fqns_of = collections.defaultdict(set)
-        for r in tensor_reqs:
-            fqns_of[self._span(r)].add(r.storage_index.fqn)
-        items = {}  # engine request name -> item, for naming damage
+        span_of_name = {}  # engine request name -> its archive, for naming damage
         records = []
         for span, arc in archives.items():
             for name, r in arc.records.items():
                 unique = _archive.Record(f"{name} of the archive at offset {span[0]}", r.header_offset,
                                          r.end_offset, r.size, r.crc)
-                items[unique.name] = ", ".join(map(repr, sorted(fqns_of[span])))
+                span_of_name[unique.name] = span
                 records.append(((span, name), unique))
         reader = _archive.RecordReader(path, records, verify=self.verify, destinations=placed)
         try:
-            for req in reqs:
-                if req in targets:
-                    self._read_tensor(req, path, rank, archives[self._span(req)], reader, placed, targets[req],
-                                      planner)
-                else:
-                    self._read_item(req, path, rank, planner)
+            with torch.serialization.safe_globals(self.safe_globals):
+                for req in reqs:
+                    if req in targets:
+                        self._read_tensor(req, path, rank, archives[self._span(req)], reader, placed, targets[req],
+                                          planner)
+                    else:
+                        self._read_item(req, path, rank, planner)
             reader.finish()
         except CorruptCheckpointError as e:
             reader.abandon()
-            if e.record not in items:
+            if e.record not in span_of_name:
                 raise  # already names its item
-            raise CorruptCheckpointError(f"{in_file}, item {items[e.record]}: {e}", path=path, record=e.record) from e
+            fqns = sorted({r.storage_index.fqn for r in tensor_reqs if self._span(r) == span_of_name[e.record]})
+            raise CorruptCheckpointError(f"{in_file}, item {', '.join(map(repr, fqns))}: {e}", path=path,
+                                         record=e.record) from e
         except BaseException:
             reader.abandon()
             raise
@@ -443,34 +444,35 @@ class StorageReader(FileSystemReader):
         return (info.offset, info.length)
 
     def _read_tensor(self, req, path, rank, arc, reader, placed, target, planner) -> None:
-        from torch.distributed._shard._utils import narrow_tensor_by_index
-
         span = self._span(req)
         where = f"{path} (rank {rank}, item {req.storage_index.fqn!r})"
-        small = {name: bytes(reader.get((span, name))) for name in arc.records if not name.startswith("data/")}
-        with torch.serialization.safe_globals(self.safe_globals):
-            saved, record_of = unpickle_skeleton(arc, small, True, where, _unpickle)
-        if not isinstance(saved, torch.Tensor):
+
+        def record(name) -> bytes:
+            return bytes(reader.get((span, name)))
+
+        def small_records() -> dict:
+            return {name: record(name) for name in arc.records if not name.startswith("data/")}
+
+        saved = tensor_spec(arc, record("data.pkl"), where, small_records, _unpickle)
+        if not isinstance(saved, TensorSpec):
             raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
                                          path=path, record=req.storage_index.fqn)
-        record = record_of.get(saved.untyped_storage()._cdata)
-        if (span, record) in placed:
-            reader.wait((span, record))  # read straight into the target, verified
-            view = narrow_tensor_by_index(saved, req.storage_offsets, req.lengths)
-            if (view.is_contiguous() and view.storage_offset() == 0 and view.dtype == target.dtype
-                    and view.shape == target.shape):
+        if (span, saved.record) in placed:
+            reader.wait((span, saved.record))  # read straight into the target, verified
+            view = saved.narrow(req.storage_offsets, req.lengths)
+            native_order = "byteorder" not in arc.records or record("byteorder").decode() == sys.byteorder
+            if (view.is_contiguous() and view.storage_offset == 0 and view.dtype == target.dtype
+                    and view.size == tuple(target.shape) and native_order):
                 planner.commit_tensor(req, target)
                 self.items_in_place += 1
                 return
             # Mispredicted (a view of a larger storage, another dtype): the
             # target holds the record's bytes; rebuild the tensor from them.
-            bytes_landed = {record: target.reshape(-1).view(torch.uint8).clone().untyped_storage()}
-            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), known=small,
-                                            storages=bytes_landed)
+            bytes_landed = {saved.record: target.reshape(-1).view(torch.uint8).clone().untyped_storage()}
+            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), storages=bytes_landed)
         else:
-            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), known=small)
-        with torch.serialization.safe_globals(self.safe_globals):
-            tensor = _unpickle(loaded, "cpu", True, where)
+            loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name))
+        tensor = _unpickle(loaded, "cpu", True, where)
         self.items_copied += 1
         self._commit_tensor(req, tensor, target, path, where, planner)
 

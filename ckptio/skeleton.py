@@ -19,12 +19,49 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+from typing import NamedTuple
 
 import torch
 
 from . import archive as _archive
 
-__all__ = ["unpickle_skeleton"]
+__all__ = ["TensorSpec", "unpickle_skeleton", "tensor_spec"]
+
+
+class TensorSpec(NamedTuple):
+    """What a saved tensor is, without it: its payload record and its view of it."""
+    record: str
+    storage_offset: int
+    size: tuple
+    stride: tuple
+    dtype: torch.dtype
+
+    def narrow(self, offsets, lengths) -> "TensorSpec":
+        """This tensor narrowed to [offsets, offsets + lengths) along every dim."""
+        shift = sum(o * s for o, s in zip(offsets, self.stride))
+        return self._replace(storage_offset=self.storage_offset + shift, size=tuple(lengths))
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for n, s in zip(reversed(self.size), reversed(self.stride)):
+            if n != 1 and s != expected:
+                return False
+            expected *= n
+        return True
+
+
+def tensor_spec(arc, pickle_bytes: bytes, path: str, full_metadata, unpickle):
+    """The TensorSpec of an archive holding one tensor (a DCP item), or the
+    object it holds if that is not a tensor. `full_metadata()` returns every
+    non-payload record, for when torch's unpickler has to judge."""
+    spec = _FastSkeleton(pickle_bytes, specs=True).load()
+    if spec is not _NOT_FAST and (not isinstance(spec, TensorSpec) or spec.record in arc.records):
+        return spec
+    graph, record_of = unpickle_skeleton(arc, full_metadata(), True, path, unpickle)
+    if not isinstance(graph, torch.Tensor):
+        return graph
+    return TensorSpec(record_of.get(graph.untyped_storage()._cdata), graph.storage_offset(), tuple(graph.shape),
+                      graph.stride(), graph.dtype)
 
 
 def unpickle_skeleton(arc, metadata: dict, weights_only: bool, path: str, unpickle):
@@ -55,18 +92,23 @@ class _StorageType:
         self.dtype = dtype
 
 
-_STORAGE_TYPES = {
-    name: _StorageType(getattr(torch, name).dtype)
-    for name in dir(torch)
-    if name.endswith("Storage") and name not in ("UntypedStorage", "TypedStorage")
-    and isinstance(getattr(torch, name), type) and hasattr(getattr(torch, name), "dtype")
-}
-_STORAGE_TYPES["UntypedStorage"] = _StorageType(torch.uint8)
+# torch.save names a storage by its legacy typed class ("torch FloatStorage"),
+# or, for dtypes without one (float8, uint16, ...), "torch.storage
+# UntypedStorage" with the dtype given to _rebuild_tensor_v3.
+_STORAGE_TYPES = {("torch", name): _StorageType(dtype)
+                  for dtype, name in torch.storage._dtype_to_storage_type_map().items()}
+_STORAGE_TYPES["torch.storage", "UntypedStorage"] = _StorageType(torch.uint8)
+_STORAGE_TYPES["torch", "UntypedStorage"] = _StorageType(torch.uint8)
+_DTYPES = {name: getattr(torch, name) for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
 
 class _FastSkeleton(pickle.Unpickler):
-    def __init__(self, data: bytes):
+    """With specs=True, tensors come back as TensorSpecs (no torch objects at
+    all: a DCP rank file has one pickle per item), else as meta tensors."""
+
+    def __init__(self, data: bytes, specs: bool = False):
         super().__init__(io.BytesIO(data), encoding="utf-8")
+        self._specs = specs
         self.record_of = {}  # storage _cdata -> record name
         self._storages = {}  # key -> meta storage
         self._alive = []
@@ -80,12 +122,16 @@ class _FastSkeleton(pickle.Unpickler):
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return self._rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return self._rebuild_tensor_v3
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
-        if module == "torch" and name in _STORAGE_TYPES:
-            return _STORAGE_TYPES[name]
+        if (module, name) in _STORAGE_TYPES:
+            return _STORAGE_TYPES[module, name]
+        if module == "torch" and name in _DTYPES:
+            return _DTYPES[name]  # a dtype object: not callable
         raise _NotFast(f"{module}.{name}")
 
     def persistent_load(self, pid):
@@ -94,6 +140,8 @@ class _FastSkeleton(pickle.Unpickler):
             raise _NotFast("persistent id")
         _, storage_type, key, _location, numel = pid
         key = str(key)
+        if self._specs:
+            return f"data/{key}", storage_type.dtype
         storage = self._storages.get(key)
         if storage is None:
             storage = torch.UntypedStorage(numel * storage_type.dtype.itemsize, device="meta")
@@ -102,10 +150,24 @@ class _FastSkeleton(pickle.Unpickler):
             self._alive.append(storage)
         return storage, storage_type.dtype
 
-    def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
-        if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], torch.UntypedStorage)):
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
+                           metadata=None):
+        if not isinstance(dtype, torch.dtype):
+            raise _NotFast("tensor dtype")
+        return self._rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata,
+                                    dtype=dtype)
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None,
+                        dtype=None):
+        if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], (torch.UntypedStorage, str))):
             raise _NotFast("tensor storage")
-        untyped, dtype = storage
+        untyped, storage_dtype = storage
+        dtype = dtype or storage_dtype
+        if self._specs:
+            if not (isinstance(storage_offset, int) and isinstance(size, (tuple, list))
+                    and isinstance(stride, (tuple, list)) and len(size) == len(stride)):
+                raise _NotFast("tensor layout")
+            return TensorSpec(untyped, storage_offset, tuple(size), tuple(stride), dtype)
         t = torch.empty(0, dtype=dtype, device="meta")
         t.set_(untyped, storage_offset, tuple(size), tuple(stride))
         t.requires_grad = bool(requires_grad) and (dtype.is_floating_point or dtype.is_complex)
@@ -113,6 +175,8 @@ class _FastSkeleton(pickle.Unpickler):
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
+    if isinstance(data, TensorSpec):
+        return data
     if not isinstance(data, torch.Tensor):
         raise _NotFast("parameter data")
     return torch.nn.Parameter(data, requires_grad)

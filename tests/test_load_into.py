@@ -271,3 +271,37 @@ def _flip_payload_middle(path):
 
     path = Path(path)
     _flip(path, _payload_offset(path, "data/0") + 1000)
+
+
+def test_fast_skeleton_agrees_with_torchs_unpickler(saved):
+    # Planning reads the pickle with CPython's C unpickler and a small
+    # allowlist when it can; torch's own unpickler must see the same tensors.
+    from ckptio import archive
+    from ckptio.load_into import _unpickle
+    from ckptio.skeleton import _FastSkeleton, _SkeletonArchive, unpickle_skeleton
+
+    arc = archive.open_archive(str(saved))
+    small = archive.read_small_records(str(saved), {None: arc}, verify=True)[None]
+    fast, fast_records = unpickle_skeleton(arc, small, True, str(saved), _unpickle)
+    assert _FastSkeleton(small["data.pkl"]).load() is not None  # the fast path took it (float8 and uint16 too)
+    general_archive = _SkeletonArchive(arc, small)
+    general = _unpickle(general_archive, lambda s, loc: s, True, str(saved))
+
+    def layout(graph, records):
+        return {k: (records[t.untyped_storage()._cdata], t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+                    type(t)) for k, t in _tensors(graph)}
+
+    assert layout(fast, fast_records) == layout(general, general_archive.record_of)
+    assert fast["step"] == general["step"] == 1234
+
+
+def test_fast_skeleton_leaves_anything_else_to_torch(tmp_path):
+    from ckptio.skeleton import _NOT_FAST, _FastSkeleton
+
+    import pickle
+
+    assert _FastSkeleton(pickle.dumps({"f": print}, protocol=2)).load() is _NOT_FAST
+    assert _FastSkeleton(pickle.dumps(OrderedDict(a=1), protocol=2)).load() == OrderedDict(a=1)
+    # A storage class is a marker here: calling it (REDUCE) is refused, not run.
+    evil = b"\x80\x02ctorch\nFloatStorage\nK\x10\x85R."
+    assert _FastSkeleton(evil).load() is _NOT_FAST

@@ -386,7 +386,7 @@ def load_ops(path: str, sd: dict, cache: PageCache) -> list[Op]:
 
     ops = [Op("dd read (direct)", dd_read)]
     if shutil.which("fio"):
-        ops.append(Op(f"fio read ({' '.join(FIO_READ[2:])})", fio_read))
+        ops.append(Op("fio read (direct, 8 MiB, iodepth 8, libaio)", fio_read))
     ops += [Op("ckptio.load (verify)", lambda rep: ckptio.load(path, verify=True)),
             Op("ckptio.load_into (verify)", lambda rep: ckptio.load_into(target, path, verify=True)),
             Op("torch.load (weights_only)", lambda rep: torch.load(path, weights_only=True)),

@@ -1,15 +1,16 @@
-"""A checkpoint's object graph with placeholder (meta) tensors: what each
-tensor is (record, offset, shape, stride, dtype) before any payload is read.
-
-load_into and the DCP reader plan where payloads go from it. Two ways to get it:
+"""What a checkpoint's tensors are (record, offset, shape, stride, dtype)
+before any payload is read: load_into and the DCP reader plan where payloads
+go from it. load_into gets the object graph with meta tensors in them; the
+DCP reader gets a TensorSpec per item (no torch object at all: a rank file
+holds one pickle per item). Two ways to get either:
 
 - a fast path for pickles that name only what torch.save writes for plain
-  tensors (``_rebuild_tensor_v2``, ``_rebuild_parameter``, ``OrderedDict``
-  and storage types): CPython's C unpickler with those globals, about 20x
-  faster than torch's pure-Python weights-only unpickler per small pickle
-  (a DCP rank file holds one pickle per item). Its allowlist is a subset of
-  the weights-only one, and a storage type here is a marker that cannot be
-  called, so it accepts nothing torch's weights-only load would refuse;
+  tensors (``_rebuild_tensor_v2``/``_v3``, ``_rebuild_parameter``,
+  ``OrderedDict``, storage types and dtypes): CPython's C unpickler with
+  those globals, much faster per small pickle than torch's pure-Python
+  weights-only unpickler. Its allowlist is a subset of the weights-only one,
+  and storage types and dtypes here are markers that cannot be called, so it
+  accepts nothing torch's weights-only load would refuse;
 - otherwise torch's own ``_load`` (weights-only unless told) over meta
   storages, which understands everything torch.load does.
 """

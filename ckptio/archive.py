@@ -265,16 +265,20 @@ class LoadedArchive:
         return bytes(self._reader.get(self._key(name)))
 
     def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
-        record = self._archive.record(name)
+        self.check_size(name, numel)
         if name in self._storages:
             return _RecordStorage(self._storages[name])
-        if record.size != numel:
+        return _RecordStorage(storage_from_buffer(self._reader.get(self._key(name))))
+
+    def check_size(self, name: str, nbytes: int) -> None:
+        """The pickle's idea of a record's size must be the directory's."""
+        record = self._archive.record(name)
+        if record.size != nbytes:
             raise CorruptCheckpointError(
-                f"{self._archive.path}: record '{name}' holds {record.size} bytes but the pickle expects {numel}",
+                f"{self._archive.path}: record '{name}' holds {record.size} bytes but the pickle expects {nbytes}",
                 path=self._archive.path,
                 record=name,
             )
-        return _RecordStorage(storage_from_buffer(self._reader.get(self._key(name))))
 
     def get_all_records(self) -> list:
         return list(self._archive.records)

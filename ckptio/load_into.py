@@ -42,7 +42,7 @@ from .api import _resolve_weights_only, load
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError, StateMismatchError
 from .save_queue import get_queue
-from .skeleton import unpickle_skeleton
+from .skeleton import fast_load, unpickle_skeleton
 
 __all__ = ["load_into"]
 
@@ -106,7 +106,7 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
         # the bytes would have arrived in place: read fresh, then copy.
         plan = _Plan(placed={}, copies=plan.pairs, pairs=plan.pairs)
     result = _read(arc, metadata, plan, verify, weights_only, map_location, path)
-    return _adopt(result, target, plan, path)
+    return _adopt(result, target, plan)
 
 
 def _unpickle(zip_reader, map_location, weights_only, path):
@@ -317,6 +317,7 @@ class _PlacedArchive(_archive.LoadedArchive):
         placement = self._plan.placed.get(name)
         if placement is None:
             return super().get_storage_from_record(name, numel, storage_type)
+        self.check_size(name, numel)
         self.placed_storages.add(placement.storage._cdata)
         return _archive._RecordStorage(placement.storage)  # filled in the background; checked by finish()
 
@@ -333,8 +334,13 @@ def _read(arc, metadata, plan, verify, weights_only, map_location, path):
             return storage  # target memory stays where it is
         return restore(storage, location)
 
+    def storage_for(name, location, nbytes):
+        return place(zip_reader.get_storage_from_record(name, nbytes, None)._untyped_storage, location)
+
     try:
-        result = _unpickle(zip_reader, place, weights_only, path)
+        result = fast_load(metadata["data.pkl"], storage_for)
+        if result is None:
+            result = _unpickle(zip_reader, place, weights_only, path)
         reader.finish()
     except CorruptCheckpointError as e:
         reader.abandon()
@@ -350,13 +356,26 @@ def _read(arc, metadata, plan, verify, weights_only, map_location, path):
     return result
 
 
-def _adopt(result, target, plan: _Plan, path):
+def _adopt(result, target, plan: _Plan):
     """Copies in the paired tensors that could not be placed, then puts the
-    target's own tensor objects into the result at their key paths."""
+    target's own tensor objects into the result at their key paths.
+
+    Copies to CUDA targets are queued on a side stream (host-to-device while
+    the next copy is prepared) and waited for before returning; the rest are
+    plain copy_ in the checkpoint's order (so tied targets end up holding the
+    last tensor written to them, as load_state_dict leaves them)."""
+    stream = None
     with torch.no_grad():
         for p in plan.copies:
             loaded = _get(result, p.key)
-            p.target.copy_(loaded)
+            if p.target.device.type == "cuda":
+                stream = stream or torch.cuda.Stream(device=p.target.device)
+                with torch.cuda.stream(stream):
+                    p.target.copy_(loaded, non_blocking=True)
+            else:
+                p.target.copy_(loaded)
+    if stream is not None:
+        stream.synchronize()  # the loaded host tensors may be freed once we return
     for p in plan.pairs:
         result = _set(result, p.key, p.target)
     return result
@@ -388,4 +407,4 @@ def _copy_into(target, loaded, strict, path):
     pairs, missing = _pair(loaded, target)
     _check(pairs, missing, strict, path)
     plan = _Plan(placed={}, copies=[p for p in pairs if p.matches], pairs=[p for p in pairs if p.matches])
-    return _adopt(loaded, target, plan, path)
+    return _adopt(loaded, target, plan)

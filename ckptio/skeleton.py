@@ -26,7 +26,7 @@ import torch
 
 from . import archive as _archive
 
-__all__ = ["TensorSpec", "unpickle_skeleton", "tensor_spec"]
+__all__ = ["TensorSpec", "fast_load", "unpickle_skeleton", "tensor_spec"]
 
 
 class TensorSpec(NamedTuple):
@@ -181,6 +181,41 @@ def _rebuild_parameter(data, requires_grad, backward_hooks):
     if not isinstance(data, torch.Tensor):
         raise _NotFast("parameter data")
     return torch.nn.Parameter(data, requires_grad)
+
+
+def fast_load(pickle_bytes: bytes, storage_for):
+    """The real object graph of a pickle the fast path accepts, its tensors
+    built by torch's own rebuild functions over ``storage_for(record name,
+    location, nbytes) -> UntypedStorage``; None when the fast path does not
+    accept it (then torch's unpickler must do it). What torch.load returns for
+    the same pickle, without torch's pure-Python unpickler (~0.2 ms a tensor)."""
+    graph = _FastLoader(pickle_bytes, storage_for).load()
+    return None if graph is _NOT_FAST else graph
+
+
+class _FastLoader(_FastSkeleton):
+    def __init__(self, data: bytes, storage_for):
+        super().__init__(data)
+        self._storage_for = storage_for
+        self._typed = {}  # key -> TypedStorage, as torch's loaded_storages
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"):
+            return getattr(torch._utils, name)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
+            raise _NotFast("persistent id")
+        _, storage_type, key, location, numel = pid
+        key = str(key)
+        typed = self._typed.get(key)
+        if typed is None:
+            untyped = self._storage_for(f"data/{key}", str(location), numel * storage_type.dtype.itemsize)
+            typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+            self._typed[key] = typed
+        return typed
 
 
 class _SkeletonArchive(_archive.LoadedArchive):

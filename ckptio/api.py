@@ -146,11 +146,8 @@ def load(
     path = normalize_path(path)
     get_queue().wait_path(path)
     if remote.is_url(path):
-        local = remote.download(path)
-        try:
-            return load(local, map_location, weights_only=weights_only, mmap=False, verify=verify)
-        finally:
-            os.remove(local)
+        return with_local_copy(path, lambda local: load(local, map_location, weights_only=weights_only, mmap=False,
+                                                        verify=verify))
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):
@@ -186,6 +183,15 @@ def load(
         raise
 
 
+def with_local_copy(url: str, use):
+    """use(local path) on a downloaded copy of the object at `url`, removed afterwards."""
+    local = remote.download(url)
+    try:
+        return use(local)
+    finally:
+        os.remove(local)
+
+
 def _torch_load(path, map_location, weights_only, mmap):
     return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
@@ -216,11 +222,7 @@ def verify(path: str | os.PathLike) -> VerifyResult:
     path = normalize_path(path)
     wait_snapshots()
     if remote.is_url(path):
-        local = remote.download(path)
-        try:
-            return dataclasses.replace(verify(local), path=path)
-        finally:
-            os.remove(local)
+        return with_local_copy(path, lambda local: dataclasses.replace(verify(local), path=path))
     if not os.path.exists(path):
         raise CheckpointNotFoundError.missing_checkpoint(path)
     if os.path.getsize(path) == 0 or not _archive.is_zip_checkpoint(path):

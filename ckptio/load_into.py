@@ -38,7 +38,7 @@ import torch.serialization
 from . import archive as _archive
 from . import remote
 from ._paths import normalize_path
-from .api import _resolve_weights_only, load
+from .api import _resolve_weights_only, load, with_local_copy
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError, StateMismatchError
 from .save_queue import get_queue
@@ -79,12 +79,8 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     path = normalize_path(path)
     get_queue().wait_path(path)
     if remote.is_url(path):
-        local = remote.download(path)
-        try:
-            return load_into(target, local, strict=strict, verify=verify, weights_only=weights_only,
-                             map_location=map_location)
-        finally:
-            os.remove(local)
+        return with_local_copy(path, lambda local: load_into(target, local, strict=strict, verify=verify,
+                                                             weights_only=weights_only, map_location=map_location))
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
     if not os.path.exists(path):

@@ -136,20 +136,16 @@ class _FastSkeleton(pickle.Unpickler):
         raise _NotFast(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
-            raise _NotFast("persistent id")
-        _, storage_type, key, _location, numel = pid
-        key = str(key)
+        dtype, key, _location, nbytes = _storage_id(pid)
         if self._specs:
-            return f"data/{key}", storage_type.dtype
+            return f"data/{key}", dtype
         storage = self._storages.get(key)
         if storage is None:
-            storage = torch.UntypedStorage(numel * storage_type.dtype.itemsize, device="meta")
+            storage = torch.UntypedStorage(nbytes, device="meta")
             self._storages[key] = storage
             self.record_of[storage._cdata] = f"data/{key}"
             self._alive.append(storage)
-        return storage, storage_type.dtype
+        return storage, dtype
 
     def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
                            metadata=None):
@@ -173,6 +169,16 @@ class _FastSkeleton(pickle.Unpickler):
         t.set_(untyped, storage_offset, tuple(size), tuple(stride))
         t.requires_grad = bool(requires_grad) and (dtype.is_floating_point or dtype.is_complex)
         return t
+
+
+def _storage_id(pid) -> tuple:
+    """(dtype, key, location, nbytes) of torch.save's persistent id
+    ('storage', storage type, key, location, numel), checked."""
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
+        raise _NotFast("persistent id")
+    _, storage_type, key, location, numel = pid
+    return storage_type.dtype, str(key), str(location), numel * storage_type.dtype.itemsize
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
@@ -205,15 +211,11 @@ class _FastLoader(_FastSkeleton):
         return super().find_class(module, name)
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and pid[4] >= 0):
-            raise _NotFast("persistent id")
-        _, storage_type, key, location, numel = pid
-        key = str(key)
+        dtype, key, location, nbytes = _storage_id(pid)
         typed = self._typed.get(key)
         if typed is None:
-            untyped = self._storage_for(f"data/{key}", str(location), numel * storage_type.dtype.itemsize)
-            typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True)
+            untyped = self._storage_for(f"data/{key}", location, nbytes)
+            typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
             self._typed[key] = typed
         return typed
 

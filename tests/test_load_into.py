@@ -8,6 +8,7 @@ import torch
 import ckptio
 from conftest import assert_same
 from test_corruption import _flip, _payload_offset
+from test_roundtrip import saved  # noqa: F401 - the everything_state checkpoint fixture
 
 
 def _bytes_of(t: torch.Tensor) -> bytes:
@@ -39,13 +40,6 @@ def _scribble(obj) -> None:
 
 def _snapshot(obj) -> dict:
     return {k: _bytes_of(t) for k, t in _tensors(obj)}
-
-
-@pytest.fixture
-def saved(tmp_path, everything_state):
-    path = tmp_path / "everything.pt"
-    ckptio.save(everything_state, path)
-    return path
 
 
 def test_same_structure_target_gets_every_tensor_in_place(saved, everything_state):

@@ -149,7 +149,7 @@ class RecordReader:
         if keep:
             total = 0
             for key, r in records:
-                if key not in destinations and not _is_payload(r):
+                if key not in destinations and not _is_payload(r) and r.size > 0:
                     shared_at[key] = total
                     total += -(-r.size // 8) * 8
             if total:
@@ -188,7 +188,8 @@ class RecordReader:
         self._ticket.wait_request(self._index[key])
 
     def get(self, key):
-        """The page-aligned buffer holding record `key`, once read and verified."""
+        """The buffer holding record `key` once read and verified: page-aligned
+        for a payload, a slice of the shared buffer for the others."""
         self.wait(key)
         return self._buffers[key]
 
@@ -216,7 +217,7 @@ def read_small_records(path: str, archives: dict, *, verify: bool) -> dict:
     pickle, byteorder, version, ...) of each archive in `archives` ({key:
     Archive}, all in file `path`): small, read in one engine job."""
     requests = [((key, name), r) for key, arc in archives.items() for name, r in arc.records.items()
-                if not name.startswith("data/")]
+                if not _is_payload(r)]
     reader = RecordReader(path, requests, verify=verify)
     reader.finish()
     out: dict = {key: {} for key in archives}

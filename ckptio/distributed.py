@@ -34,6 +34,7 @@ changes is how bytes reach the disk:
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import io
 import os
@@ -369,14 +370,14 @@ class StorageReader(FileSystemReader):
     # --- data -----------------------------------------------------------------
 
     def read_data(self, plan, planner) -> Future:
-        """Per rank file: parse every tensor archive's directory and read their
-        pickles (one small engine job), then read all their payloads in one
-        engine job (parallel, CRC-verified). A payload that is exactly the
-        tensor the planner resolves (contiguous CPU memory, the saved item
-        whole: a same-sharding load, or 2 -> 1 along dim 0) is read straight
-        into it; the others are rebuilt with torch's unpickler from fresh
-        buffers, narrowed and copied in. BYTES items and transformed (e.g.
-        compressed) items are read whole and decoded."""
+        """Per rank file: parse every tensor archive's directory (in parallel),
+        then read their pickles and payloads in one engine job (parallel,
+        CRC-verified). A payload that is exactly the tensor the planner
+        resolves (contiguous CPU memory, the saved item whole: a same-sharding
+        load, or 2 -> 1 along dim 0) is read straight into it; the others are
+        rebuilt with torch's unpickler from fresh buffers, narrowed and copied
+        in. BYTES items and transformed (e.g. compressed) items are read whole
+        and decoded."""
         directory = os.fspath(self.path)
         self.items_in_place = self.items_copied = 0
         by_file: dict = {}
@@ -414,8 +415,8 @@ class StorageReader(FileSystemReader):
         records = []
         for span, arc in archives.items():
             for name, r in arc.records.items():
-                unique = _archive.Record(f"{name} of the archive at offset {span[0]}", r.header_offset,
-                                         r.end_offset, r.size, r.crc)
+                unique = _archive.Record(f"{name}{_ARCHIVE_AT}{span[0]}", r.header_offset, r.end_offset, r.size,
+                                         r.crc)
                 span_of_name[unique.name] = span
                 records.append(((span, name), unique))
         reader = _archive.RecordReader(path, records, verify=self.verify, destinations=placed)
@@ -453,7 +454,8 @@ class StorageReader(FileSystemReader):
         def small_records() -> dict:
             return {name: record(name) for name in arc.records if not name.startswith("data/")}
 
-        saved = tensor_spec(arc, record("data.pkl"), where, small_records, _unpickle)
+        with _naming(where, path, req.storage_index.fqn):
+            saved = tensor_spec(arc, record("data.pkl"), where, small_records, _unpickle)
         if not isinstance(saved, TensorSpec):
             raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
                                          path=path, record=req.storage_index.fqn)
@@ -472,7 +474,8 @@ class StorageReader(FileSystemReader):
             loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name), storages=bytes_landed)
         else:
             loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name))
-        tensor = _unpickle(loaded, "cpu", True, where)
+        with _naming(where, path, req.storage_index.fqn):
+            tensor = _unpickle(loaded, "cpu", True, where)
         self.items_copied += 1
         self._commit_tensor(req, tensor, target, path, where, planner)
 
@@ -583,6 +586,25 @@ class StorageReader(FileSystemReader):
             planner.load_bytes(req, buf)
         else:
             planner.load_bytes(req, io.BytesIO(raw))
+
+
+# Engine request names in a rank file: "data/0 of the archive at offset 4096".
+_ARCHIVE_AT = " of the archive at offset "
+
+
+@contextlib.contextmanager
+def _naming(where: str, path: str, fqn: str):
+    """Damage found outside the engine (a pickle that does not fit its
+    records) is named by item here; the engine's own (CRC, truncation) by
+    _read_file, which knows every item an archive serves."""
+    try:
+        yield
+    except UnsafeCheckpointError:
+        raise
+    except CorruptCheckpointError as e:
+        if _ARCHIVE_AT in (e.record or ""):
+            raise
+        raise CorruptCheckpointError(f"{where}: {e}", path=path, record=fqn) from e
 
 
 def _predict_place(tensor_reqs, targets: dict, archives: dict, span_of) -> dict:

@@ -22,8 +22,8 @@ from typing import Any, Optional
 
 from . import api
 from ._paths import committed_file, normalize_path
-from .load_into import load_into
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
+from .load_into import load_into
 
 __all__ = ["CheckpointManager"]
 

@@ -183,6 +183,10 @@ class RecordReader:
         """Every record of one archive, keyed by name."""
         return cls(archive.path, list(archive.records.items()), verify=verify, keep=keep)
 
+    def has(self, key) -> bool:
+        """Whether record `key` is part of this read."""
+        return key in self._index
+
     def wait(self, key) -> None:
         """Block until record `key` is read (into its buffer or destination) and verified."""
         self._ticket.wait_request(self._index[key])
@@ -284,7 +288,10 @@ class LoadedArchive:
     def get_all_records(self) -> list:
         return list(self._archive.records)
 
+    def _can_read(self, name: str) -> bool:
+        return name in self._known or (self._reader is not None and self._reader.has(self._key(name)))
+
     def serialization_id(self) -> str:
-        if ".data/serialization_id" in self._archive.records:
+        if ".data/serialization_id" in self._archive.records and self._can_read(".data/serialization_id"):
             return self.get_record(".data/serialization_id").decode(errors="replace")
         return ""

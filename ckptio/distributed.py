@@ -415,6 +415,8 @@ class StorageReader(FileSystemReader):
         records = []
         for span, arc in archives.items():
             for name, r in arc.records.items():
+                if name in _UNUSED_RECORDS:
+                    continue  # a separate read at each archive's end, for nothing torch reads
                 unique = _archive.Record(f"{name}{_ARCHIVE_AT}{span[0]}", r.header_offset, r.end_offset, r.size,
                                          r.crc)
                 span_of_name[unique.name] = span
@@ -452,7 +454,8 @@ class StorageReader(FileSystemReader):
             return bytes(reader.get((span, name)))
 
         def small_records() -> dict:
-            return {name: record(name) for name in arc.records if not name.startswith("data/")}
+            return {name: record(name) for name in arc.records
+                    if not name.startswith("data/") and name not in _UNUSED_RECORDS}
 
         with _naming(where, path, req.storage_index.fqn):
             saved = tensor_spec(arc, record("data.pkl"), where, small_records, _unpickle)
@@ -590,6 +593,9 @@ class StorageReader(FileSystemReader):
 
 # Engine request names in a rank file: "data/0 of the archive at offset 4096".
 _ARCHIVE_AT = " of the archive at offset "
+# Records torch's unpickling never reads; in a DCP item archive they sit after
+# the payload, so reading them costs a request per item.
+_UNUSED_RECORDS = frozenset({"version", ".data/version", ".data/serialization_id"})
 
 
 @contextlib.contextmanager

@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
+#include <new>
 
 #include "fault_injection.h"
 
@@ -82,8 +84,13 @@ Status Engine::ReadDirectories(const std::string& path, const std::vector<std::p
   size_t running = workers;
   for (size_t w = 0; w < workers; ++w) {
     pool_->Submit([&] {
-      for (size_t i = next.fetch_add(1); i < windows.size(); i = next.fetch_add(1))
-        results[i] = ReadZipDirectory(&file, windows[i].first, windows[i].second, &(*entries)[i]);
+      for (size_t i = next.fetch_add(1); i < windows.size(); i = next.fetch_add(1)) {
+        try {  // pool tasks must not throw; a hostile directory size could make the parser's buffer fail
+          results[i] = ReadZipDirectory(&file, windows[i].first, windows[i].second, &(*entries)[i]);
+        } catch (const std::bad_alloc&) {
+          results[i] = Status::IOError(ENOMEM, path, "out of memory reading an archive directory");
+        }
+      }
       std::lock_guard<std::mutex> lock(mu);
       if (--running == 0) cv.notify_all();
     });

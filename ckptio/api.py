@@ -166,19 +166,23 @@ def load(
     # Unpickling runs while the engine is still reading: each storage waits
     # only for its own record.
     reader = _archive.RecordReader.of(arc, verify=verify)
+    result = unpickle_archive(_archive.LoadedArchive(arc, reader), map_location, weights_only, path)
+    reader.finish()  # records the pickle never referenced are verified too
+    return result
+
+
+def unpickle_archive(zip_reader, map_location, weights_only: bool, path: str):
+    """torch's own unpickling of an archive (its weights-only unpickler unless
+    told), with ckptio's wording for a refusal."""
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
     try:
-        result = torch.serialization._load(
-            _archive.LoadedArchive(arc, reader), map_location, unpickler_module, encoding="utf-8"
-        )
-        reader.finish()  # records the pickle never referenced are verified too
-        return result
+        return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")
     except pickle.UnpicklingError as e:
         if weights_only:
             raise pickle.UnpicklingError(
-                f"Weights only load failed for {path}: {e}\nckptio.load(weights_only=True) refuses what "
-                "torch.load(weights_only=True) refuses. If you trust this file, pass weights_only=False, or "
-                "allow the named globals with torch.serialization.add_safe_globals."
+                f"Weights only load failed for {path}: {e}\nckptio refuses what torch.load(weights_only=True) "
+                "refuses. If you trust this file, pass weights_only=False, or allow the named globals with "
+                "torch.serialization.add_safe_globals."
             ) from None
         raise
 

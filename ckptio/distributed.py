@@ -41,7 +41,6 @@ import os
 import pathlib
 import pickle
 import re
-import sys
 import zipfile
 
 import torch
@@ -65,8 +64,9 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
-from .load_into import MemoryClaims, _unpickle
-from .skeleton import TensorSpec, tensor_spec
+from .api import unpickle_archive
+from .load_into import MemoryClaims
+from .skeleton import TensorSpec, native_byte_order, tensor_spec
 from .pickling import ALIGNMENT, pickle_state
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
@@ -458,14 +458,14 @@ class StorageReader(FileSystemReader):
                     if not name.startswith("data/") and name not in _UNUSED_RECORDS}
 
         with _naming(where, path, req.storage_index.fqn):
-            saved = tensor_spec(arc, record("data.pkl"), where, small_records, _unpickle)
+            saved = tensor_spec(arc, record("data.pkl"), where, small_records, unpickle_archive)
         if not isinstance(saved, TensorSpec):
             raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
                                          path=path, record=req.storage_index.fqn)
         if (span, saved.record) in placed:
             reader.wait((span, saved.record))  # read straight into the target, verified
             view = saved.narrow(req.storage_offsets, req.lengths)
-            native_order = "byteorder" not in arc.records or record("byteorder").decode() == sys.byteorder
+            native_order = native_byte_order(record("byteorder") if "byteorder" in arc.records else None)
             if (view.is_contiguous() and view.storage_offset == 0 and view.dtype == target.dtype
                     and view.size == tuple(target.shape) and native_order):
                 planner.commit_tensor(req, target)
@@ -478,7 +478,7 @@ class StorageReader(FileSystemReader):
         else:
             loaded = _archive.LoadedArchive(arc, reader, key=lambda name: (span, name))
         with _naming(where, path, req.storage_index.fqn):
-            tensor = _unpickle(loaded, "cpu", True, where)
+            tensor = unpickle_archive(loaded, "cpu", True, where)
         self.items_copied += 1
         self._commit_tensor(req, tensor, target, path, where, planner)
 

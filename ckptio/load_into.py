@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import bisect
 import os
-import pickle
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,11 +36,11 @@ import torch.serialization
 from . import archive as _archive
 from . import remote
 from ._paths import normalize_path
-from .api import _resolve_weights_only, load, with_local_copy
+from .api import _resolve_weights_only, load, unpickle_archive, with_local_copy
 from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError, StateMismatchError
 from .save_queue import get_queue
-from .skeleton import fast_load, unpickle_skeleton
+from .skeleton import fast_load, native_byte_order, unpickle_skeleton
 
 __all__ = ["load_into"]
 
@@ -93,32 +91,17 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
     if "constants.pkl" in arc.records:
         raise CkptioError(f"{path}: is a TorchScript archive; load it with torch.jit.load")
     metadata = _archive.read_small_records(path, {None: arc}, verify=verify)[None]
-    skeleton, record_of = unpickle_skeleton(arc, metadata, weights_only, path, _unpickle)
+    skeleton, record_of = unpickle_skeleton(arc, metadata, weights_only, path, unpickle_archive)
     pairs, missing = _pair(skeleton, target)
     _check(pairs, missing, strict, path)
     plan = _Plan.of(arc, pairs, record_of)
-    if metadata.get("byteorder", sys.byteorder.encode()).decode(errors="replace") != sys.byteorder:
-        # torch byte-swaps each storage as the unpickler meets it, before
-        # the bytes would have arrived in place: read fresh, then copy.
+    native = native_byte_order(metadata.get("byteorder"))
+    if not native:
+        # torch byte-swaps each storage as its unpickler meets it, before the
+        # bytes would have arrived in place: read fresh, then copy.
         plan = _Plan(placed={}, copies=plan.pairs, pairs=plan.pairs)
-    result = _read(arc, metadata, plan, verify, weights_only, map_location, path)
+    result = _read(arc, metadata, plan, verify, weights_only, map_location, path, fast=native)
     return _adopt(result, target, plan)
-
-
-def _unpickle(zip_reader, map_location, weights_only, path):
-    """torch's own unpickling of an archive (weights-only unless told), with
-    ckptio's wording for a refusal."""
-    unpickler_module = torch._weights_only_unpickler if weights_only else pickle
-    try:
-        return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")
-    except pickle.UnpicklingError as e:
-        if weights_only:
-            raise pickle.UnpicklingError(
-                f"Weights only load failed for {path}: {e}\nckptio.load_into(weights_only=True) refuses what "
-                "torch.load(weights_only=True) refuses. If you trust this file, pass weights_only=False, or "
-                "allow the named globals with torch.serialization.add_safe_globals."
-            ) from None
-        raise
 
 
 # --------------------------------------------------------------------------
@@ -318,7 +301,7 @@ class _PlacedArchive(_archive.LoadedArchive):
         return _archive._RecordStorage(placement.storage)  # filled in the background; checked by finish()
 
 
-def _read(arc, metadata, plan, verify, weights_only, map_location, path):
+def _read(arc, metadata, plan, verify, weights_only, map_location, path, fast: bool):
     records = [(name, r) for name, r in arc.records.items() if name.startswith("data/")]
     destinations = {name: (p.address, p.storage) for name, p in plan.placed.items()}
     reader = _archive.RecordReader(arc.path, records, verify=verify, destinations=destinations)
@@ -334,9 +317,9 @@ def _read(arc, metadata, plan, verify, weights_only, map_location, path):
         return place(zip_reader.get_storage_from_record(name, nbytes, None)._untyped_storage, location)
 
     try:
-        result = fast_load(metadata["data.pkl"], storage_for)
+        result = fast_load(metadata["data.pkl"], storage_for) if fast else None  # it does not byte-swap
         if result is None:
-            result = _unpickle(zip_reader, place, weights_only, path)
+            result = unpickle_archive(zip_reader, place, weights_only, path)
         reader.finish()
     except CorruptCheckpointError as e:
         reader.abandon()

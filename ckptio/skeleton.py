@@ -20,13 +20,21 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import sys
 from typing import NamedTuple
 
 import torch
 
 from . import archive as _archive
 
-__all__ = ["TensorSpec", "fast_load", "unpickle_skeleton", "tensor_spec"]
+__all__ = ["TensorSpec", "fast_load", "native_byte_order", "unpickle_skeleton", "tensor_spec"]
+
+
+def native_byte_order(byteorder_record: bytes | None) -> bool:
+    """Whether payloads are in this machine's byte order (an archive without a
+    ``byteorder`` record is little-endian, as torch reads it)."""
+    order = "little" if byteorder_record is None else byteorder_record.decode(errors="replace")
+    return order == sys.byteorder
 
 
 class TensorSpec(NamedTuple):

@@ -18,6 +18,10 @@ from .errors import CheckpointIOError, CheckpointNotFoundError
 _TEMP_NAME = re.compile(r"^\.(?:.+\.)?ckptio-tmp-(\d+)-\w+$")
 _temporaries = itertools.count()
 
+# Test seam (ckptio._testing.skip_fsyncs): the sites whose fsync is left out,
+# so the power-loss simulator can show that it notices each one missing.
+_skipped_fsyncs: frozenset = frozenset()
+
 
 def temporary_path(path: str) -> str:
     """A fresh temporary name beside `path`, unique in this process, that
@@ -44,7 +48,26 @@ def make_parent_directories(path: str) -> None:
     nobody made). URLs are left alone: object stores have no directories."""
     parent = os.path.dirname(path)
     if parent and "://" not in path:
-        os.makedirs(parent, exist_ok=True)
+        make_directories(parent)
+
+
+def make_directories(directory: str) -> None:
+    """``os.makedirs(directory, exist_ok=True)``, durably: each directory it
+    creates is fsynced into its parent. Without that a power cut may lose a
+    new directory, and with it a checkpoint already reported durable inside."""
+    missing = []
+    current = os.path.abspath(directory)
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    if not missing:
+        return
+    os.makedirs(directory, exist_ok=True)
+    for created in reversed(missing):  # outermost first: each entry lands in a durable parent
+        fsync_directory(os.path.dirname(created), site="new_directory")
 
 
 def check_destination(path: str) -> None:
@@ -92,8 +115,18 @@ def remove_stale_temporaries(directory: str) -> list:
     return removed
 
 
-def fsync_directory(directory: str) -> None:
-    """fsync a directory, so that a rename inside it survives a power loss."""
+def fsync_file(fd: int, site: str) -> None:
+    """fsync an open file, so that its data survives a power loss. `site`
+    names this fsync for the test seam (see _skipped_fsyncs)."""
+    if site not in _skipped_fsyncs:
+        os.fsync(fd)
+
+
+def fsync_directory(directory: str, site: str = "directory") -> None:
+    """fsync a directory, so that a rename inside it survives a power loss.
+    `site` names this fsync for the test seam (see _skipped_fsyncs)."""
+    if site in _skipped_fsyncs:
+        return
     fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -102,13 +135,14 @@ def fsync_directory(directory: str) -> None:
 
 
 @contextmanager
-def committed_file(path: str, mode: str = "wb"):
+def committed_file(path: str, mode: str = "wb", *, site: str = "commit"):
     """Write `path` through a temporary file beside it, committed durably.
 
     Yields the open temporary file. On success: flush, fsync, rename over
     `path`, fsync the directory. On any error the temporary file is removed
     and `path` is untouched. The temporary name is one stale-temporary
-    cleanup recognises (ckptio's own, with this pid).
+    cleanup recognises (ckptio's own, with this pid). `site` names the two
+    fsyncs ("<site>.file", "<site>.directory") for the test seam.
     """
     parent = os.path.dirname(path) or "."
     tmp = temporary_path(path)
@@ -116,9 +150,9 @@ def committed_file(path: str, mode: str = "wb"):
         with open(tmp, mode) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            fsync_file(f.fileno(), f"{site}.file")
         os.replace(tmp, path)
-        fsync_directory(parent)
+        fsync_directory(parent, f"{site}.directory")
     except BaseException:
         try:
             os.remove(tmp)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from . import _C
 
-__all__ = ["inject_fault", "delay_lazy_copies"]
+__all__ = ["inject_fault", "delay_lazy_copies", "skip_fsyncs", "FSYNC_SITES"]
 
 
 @contextmanager
@@ -40,3 +40,36 @@ def delay_lazy_copies(seconds: float):
         yield
     finally:
         lazy_snapshot._test_start_delay = previous
+
+
+# Every fsync a commit makes, by site: the engine's (file data, the directory
+# after the rename) and the Python-side writers' (torch.save through
+# committed_file, the manager's pointer, DCP's rank files and .metadata, and
+# the parent of a directory a save creates).
+FSYNC_SITES = (
+    "engine.file", "engine.directory",
+    "torch_save.file", "torch_save.directory",
+    "pointer.file", "pointer.directory",
+    "dcp.shard.file", "dcp.shard.directory",
+    "dcp.metadata.file", "dcp.metadata.directory", "dcp.retire_metadata.directory",
+    "new_directory",
+)
+
+
+@contextmanager
+def skip_fsyncs(*sites: str):
+    """Leave out the named fsyncs (see FSYNC_SITES) inside the block: the
+    mutation that proves the power-loss simulator notices a missing one."""
+    from . import _paths
+
+    unknown = set(sites) - set(FSYNC_SITES)
+    if unknown:
+        raise ValueError(f"unknown fsync sites: {sorted(unknown)}; known: {FSYNC_SITES}")
+    previous = _paths._skipped_fsyncs
+    _paths._skipped_fsyncs = frozenset(sites)
+    _C._skip_syncs("engine.file" in sites, "engine.directory" in sites)
+    try:
+        yield
+    finally:
+        _paths._skipped_fsyncs = previous
+        _C._skip_syncs("engine.file" in previous, "engine.directory" in previous)

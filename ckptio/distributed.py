@@ -47,7 +47,7 @@ import torch
 import torch.serialization
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import FileSystem, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
@@ -56,7 +56,7 @@ from torch.futures import Future
 from . import _C
 from . import archive as _archive
 from ._engine import get_engine
-from ._paths import fsync_directory, temporary_path
+from ._paths import fsync_directory, fsync_file, make_directories, temporary_path
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -79,6 +79,23 @@ def _page_round(n: int) -> int:
     return -(-n // 4096) * 4096
 
 
+class _DurableFileSystem(FileSystem):
+    """FileSystemWriter.finish pickles .metadata into a buffered stream and
+    fsyncs its descriptor before the buffer is flushed: a small .metadata is
+    still in Python's buffer then, so the fsync persists nothing and the
+    rename that follows can reach the disk before the bytes do (the
+    power-loss simulator finds an empty .metadata). Streams opened for
+    writing here are flushed and fsynced when the writer is done with them."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            yield stream
+            if any(c in mode for c in "wax+"):
+                stream.flush()
+                fsync_file(stream.fileno(), "dcp.metadata.file")
+
+
 class StorageWriter(FileSystemWriter):
     """A DCP StorageWriter that writes each rank's file with ckptio's engine.
 
@@ -93,6 +110,7 @@ class StorageWriter(FileSystemWriter):
         (readers of either kind undo them from the metadata)."""
         super().__init__(os.fspath(path), single_file_per_rank=True, sync_files=True, thread_count=1,
                          cache_staged_state_dict=False, overwrite=overwrite, _extensions=_extensions)
+        self.fs = _DurableFileSystem()  # .metadata's bytes reach the disk before its rename
         self._arena = None    # staging.StagingArena and its one Slot, made on first stage()
         self._staging = None
 
@@ -156,11 +174,11 @@ class StorageWriter(FileSystemWriter):
                     if not isinstance(payload, tuple):
                         os.pwrite(fd, payload, offset)
                 os.ftruncate(fd, end)
-                os.fsync(fd)
+                fsync_file(fd, "dcp.shard.file")
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            fsync_directory(directory)
+            fsync_directory(directory, "dcp.shard.directory")
         except BaseException:
             try:
                 os.remove(tmp)
@@ -193,9 +211,32 @@ class StorageWriter(FileSystemWriter):
         stream.close()
         return buf.getvalue(), list(descriptors)
 
+    def prepare_local_plan(self, plan):
+        make_directories(os.fspath(self.path))  # durably: a power cut cannot take the new directory
+        plan = super().prepare_local_plan(plan)
+        if not self.use_collectives and self.rank is not None:
+            self._retire_metadata(self._get_metadata_path(self.rank))
+        return plan
+
+    def prepare_global_plan(self, plans):
+        # The coordinator, after every rank planned and before any writes.
+        self._retire_metadata(self._get_metadata_path(None))
+        return super().prepare_global_plan(plans)
+
+    def _retire_metadata(self, metadata_path) -> None:
+        """Saving over a checkpoint replaces its rank files one by one, under
+        the same names; the old .metadata would then describe bytes that are
+        gone. It goes first, durably: a power cut mid-save leaves a directory
+        that clearly refuses to load (no .metadata), never a mix."""
+        try:
+            os.remove(metadata_path)
+        except FileNotFoundError:
+            return
+        fsync_directory(os.fspath(self.path), "dcp.retire_metadata.directory")
+
     def finish(self, metadata, results) -> None:
-        super().finish(metadata, results)  # .metadata.tmp, fsync, rename
-        fsync_directory(os.fspath(self.path))  # and the rename itself survives a crash
+        super().finish(metadata, results)  # .metadata.tmp, fsync (by _DurableFileSystem), rename
+        fsync_directory(os.fspath(self.path), "dcp.metadata.directory")  # and the rename survives a crash
 
     # --- staging for dcp.async_save ---------------------------------------------
 

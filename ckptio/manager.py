@@ -21,7 +21,7 @@ import warnings
 from typing import Any, Optional
 
 from . import api
-from ._paths import committed_file, normalize_path
+from ._paths import committed_file, make_directories, normalize_path
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .load_into import load_into
 
@@ -56,7 +56,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._prefix, self._suffix = prefix, suffix
         self._pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
-        os.makedirs(self.directory, exist_ok=True)
+        make_directories(self.directory)
         self._closed = False
 
     # --- paths ---------------------------------------------------------------
@@ -180,7 +180,7 @@ class CheckpointManager:
 
 def _write_pointer(directory: str, target: str) -> None:
     """Atomically replace `directory`/latest with `target`, durably."""
-    with committed_file(os.path.join(directory, _POINTER), "w") as f:
+    with committed_file(os.path.join(directory, _POINTER), "w", site="pointer") as f:
         f.write(target + "\n")
 
 

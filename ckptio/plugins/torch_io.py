@@ -149,7 +149,7 @@ def _durable_torch_save(obj, path: str) -> int:
     check_destination(path)
     remove_stale_temporaries(os.path.dirname(path) or ".")
     try:
-        with committed_file(path) as f:
+        with committed_file(path, site="torch_save") as f:
             torch.save(obj, f)
             return f.tell()
     except CheckpointIOError:

@@ -40,8 +40,20 @@ class FaultInjector {
   // Called before a batched snapshot copy: 0 or an errno (kCopyError, once per arming).
   int BeforeCopy();
 
+  // The power-loss simulator's mutation proof: leave out the commit's file
+  // data sync and/or its directory sync (the call then reports success), so
+  // tests can show the simulator notices each one missing.
+  void SkipSyncs(bool file_data, bool directory) {
+    skip_file_sync_.store(file_data, std::memory_order_relaxed);
+    skip_directory_sync_.store(directory, std::memory_order_relaxed);
+  }
+  bool skips_file_sync() const { return skip_file_sync_.load(std::memory_order_relaxed); }
+  bool skips_directory_sync() const { return skip_directory_sync_.load(std::memory_order_relaxed); }
+
  private:
   std::atomic<bool> armed_{false};
+  std::atomic<bool> skip_file_sync_{false};
+  std::atomic<bool> skip_directory_sync_{false};
   std::mutex mu_;  // guards plan_ and eintr_left_
   FaultPlan plan_;
   uint64_t eintr_left_ = 0;

@@ -1,5 +1,6 @@
 #include "file_io.h"
 
+#include "crash_recorder.h"
 #include "fault_injection.h"
 
 #include <fcntl.h>
@@ -30,7 +31,10 @@ Status OpenForWriting(const std::string& path, int flags, DirectIoMode mode, boo
     if (!direct && mode == DirectIoMode::kRequire) {
       const int err = errno;
       ::close(fd);
-      if (created) ::unlink(path.c_str());
+      if (created) {
+        ::unlink(path.c_str());
+        CrashRecorder::Get().Record("unlink", path);
+      }
       return Status::IOError(err, path, "this filesystem refuses O_DIRECT, which CKPTIO_DIRECT_IO=1 requires");
     }
   }
@@ -47,6 +51,7 @@ Status WritableFile::Open(const std::string& path, DirectIoMode mode, bool creat
   const int flags = O_WRONLY | O_CLOEXEC | (create ? O_CREAT | O_EXCL : 0);
   Status s = OpenForWriting(path, flags, mode, create, &fd, &direct);
   if (!s.ok()) return s;
+  if (create) CrashRecorder::Get().Record("create", path);
   out->fd_ = fd;
   out->path_ = path;
   out->mode_ = mode;
@@ -105,9 +110,13 @@ Status WritableFile::Truncate(uint64_t size) {
 }
 
 Status WritableFile::Sync() {
+  if (FaultInjector::Get().skips_file_sync()) return Status::OK();
   for (;;) {
     int injected = FaultInjector::Get().BeforeSync();
-    if (injected == 0 && ::fdatasync(fd_) == 0) return Status::OK();
+    if (injected == 0 && ::fdatasync(fd_) == 0) {
+      CrashRecorder::Get().Record("fsync", path_, "", fd_);
+      return Status::OK();
+    }
     const int err = injected ? injected : errno;
     if (err != EINTR) return Status::FromErrno(err, "fdatasync", path_);
   }
@@ -194,6 +203,8 @@ std::string TemporaryPathFor(const std::string& final_path) {
 Status RenameDurably(const std::string& from, const std::string& to, int* replaced) {
   if (replaced != nullptr) *replaced = ::open(to.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (::rename(from.c_str(), to.c_str()) != 0) return Status::FromErrno(errno, "rename", to);
+  CrashRecorder::Get().Record("rename", from, to);
+  if (FaultInjector::Get().skips_directory_sync()) return Status::OK();
   std::string dir = DirectoryOf(to);
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return Status::FromErrno(errno, "open directory for fsync", dir);
@@ -205,6 +216,7 @@ Status RenameDurably(const std::string& from, const std::string& to, int* replac
   // Some filesystems cannot fsync a directory (EINVAL); the rename is then as
   // durable as that filesystem makes it.
   if (rc != 0 && err != EINVAL) return Status::FromErrno(err, "fsync directory", dir);
+  if (rc == 0) CrashRecorder::Get().Record("fsync_dir", dir);
   return Status::OK();
 }
 

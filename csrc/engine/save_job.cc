@@ -10,6 +10,7 @@
 #include <cstring>
 #include <mutex>
 
+#include "crash_recorder.h"
 #include "crc32.h"
 
 namespace ckptio {
@@ -287,7 +288,10 @@ class SaveJob : public std::enable_shared_from_this<SaveJob> {
 
   void Abort() {
     file_.Close();
-    if (temp_created_) ::unlink(temp_path_.c_str());
+    if (temp_created_) {
+      ::unlink(temp_path_.c_str());
+      CrashRecorder::Get().Record("unlink", temp_path_);
+    }
     ticket_->Finish(JobStats{path_, 0, 0, false, options_.block_bytes});
   }
 

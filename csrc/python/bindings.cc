@@ -14,6 +14,7 @@
 #include "engine/aligned_buffer.h"
 #include "engine/crc32.h"
 #include "engine/engine.h"
+#include "engine/crash_recorder.h"
 #include "engine/fault_injection.h"
 #include "native_pickler.h"
 #include "pickle_fast_path.h"
@@ -364,6 +365,37 @@ PYBIND11_MODULE(_C, m) {
       py::arg("kind"), py::arg("error_number") = 0, py::arg("at_byte") = 0, py::arg("max_chunk") = 0,
       py::arg("count") = 0, "Tests only: make the engine's file layer fail as described (see fault_injection.h).");
   m.def("_disarm_faults", [] { FaultInjector::Get().Disarm(); }, "Tests only: stop injecting faults.");
+  m.def(
+      "_skip_syncs", [](bool file_data, bool directory) { FaultInjector::Get().SkipSyncs(file_data, directory); },
+      py::arg("file_data"), py::arg("directory"),
+      "Tests only: leave out the commit's file data fsync / directory fsync (see fault_injection.h).");
+  // The power-loss simulator's recorder (crash_recorder.h).
+  m.def(
+      "_crash_record_start", [](const std::string& root) { CrashRecorder::Get().Start(root); }, py::arg("root"),
+      "Tests only: log every file-system effect of a save under `root`, with a snapshot of the tree.");
+  m.def(
+      "_crash_record",
+      [](const std::string& kind, const std::string& path, const std::string& path2, int fd) {
+        py::gil_scoped_release release;  // the snapshot reads files; engine threads may be recording too
+        CrashRecorder::Get().Record(kind.c_str(), path, path2, fd);
+      },
+      py::arg("kind"), py::arg("path"), py::arg("path2") = "", py::arg("fd") = -1,
+      "Tests only: log an effect Python code has just had (see crash_recorder.h).");
+  m.def(
+      "_crash_record_stop",
+      [] {
+        std::vector<CrashEvent> events = CrashRecorder::Get().Stop();
+        py::list out;
+        for (const CrashEvent& e : events) {
+          py::list tree;
+          for (const TreeEntry& t : e.tree)
+            tree.append(py::make_tuple(t.relative_path, t.inode, t.directory, py::bytes(t.contents)));
+          out.append(py::make_tuple(e.kind, e.path, e.path2, e.inode, tree));
+        }
+        return out;
+      },
+      "Tests only: stop recording; the log as [(kind, path, path2, inode, [(relative path, inode, is_dir, "
+      "bytes)])].");
   // The archive's layout for writers that stream it in order (remote files):
   // per record (header bytes, data offset, descriptor size), and the bytes
   // that follow once the CRCs are known.

@@ -5,8 +5,9 @@ A save streams the archive in file order straight from the records' memory
 object stores upload it in parts of `block_size`, so memory stays at a part
 or two, never the whole file. CRCs are computed as the payloads pass. The
 object becomes visible only when the upload completes (S3 completes a
-multipart upload atomically); on any error the upload is discarded, so a
-reader never sees a partial object and the previous one, if any, stays.
+multipart upload atomically); on any error the upload is aborted and its
+file object closed for good (see _abandon_upload), so a reader never sees a
+partial object and the previous one, if any, stays.
 
 A load downloads to a temporary local file and reads it like any local
 checkpoint (CRC-verified).
@@ -80,16 +81,42 @@ def save_records_to_url(records, url: str):
         f.write(layout.tail(crcs))
         f.close()  # completes the upload: the object appears whole, now
     except BaseException as e:
-        try:
-            f.discard()  # abort the multipart upload: nothing becomes visible
-        except Exception:
-            pass
+        _abandon_upload(f)
         if isinstance(e, OSError) and not isinstance(e, CheckpointIOError):
             raise CheckpointIOError(e.errno or 5, f"upload failed: {e}", url) from e
         if isinstance(e, Exception) and not isinstance(e, (CheckpointIOError, OSError)):
             raise CheckpointIOError(5, f"upload failed: {type(e).__name__}: {e}", url) from e
         raise
     return SaveResult(url, layout.file_size, time.perf_counter() - start, False, PART_BYTES)
+
+
+ABORT_ATTEMPTS = 3  # a failed abort is retried after 0.2 s, then 1 s
+
+
+def _abandon_upload(f) -> None:
+    """Make a failed upload impossible to complete, ever.
+
+    fsspec's buffered file completes its upload in close(), and its
+    ``__del__`` calls close() on a file not yet closed: a file left open by a
+    failed save would, once garbage-collected with the server reachable
+    again, *complete* the multipart upload of a truncated archive over the
+    previous object. So the file is marked closed whatever happens, and the
+    upload is aborted (S3: AbortMultipartUpload), retried a little when the
+    abort itself fails; an upload that cannot be aborted stays incomplete,
+    which no reader ever sees (object stores expire such uploads)."""
+    try:
+        for attempt in range(ABORT_ATTEMPTS):
+            try:
+                f.discard()
+                return
+            except Exception:
+                if attempt + 1 < ABORT_ATTEMPTS:
+                    time.sleep((0.2, 1.0)[attempt])
+    finally:
+        try:
+            f.closed = True  # close() and __del__ now do nothing: no flush, no completion
+        except AttributeError:
+            pass  # not an fsspec buffered file (memory:// writes an io.BytesIO): nothing completes late
 
 
 def _size(payload) -> int:

@@ -149,3 +149,144 @@ def test_a_1gib_checkpoint_uploads_with_bounded_memory(s3):
     growth = (peak_kb - base_kb) * 1024
     assert growth < 256 << 20, f"peak memory grew by {growth >> 20} MiB for a 1 GiB upload"
     assert fs.size("ckpts/huge.pt") > 1 << 30
+
+
+# --- failures on the wire: a proxy in front of the server refuses chosen requests ----
+
+class RefusingProxy:
+    """An HTTP proxy in front of the S3 server that refuses chosen requests
+    (403 AccessDenied, which clients do not retry) the next `times` times
+    they come: real failures on the wire, while the server itself is fine."""
+
+    def __init__(self, upstream_port: int):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        proxy = self
+        self.rules = []  # [method, substring of the request path, refusals left]
+        self.refused = []
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            return out
+                        out += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _reply(self, status, headers, data):
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def handle_request(self):
+                body = self._body()
+                if proxy._refuses(self.command, self.path):
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                             b"<Message>refused by the test proxy</Message></Error>")
+                    return self._reply(403, [("Content-Type", "application/xml")], error)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("expect", "transfer-encoding", "content-length")}
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=120)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    self._reply(resp.status, resp.getheaders(), resp.read())
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_request
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def refuse(self, method: str, path_has: str, times: int = 1) -> None:
+        with self.lock:
+            self.rules.append([method, path_has, times])
+
+    def _refuses(self, method: str, path: str) -> bool:
+        with self.lock:
+            for rule in self.rules:
+                if rule[0] == method and rule[1] in path and rule[2] > 0:
+                    rule[2] -= 1
+                    self.refused.append(f"{method} {path}")
+                    return True
+        return False
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def s3_behind_proxy(s3, monkeypatch):
+    import fsspec
+
+    fs, _ = s3
+    proxy = RefusingProxy(int(fsspec.config.conf["s3"]["endpoint_url"].rsplit(":", 1)[1]))
+    conf = dict(fsspec.config.conf["s3"], endpoint_url=proxy.url)
+    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield fs, proxy
+    proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _pending_uploads(fs) -> list:
+    return fs.call_s3("list_multipart_uploads", Bucket="ckpts").get("Uploads", [])
+
+
+def _failed_save_over(fs, proxy, *refusals):
+    import gc
+
+    ckptio.save(_state(1), "s3://ckpts/model.pt")
+    before = fs.cat("ckpts/model.pt")
+    for method, path_has, times in refusals:
+        proxy.refuse(method, path_has, times)
+    with pytest.raises(ckptio.CheckpointIOError) as info:
+        ckptio.save(_state(2, n=10 << 20), "s3://ckpts/model.pt")  # 40 MiB: three 16 MiB parts
+    assert "s3://ckpts/model.pt" in str(info.value)
+    gc.collect()  # what would run a file object's __del__, with the server reachable again
+    fs.invalidate_cache()
+    assert fs.cat("ckpts/model.pt") == before, "the failed upload completed over the previous object"
+    return proxy.refused
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_refused_part_leaves_the_previous_object_and_no_upload(s3_behind_proxy):
+    fs, proxy = s3_behind_proxy
+    refused = _failed_save_over(fs, proxy, ("PUT", "partNumber=2", 1))
+    assert len(refused) == 1
+    assert _pending_uploads(fs) == []  # aborted, not left behind
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_refused_abort_is_retried_and_the_upload_can_never_complete(s3_behind_proxy):
+    fs, proxy = s3_behind_proxy
+    refused = _failed_save_over(fs, proxy, ("PUT", "partNumber=2", 1), ("DELETE", "uploadId=", 1))
+    assert [r.split()[0] for r in refused] == ["PUT", "DELETE"]
+    assert _pending_uploads(fs) == []  # the second abort went through
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_an_upload_that_cannot_be_aborted_stays_incomplete(s3_behind_proxy):
+    fs, proxy = s3_behind_proxy
+    refused = _failed_save_over(fs, proxy, ("PUT", "partNumber=2", 1), ("DELETE", "uploadId=", 100))
+    assert sum(r.startswith("DELETE") for r in refused) == 3  # every attempt refused
+    assert len(_pending_uploads(fs)) == 1  # never completed, invisible to readers

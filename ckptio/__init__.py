@@ -13,6 +13,7 @@ from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchChe
 from .manager import CheckpointManager
 from .save_queue import SaveHandle
 from .background import reserve_staging
+from .preemption import on_preemption
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -43,6 +44,7 @@ __all__ = [
     "XLACheckpointIO",
     "AsyncCheckpointIO",
     "CheckpointManager",
+    "on_preemption",
     "SaveResult",
     "VerifyResult",
     "engine_info",

@@ -24,6 +24,7 @@ from ._paths import check_destination, remove_stale_temporaries
 from .config import resolve_snapshot_mode, staging_config
 from .lazy_snapshot import lazily_copyable_storages
 from .pickling import ALIGNMENT, PickledState, gc_paused, pickle_state
+from .preemption import durable_if_signalled
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
 
@@ -186,7 +187,7 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
         if stream is not None and state.storage_bytes > cfg.budget_bytes:
             handle = SaveHandle(path, "streaming")
             stream(state, path, handle, start)
-            return handle
+            return durable_if_signalled(handle)
         arena = get_arena()
         slot = arena.acquire()
         try:
@@ -208,7 +209,8 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
             copying.check()  # a failed copy fails the save: nothing is written
         return write_staged(staged)
 
-    return queue.submit(handle, write, cleanup=lambda: arena.release(slot))
+    handle = queue.submit(handle, write, cleanup=lambda: arena.release(slot))
+    return durable_if_signalled(handle)  # a save from a signal handler: the process may end next
 
 
 def write_native(staged: Staged, path: str):

@@ -106,6 +106,11 @@ class PreemptionGuard:
         previous = self.previous.get(signum)
         if callable(previous):
             previous(signum, frame)
+        elif signal.getsignal(signum) != self._handle:
+            # Installed over us by someone who chains us (Lightning composes the
+            # SIGTERM handler it finds with its own and then stops the Trainer
+            # gracefully): what the signal does next is theirs to decide.
+            return
         elif previous in (signal.SIG_DFL, None):
             # The default action (end the process): done by the kernel, so that
             # the exit status still says "killed by <signal>".

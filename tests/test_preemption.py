@@ -159,3 +159,36 @@ def test_lightning_slurm_requeue_save_is_durable_before_the_job_is_killed(tmp_pa
     assert saved["global_step"] == 3
     expected = torch.randn(BIG, generator=torch.Generator().manual_seed(9))
     assert torch.equal(saved["state_dict"]["big"], expected)
+
+
+@pytest.mark.parametrize("namespace", ["lightning", "pytorch_lightning"])
+def test_under_lightning_sigterm_drains_and_lets_the_trainer_stop_gracefully(tmp_path, namespace):
+    """As Lightning's own test_sigterm_handler_can_be_added: a handler set
+    before the Trainer runs inside Lightning's; here that handler is
+    on_preemption's, which drains the queue and leaves the stop to Lightning
+    (SIGTERMException), instead of ending the process itself."""
+    pl = pytest.importorskip(namespace)
+    if namespace == "lightning":
+        pl = pl.pytorch
+    from lightning_models import make_model_class, trainer_kwargs
+
+    path = str(tmp_path / "queued.pt")
+    state = {"w": torch.randn(BIG // 4)}
+
+    class Model(make_model_class(pl)):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 1:
+                ckptio.async_save(state, path)
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().training_step(batch, batch_idx)
+
+    guard = ckptio.on_preemption(signals=[signal.SIGTERM], deadline_s=120)
+    try:
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=10, enable_checkpointing=False))
+        with pytest.raises(SystemExit):  # Lightning's SIGTERMException
+            trainer.fit(Model())
+        assert trainer.received_sigterm
+        assert get_queue().pending() == 0
+        assert torch.equal(torch.load(path, weights_only=True)["w"], state["w"])
+    finally:
+        guard.restore()

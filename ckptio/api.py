@@ -145,11 +145,10 @@ def load(
     """
     path = normalize_path(path)
     get_queue().wait_path(path)
-    if remote.is_url(path):
-        return with_local_copy(path, lambda local: load(local, map_location, weights_only=weights_only, mmap=False,
-                                                        verify=verify))
     verify = verify_by_default() if verify is None else bool(verify)
     weights_only = _resolve_weights_only(weights_only)
+    if remote.is_url(path):
+        return _load_remote(path, map_location, weights_only, verify, mmap)
     if not os.path.exists(path):
         raise CheckpointNotFoundError.missing_checkpoint(path)
     if os.path.isfile(path) and os.path.getsize(path) > 0 and not _archive.is_zip_checkpoint(path):
@@ -169,6 +168,23 @@ def load(
     result = unpickle_archive(_archive.LoadedArchive(arc, reader), map_location, weights_only, path)
     reader.finish()  # records the pickle never referenced are verified too
     return result
+
+
+def _load_remote(url: str, map_location, weights_only: bool, verify: bool, mmap: bool):
+    """A checkpoint at an fsspec URL: parallel ranged reads straight into
+    memory (remote_read); legacy files and mmap/meta loads use a downloaded
+    copy instead."""
+    from .remote_read import fetch_archive, is_zip_object
+
+    fs, path = remote.fs_for(url)
+    if mmap or _is_meta(map_location) or not is_zip_object(fs, path, url):
+        return with_local_copy(url, lambda local: load(local, map_location, weights_only=weights_only, mmap=False,
+                                                       verify=verify))
+    archive, known, storages = fetch_archive(url, fs, path, verify=verify)
+    if "constants.pkl" in archive.records:
+        raise CkptioError(f"{url}: is a TorchScript archive; load it with torch.jit.load")
+    loaded = _archive.LoadedArchive(archive, None, known=known, storages=storages)
+    return unpickle_archive(loaded, map_location, weights_only, url)
 
 
 def unpickle_archive(zip_reader, map_location, weights_only: bool, path: str):

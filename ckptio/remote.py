@@ -32,7 +32,8 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _fs(url: str):
+def fs_for(url: str):
+    """(fsspec filesystem, path inside it) for `url`."""
     try:
         import fsspec
     except ImportError:
@@ -58,7 +59,7 @@ def save_records_to_url(records, url: str):
     from .api import SaveResult
 
     start = time.perf_counter()
-    fs, path = _fs(url)
+    fs, path = fs_for(url)
     layout = _C.ArchiveLayout([(name, _size(p)) for name, p in records], ALIGNMENT)
     crcs = []
     try:
@@ -125,7 +126,7 @@ def _size(payload) -> int:
 
 def download(url: str, directory: str | None = None) -> str:
     """Copy the object at `url` to a local temporary file; returns its path (caller removes it)."""
-    fs, path = _fs(url)
+    fs, path = fs_for(url)
     try:
         if not fs.exists(path):
             raise CheckpointNotFoundError.missing_checkpoint(url)

@@ -80,7 +80,7 @@ def _remove(path: str) -> None:
     import shutil
 
     if remote.is_url(path):
-        fs, p = remote._fs(path)
+        fs, p = remote.fs_for(path)
         if fs.exists(p):
             fs.rm(p, recursive=True)
         return

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.serialization
@@ -30,6 +31,7 @@ class SaveResult:
     write_seconds: float  # from handing the records to the engine to durable
     direct_io: bool     # whether O_DIRECT carried the writes
     block_bytes: int = 0  # size of one write request (CKPTIO_BLOCK_MB, or CKPTIO_CHUNK_MB when streaming)
+    remote: Any = None  # a CheckpointManager's copy to its remote tier: tiers.RemoteCopy, or None
 
     @classmethod
     def from_stats(cls, st: dict) -> "SaveResult":

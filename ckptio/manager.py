@@ -11,21 +11,37 @@ invariants that make a crash at any moment safe:
 
 ``load_latest`` loads the newest checkpoint (CRC-verified) and falls back to
 older ones if it finds damage.
+
+With ``remote=`` (an fsspec URL prefix) the manager keeps a second tier:
+every ``remote_every``-th checkpoint, once durable locally, is copied there
+from the same staged bytes on the same queue (see ckptio.tiers), the remote
+``latest`` moves after the copy is whole, and the remote tier keeps its own
+``keep_remote`` newest. ``load_latest`` takes the newest checkpoint that is
+whole in either tier (local first at equal step).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from . import api
 from ._paths import committed_file, make_directories, normalize_path
-from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
+from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .load_into import load_into
+from .tiers import RemoteTier
 
-__all__ = ["CheckpointManager"]
+__all__ = ["CheckpointManager", "LoadedCheckpoint"]
+
+
+class LoadedCheckpoint(NamedTuple):
+    """Which checkpoint load_latest returned: its step, "local" or "remote", and path or URL."""
+    step: int
+    tier: str
+    path: str
 
 _POINTER = "latest"
 
@@ -46,9 +62,17 @@ class CheckpointManager:
     """
 
     def __init__(self, directory: str | os.PathLike, keep_last: Optional[int] = 3, *,
-                 async_save: bool = True, prefix: str = "step_", suffix: str = ".pt"):
+                 async_save: bool = True, prefix: str = "step_", suffix: str = ".pt",
+                 remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1):
+        """`remote`: an fsspec URL prefix (s3://bucket/run) for the second
+        tier; every `remote_every`-th save is copied there and the newest
+        `keep_remote` copies are kept (None: all)."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
+        if keep_remote is not None and keep_remote < 1:
+            raise ValueError(f"keep_remote must be >= 1 or None (keep all), not {keep_remote}")
+        if not isinstance(remote_every, int) or remote_every < 1:
+            raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
         if not re.fullmatch(r"[\w.-]*", prefix) or not re.fullmatch(r"[\w.-]*", suffix):
             raise ValueError("prefix and suffix may contain only letters, digits, '_', '.' and '-'")
         self.directory = normalize_path(directory)
@@ -57,6 +81,13 @@ class CheckpointManager:
         self._prefix, self._suffix = prefix, suffix
         self._pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
         make_directories(self.directory)
+        self.remote = RemoteTier(remote) if remote is not None else None
+        self.keep_remote = keep_remote
+        self.remote_every = remote_every
+        self._saves = 0
+        self.last_durable_step: Optional[int] = None  # newest step durable locally (set on the queue)
+        self.last_remote_step: Optional[int] = None   # newest step committed remotely
+        self.last_loaded: Optional[LoadedCheckpoint] = None
         self._closed = False
 
     # --- paths ---------------------------------------------------------------
@@ -78,26 +109,37 @@ class CheckpointManager:
     def save(self, step: int, state: Any, *, snapshot: str | None = None):
         """Checkpoint `state` as `step`. Async by default: returns a SaveHandle
         once the state is snapshotted (`snapshot`: see ckptio.async_save); the
-        pointer moves and old checkpoints go only after this one is durable."""
+        pointer moves and old checkpoints go only after this one is durable.
+        With a remote tier, the result's ``remote`` (a tiers.RemoteCopy, or
+        None when this step is not copied) tells how the copy went; the
+        handle completes once it is done."""
         if self._closed:
             raise CkptioError("CheckpointManager is closed")
         path = self.path_for(step)
+        copy_remotely = self.remote is not None and self._saves % self.remote_every == 0
+        self._saves += 1
         if not self.async_save:
             result = api.save(state, path)
             self._after_durable(step)
+            if copy_remotely:
+                result = self._copy_remotely(step, result, lambda url: api.save(state, url))
             return result
 
         from .background import stage, write_native
+        from .remote import save_records_to_url
 
         def write(staged):
             result = write_native(staged, path)
             self._after_durable(step)
+            if copy_remotely:  # the same staged bytes: no second snapshot, no re-read
+                result = self._copy_remotely(step, result, lambda url: save_records_to_url(staged.records(), url))
             return result
 
         return stage(state, path, write, snapshot=snapshot)
 
     def _after_durable(self, step: int) -> None:
         _write_pointer(self.directory, os.path.basename(self.path_for(step)))
+        self.last_durable_step = step
         if self.keep_last is not None:
             for old in self.steps()[: -self.keep_last]:
                 if old != step:
@@ -105,6 +147,23 @@ class CheckpointManager:
                         os.remove(self.path_for(old))
                     except FileNotFoundError:
                         pass
+
+    def _copy_remotely(self, step: int, result, send):
+        name = os.path.basename(self.path_for(step))
+        copy = self.remote.copy(name, send)
+        if copy.committed:
+            self.last_remote_step = step
+            if self.keep_remote is not None:
+                for old in self.remote_steps()[: -self.keep_remote]:
+                    if old != step:
+                        self.remote.remove(os.path.basename(self.path_for(old)))
+        return dataclasses.replace(result, remote=copy)
+
+    def remote_steps(self) -> list:
+        """Steps with a copy in the remote tier, ascending ([] without one)."""
+        if self.remote is None:
+            return []
+        return sorted(int(self._pattern.match(n).group(1)) for n in self.remote.names(self._pattern))
 
     # --- resuming ------------------------------------------------------------
 
@@ -123,19 +182,33 @@ class CheckpointManager:
                 paths = newer + [target] + [p for p in paths if p not in newer]
         return paths
 
+    def _tiered_candidates(self) -> list:
+        """(step, tier, path or URL), newest first, local before remote at an
+        equal step; an unreachable remote tier is warned about and skipped."""
+        found = [(self._step_of(p), "local", p) for p in self._candidates()]
+        if self.remote is not None:
+            try:
+                found += [(s, "remote", self.remote.url_for(os.path.basename(self.path_for(s))))
+                          for s in self.remote_steps()]
+            except Exception as e:  # noqa: BLE001 - the local tier still serves
+                warnings.warn(f"ckptio: cannot list the remote tier {self.remote.prefix} ({type(e).__name__}: {e}); "
+                              "resuming from local checkpoints only", RuntimeWarning, stacklevel=3)
+        return sorted(found, key=lambda c: (-c[0], c[1] != "local"))
+
     def latest(self) -> Optional[str]:
-        """Path of the newest checkpoint, or None."""
-        paths = self._candidates()
-        return paths[0] if paths else None
+        """Path (or, with a remote tier, URL) of the newest checkpoint, or None."""
+        candidates = self._tiered_candidates()
+        return candidates[0][2] if candidates else None
 
     def latest_step(self) -> Optional[int]:
-        path = self.latest()
-        return None if path is None else self._step_of(path)
+        candidates = self._tiered_candidates()
+        return candidates[0][0] if candidates else None
 
     def load_latest(self, map_location=None, *, weights_only: bool = True, into=None, strict: bool = True):
-        """Load the newest checkpoint that is intact (CRC-verified), falling
-        back to older ones if it was damaged; raises CheckpointNotFoundError
-        if there is none.
+        """Load the newest checkpoint that is intact (CRC-verified), in either
+        tier, falling back to older ones if it was damaged; raises
+        CheckpointNotFoundError if there is none. ``last_loaded`` then says
+        which step, tier and path served it.
 
         With `into` (e.g. ``{"model": model.state_dict(), "optimizer":
         opt.state_dict()}``) the tensors are read straight into those
@@ -144,18 +217,30 @@ class CheckpointManager:
         before its damage showed; the older checkpoint then loaded rewrites
         every tensor it pairs with."""
         damaged = []
-        for path in self._candidates():
+        for step, tier, path in self._tiered_candidates():
             try:
                 if into is not None:
-                    return load_into(into, path, strict=strict, map_location=map_location,
-                                     weights_only=weights_only)
-                return api.load(path, map_location=map_location, weights_only=weights_only)
-            except CorruptCheckpointError as e:
+                    def load_into_target(p):
+                        return load_into(into, p, strict=strict, map_location=map_location, weights_only=weights_only)
+
+                    state = load_into_target(path) if tier == "local" else api.with_local_copy(path, load_into_target)
+                else:
+                    state = api.load(path, map_location=map_location, weights_only=weights_only)
+            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 damaged.append(e)
-                warnings.warn(f"ckptio: skipping damaged checkpoint {path}: {e}", stacklevel=2)
-        raise CheckpointNotFoundError(
-            2, f"no intact checkpoint in this directory ({len(damaged)} damaged)", self.directory
-        )
+                warnings.warn(f"ckptio: skipping damaged or missing {tier} checkpoint {path}: {e}", stacklevel=2)
+                continue
+            except CheckpointIOError as e:
+                if tier == "local":
+                    raise
+                damaged.append(e)
+                warnings.warn(f"ckptio: cannot read remote checkpoint {path}: {e}", stacklevel=2)
+                continue
+            self.last_loaded = LoadedCheckpoint(step, tier, path)
+            return state
+        where = self.directory + (f" or {self.remote.prefix}" if self.remote is not None else "")
+        raise CheckpointNotFoundError(2, f"no intact checkpoint in {where} ({len(damaged)} damaged or unreadable)",
+                                      self.directory)
 
     def _step_of(self, path: str) -> Optional[int]:
         m = self._pattern.match(os.path.basename(path))

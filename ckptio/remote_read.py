@@ -84,6 +84,7 @@ def _get_range(fs, path: str, start: int, end: int) -> bytes:
 
 def _object_size(fs, path: str, url: str) -> int:
     try:
+        fs.invalidate_cache(path)  # a listing cached earlier may predate the object's latest version
         return int(fs.info(path)["size"])
     except FileNotFoundError:
         raise CheckpointNotFoundError.missing_checkpoint(url) from None

@@ -2,7 +2,6 @@
 standalone server, the one s3fs's own tests use), started here."""
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,51 +11,11 @@ import pytest
 import torch
 
 import ckptio
-from ckptio.background import reset
 
 s3fs = pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(port):
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    pytest.skip("moto server did not start")
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    import fsspec
-
-    port = _free_port()
-    server = _start_server(port)
-    conf = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem(**conf)
-    fs.mkdir("ckpts")
-    reset()
-    yield fs, server
-    reset()
-    server.kill()
-    server.wait()
-    s3fs.S3FileSystem.clear_instance_cache()
+from s3_server import s3, s3_behind_proxy  # noqa: E402,F401 (fixtures)
 
 
 def _state(step, n=1 << 16):
@@ -149,103 +108,6 @@ def test_a_1gib_checkpoint_uploads_with_bounded_memory(s3):
     growth = (peak_kb - base_kb) * 1024
     assert growth < 256 << 20, f"peak memory grew by {growth >> 20} MiB for a 1 GiB upload"
     assert fs.size("ckpts/huge.pt") > 1 << 30
-
-
-# --- failures on the wire: a proxy in front of the server refuses chosen requests ----
-
-class RefusingProxy:
-    """An HTTP proxy in front of the S3 server that refuses chosen requests
-    (403 AccessDenied, which clients do not retry) the next `times` times
-    they come: real failures on the wire, while the server itself is fine."""
-
-    def __init__(self, upstream_port: int):
-        import http.client
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        proxy = self
-        self.rules = []  # [method, substring of the request path, refusals left]
-        self.refused = []
-        self.lock = threading.Lock()
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _body(self) -> bytes:
-                if "chunked" in (self.headers.get("Transfer-Encoding") or ""):
-                    out = b""
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        chunk = self.rfile.read(size + 2)[:size]
-                        if size == 0:
-                            return out
-                        out += chunk
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _reply(self, status, headers, data):
-                self.send_response(status)
-                for k, v in headers:
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def handle_request(self):
-                body = self._body()
-                if proxy._refuses(self.command, self.path):
-                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                             b"<Message>refused by the test proxy</Message></Error>")
-                    return self._reply(403, [("Content-Type", "application/xml")], error)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("expect", "transfer-encoding", "content-length")}
-                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=120)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    self._reply(resp.status, resp.getheaders(), resp.read())
-                finally:
-                    conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = handle_request
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def refuse(self, method: str, path_has: str, times: int = 1) -> None:
-        with self.lock:
-            self.rules.append([method, path_has, times])
-
-    def _refuses(self, method: str, path: str) -> bool:
-        with self.lock:
-            for rule in self.rules:
-                if rule[0] == method and rule[1] in path and rule[2] > 0:
-                    rule[2] -= 1
-                    self.refused.append(f"{method} {path}")
-                    return True
-        return False
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def s3_behind_proxy(s3, monkeypatch):
-    import fsspec
-
-    fs, _ = s3
-    proxy = RefusingProxy(int(fsspec.config.conf["s3"]["endpoint_url"].rsplit(":", 1)[1]))
-    conf = dict(fsspec.config.conf["s3"], endpoint_url=proxy.url)
-    monkeypatch.setitem(fsspec.config.conf, "s3", conf)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield fs, proxy
-    proxy.close()
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _pending_uploads(fs) -> list:

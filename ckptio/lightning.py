@@ -70,7 +70,8 @@ def _callback_class(top: str):
     callbacks = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
 
     class _CheckpointMetrics(callbacks.Callback):
-        """Logs ckpt/stall_s, ckpt/write_s, ckpt/GBps for every completed ckptio save."""
+        """Logs ckpt/stall_s, ckpt/write_s (local durable), ckpt/GBps, and with a
+        remote tier ckpt/remote_s and ckpt/remote_ok, for every completed ckptio save."""
 
         _cursor = None
 
@@ -81,6 +82,9 @@ def _callback_class(top: str):
             for report in reports:
                 metrics = {"ckpt/stall_s": report.stall_seconds, "ckpt/write_s": report.write_seconds,
                            "ckpt/GBps": report.gbps, "ckpt/bytes": float(report.bytes)}
+                if report.remote_seconds is not None:  # a copy to the remote tier was made (or tried)
+                    metrics["ckpt/remote_s"] = report.remote_seconds
+                    metrics["ckpt/remote_ok"] = float(report.remote_error is None)
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
 

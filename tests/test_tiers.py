@@ -180,3 +180,51 @@ def test_sigkill_at_random_moments_of_a_two_tier_loop(s3, tmp_path):
         assert loaded["step"] >= newest_reported, (kills, manager.last_loaded, newest_reported)
         assert_state(loaded, loaded["step"])
     assert newest_reported >= 20
+
+
+@pytest.mark.parametrize("namespace", ["lightning", "pytorch_lightning"])
+def test_lightning_two_tier_plugin_resumes_from_the_remote_copy(s3, tmp_path, namespace):
+    pl = pytest.importorskip(namespace)
+    if namespace == "lightning":
+        pl = pl.pytorch
+    from ckptio.lightning import CheckpointMetrics
+    from lightning_models import make_model_class, trainer_kwargs
+
+    fs, _ = s3
+    Model = make_model_class(pl)
+    logged = []
+
+    class Recorder(pl.loggers.logger.Logger if hasattr(pl.loggers, "logger") else pl.loggers.Logger):
+        name, version, experiment = "recorder", 0, None
+
+        def log_metrics(self, metrics, step=None):
+            logged.append(metrics)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    local = tmp_path / "ckpt"
+    io = ckptio.AsyncCheckpointIO(remote="s3://ckpts/pl")
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(local), save_top_k=2, monitor="step", mode="max",
+                                              every_n_train_steps=2)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, logger=Recorder(),
+                                          callbacks=[checkpoint, CheckpointMetrics(namespace)], plugins=[io]))
+    model = Model()
+    trainer.fit(model)
+    io.teardown()
+    names = sorted(os.listdir(local))
+    assert len(names) == 2  # top-2 locally ...
+    assert sorted(n.rsplit("/", 1)[-1] for n in fs.ls("ckpts/pl", refresh=True) if n.endswith(".ckpt")) == names
+    assert any("ckpt/remote_s" in m and m["ckpt/remote_ok"] == 1.0 for m in logged)  # ... and remotely
+
+    newest = checkpoint.best_model_path
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    shutil.rmtree(local)  # the node is gone; resume with the same ckpt_path
+    resumed = Model()
+    io = ckptio.AsyncCheckpointIO(remote="s3://ckpts/pl")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=6, plugins=[io], enable_checkpointing=False))
+    with pytest.warns(UserWarning, match="loading the remote copy"):
+        trainer.fit(resumed, ckpt_path=newest)
+    assert trainer.global_step == 6  # nothing left to train: the remote copy was the end of the run
+    for key, value in resumed.state_dict().items():
+        assert torch.equal(value, expected[key]), key

@@ -3,10 +3,13 @@ one shared queue."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Any, Optional
 
-from .._paths import normalize_path
+from .._paths import make_parent_directories, normalize_path
 from ..config import resolve_snapshot_mode
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..save_queue import SaveHandle, get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, record_save
 
@@ -44,14 +47,28 @@ class AsyncCheckpointIO(CheckpointIO):
         return super().__new__(cls)
 
     def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None,
-                 snapshot: Optional[str] = None):
+                 snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1):
         """`reserve`: a state like the checkpoints to come (or their tensor
         bytes) to fault the staging memory in for, in the background, now
         (see ckptio.reserve_staging); by default the first save sizes it.
 
         `snapshot`: "eager" or "lazy" (see ckptio.async_save); None reads
-        CKPTIO_SNAPSHOT at each save (default "eager")."""
+        CKPTIO_SNAPSHOT at each save (default "eager").
+
+        `remote`: an fsspec URL prefix (s3://bucket/run) for a second tier:
+        every `remote_every`-th checkpoint, once durable locally, is copied
+        there under its file name from the same staged bytes (see
+        ckptio.tiers); ``remove_checkpoint`` removes both copies, and
+        ``load_checkpoint`` of a path whose local copy is missing or damaged
+        loads the remote one. Needs ckptio's engine as the base plugin."""
         super().__init__()
+        if not isinstance(remote_every, int) or remote_every < 1:
+            raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
+        from ..tiers import RemoteTier
+
+        self.remote = RemoteTier(remote) if remote is not None else None
+        self.remote_every = remote_every
+        self._saves = 0
         if snapshot is not None:
             resolve_snapshot_mode(snapshot)  # a bad value fails here, not at the first save
         self.snapshot = snapshot
@@ -63,6 +80,9 @@ class AsyncCheckpointIO(CheckpointIO):
             from .fast_io import FastCheckpointIO
 
             checkpoint_io = FastCheckpointIO()
+        if self.remote is not None and not _saves_natively(_innermost(checkpoint_io)):
+            raise ValueError("remote= copies the staged bytes the engine writes: use it with ckptio's "
+                             f"FastCheckpointIO as the base plugin, not {type(checkpoint_io).__name__}")
         # Kept as given, even another AsyncCheckpointIO (Lightning's wrappers
         # nest the same way); saves go to the innermost plugin, once.
         self.checkpoint_io = checkpoint_io
@@ -75,10 +95,13 @@ class AsyncCheckpointIO(CheckpointIO):
         return True
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
-        base = self.checkpoint_io
-        while isinstance(base, AsyncCheckpointIO):
-            base = base.checkpoint_io  # one snapshot and one queued write, not one per layer
-        if _saves_natively(base):
+        base = _innermost(self.checkpoint_io)  # one snapshot and one queued write, not one per layer
+        copy_remotely = self.remote is not None and self._saves % self.remote_every == 0
+        self._saves += self.remote is not None
+        if copy_remotely:
+            _reject_storage_options(self, storage_options)
+            handle = _save_with_remote_copy(checkpoint, normalize_path(path), self.remote, self.snapshot)
+        elif _saves_natively(base):
             _reject_storage_options(self, storage_options)  # the error names the plugin the user passed
             handle = base._async_save(checkpoint, normalize_path(path), storage_options, self.snapshot)
         else:
@@ -92,11 +115,20 @@ class AsyncCheckpointIO(CheckpointIO):
     # older load_checkpoint without weights_only).
     def load_checkpoint(self, path, *args, **kwargs):
         get_queue().wait_path(normalize_path(path))
-        return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
+        if self.remote is None:
+            return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
+        try:
+            return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
+        except (CheckpointNotFoundError, CorruptCheckpointError) as e:
+            url = self.remote.url_for(os.path.basename(normalize_path(path)))
+            warnings.warn(f"ckptio: {path}: {e}; loading the remote copy {url}", stacklevel=2)
+            return self.checkpoint_io.load_checkpoint(url, *args, **kwargs)
 
     def remove_checkpoint(self, path, *args, **kwargs) -> None:
         get_queue().wait_path(normalize_path(path))
         self.checkpoint_io.remove_checkpoint(path, *args, **kwargs)
+        if self.remote is not None:  # Lightning's retention (save_top_k) holds for both tiers
+            self.remote.remove(os.path.basename(normalize_path(path)))
 
     def wait(self) -> None:
         """Block until every queued save is durable; raise a pending failure."""
@@ -124,6 +156,30 @@ class _AsyncXLACheckpointIO(AsyncCheckpointIO):
     """AsyncCheckpointIO over an XLA plugin. ckptio.lightning registers this
     class as a virtual subclass of Lightning's XLACheckpointIO, so the XLA
     strategies (Trainer and Fabric) take it."""
+
+
+def _innermost(plugin):
+    while isinstance(plugin, AsyncCheckpointIO):
+        plugin = plugin.checkpoint_io
+    return plugin
+
+
+def _save_with_remote_copy(checkpoint, path: str, tier, snapshot) -> SaveHandle:
+    """Stage `checkpoint`; on the queue, write it to `path` durably, then copy
+    the same staged bytes to the remote tier under its file name."""
+    import dataclasses
+
+    from .. import remote
+    from ..background import stage, write_native
+
+    make_parent_directories(path)
+
+    def write(staged):
+        result = write_native(staged, path)
+        copy = tier.copy(os.path.basename(path), lambda url: remote.save_records_to_url(staged.records(), url))
+        return dataclasses.replace(result, remote=copy)
+
+    return stage(checkpoint, path, write, snapshot=snapshot)
 
 
 def _is_xla_plugin(plugin) -> bool:
@@ -171,7 +227,10 @@ def _save_through_plugin(plugin, checkpoint, path, storage_options, snapshot) ->
 def _report(handle: SaveHandle) -> None:
     if handle._exception is None and handle._result is not None:
         r = handle._result
-        record_save(SaveReport(handle.path, handle.stall_seconds, r.write_seconds, r.bytes))
+        copy = getattr(r, "remote", None)
+        record_save(SaveReport(handle.path, handle.stall_seconds, r.write_seconds, r.bytes,
+                               None if copy is None else copy.seconds,
+                               None if copy is None or copy.committed else f"{type(copy.error).__name__}: {copy.error}"))
 
 
 def _drain_with_progress(interval: float = 2.0) -> None:

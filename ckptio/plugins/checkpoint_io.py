@@ -74,8 +74,10 @@ class SaveReport:
 
     path: str
     stall_seconds: float   # how long the caller was blocked
-    write_seconds: float   # from handing the bytes to the writer to durable
+    write_seconds: float   # from handing the bytes to the writer to durable (locally, with a remote tier)
     bytes: int
+    remote_seconds: Optional[float] = None  # the copy to the remote tier, until committed (None: no copy)
+    remote_error: Optional[str] = None      # why that copy failed
 
     @property
     def gbps(self) -> float:

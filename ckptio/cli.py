@@ -3,6 +3,7 @@
     ckptio inspect PATH            records and tensors of any torch.save file
     ckptio verify PATH...          every CRC and structure; exit 0 only if all intact
     ckptio convert SRC DST         torch.save / safetensors -> ckptio's aligned, checksummed layout
+    ckptio list DIR [--remote URL] a CheckpointManager's checkpoints per tier: whole / damaged / remote-only
     ckptio bench [--dir D] [--size 1GiB] [--json] [--plot out.png]
 """
 
@@ -132,6 +133,26 @@ def cmd_verify(args) -> int:
     return 1 if failed else 0
 
 
+# --- list ------------------------------------------------------------------------
+
+def cmd_list(args) -> int:
+    import os
+
+    from .manager import CheckpointManager
+
+    if not os.path.isdir(args.directory) and args.remote is None:
+        print(f"ckptio list: {args.directory}: no such directory", file=sys.stderr)
+        return 2
+    manager = CheckpointManager(args.directory, keep_last=None, remote=args.remote, prefix=args.prefix,
+                                suffix=args.suffix)
+    rows = manager.inventory()
+    print(f"{'step':>10}  {'local':<8}  {'remote':<11}  note")  # plain columns: scripts parse it
+    for step, local, remote in rows:
+        note = "remote-only" if local is None else ("local-only" if remote is None and args.remote else "")
+        print(f"{step:>10}  {local or '-':<8}  {remote or '-':<11}  {note}".rstrip(), flush=True)
+    return 0 if any("whole" in (local, remote) for _, local, remote in rows) else 1
+
+
 # --- convert -------------------------------------------------------------------
 
 def cmd_convert(args) -> int:
@@ -178,6 +199,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("verify", help="check every CRC and the structure; exit 0 only if all intact")
     p.add_argument("paths", nargs="+")
     p.set_defaults(fn=cmd_verify)
+    p = sub.add_parser("list", help="a CheckpointManager directory's checkpoints per tier, with their state")
+    p.add_argument("directory")
+    p.add_argument("--remote", default=None, help="the manager's remote tier (an fsspec URL prefix)")
+    p.add_argument("--prefix", default="step_")
+    p.add_argument("--suffix", default=".pt")
+    p.set_defaults(fn=cmd_list)
     p = sub.add_parser("convert", help="rewrite a torch.save or safetensors file in ckptio's layout")
     p.add_argument("src")
     p.add_argument("dst")

@@ -246,6 +246,23 @@ class CheckpointManager:
         m = self._pattern.match(os.path.basename(path))
         return int(m.group(1)) if m else None
 
+    def inventory(self) -> list:
+        """Every step in either tier, newest first, as (step, local, remote):
+        each "whole" (every CRC checked), "damaged" or None (no copy); a
+        remote tier that cannot be listed shows as "unreachable"."""
+        self.wait()
+        local = {s: self.path_for(s) for s in self.steps()}
+        try:
+            remote_urls = {s: self.remote.url_for(os.path.basename(self.path_for(s))) for s in self.remote_steps()}
+            unreachable = False
+        except Exception:  # noqa: BLE001 - reported in the listing
+            remote_urls, unreachable = {}, self.remote is not None
+        rows = []
+        for step in sorted(set(local) | set(remote_urls), reverse=True):
+            rows.append((step, _state_of(local.get(step)),
+                         "unreachable" if unreachable else _state_of(remote_urls.get(step))))
+        return rows
+
     # --- lifetime ------------------------------------------------------------
 
     def wait(self) -> None:
@@ -276,3 +293,13 @@ def _read_pointer(directory: str) -> Optional[str]:
     except OSError:
         return None
     return name if name and "/" not in name and name not in (".", "..") else None
+
+
+def _state_of(path: Optional[str]) -> Optional[str]:
+    if path is None:
+        return None
+    try:
+        api.verify(path)
+        return "whole"
+    except (CorruptCheckpointError, CheckpointNotFoundError):
+        return "damaged"

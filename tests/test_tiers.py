@@ -228,3 +228,16 @@ def test_lightning_two_tier_plugin_resumes_from_the_remote_copy(s3, tmp_path, na
     assert trainer.global_step == 6  # nothing left to train: the remote copy was the end of the run
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_the_cli_lists_each_tier_with_its_state(s3, tmp_path, capsys):
+    from ckptio.cli import main
+
+    _two_tier_history(tmp_path)
+    run = tmp_path / "run"
+    _flip_a_byte(run / "step_30.pt")
+    os.remove(run / "step_10.pt")
+    assert main(["list", str(run), "--remote", REMOTE]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines == [["step", "local", "remote", "note"], ["30", "damaged", "whole"], ["20", "whole", "whole"],
+                     ["10", "-", "whole", "remote-only"]]

@@ -116,3 +116,17 @@ def staging_config() -> StagingConfig:
         chunk_bytes=_int_var("CKPTIO_CHUNK_MB", 64, 1, 4096) << 20,
         max_pending=_int_var("CKPTIO_MAX_PENDING", 2, 1, 1024),
     )
+
+
+@dataclass(frozen=True)
+class RemoteReadConfig:
+    range_bytes: int      # CKPTIO_REMOTE_RANGE_MB: one ranged GET of a remote load
+    ranges_in_flight: int  # CKPTIO_REMOTE_RANGES: ranged GETs at once (memory: this many ranges)
+
+
+def remote_read_config() -> RemoteReadConfig:
+    """Read (and check) the remote-load variables now."""
+    return RemoteReadConfig(
+        range_bytes=_int_var("CKPTIO_REMOTE_RANGE_MB", 64, 1, 4096) << 20,
+        ranges_in_flight=_int_var("CKPTIO_REMOTE_RANGES", 4, 1, 256),
+    )

@@ -241,3 +241,10 @@ def test_the_cli_lists_each_tier_with_its_state(s3, tmp_path, capsys):
     lines = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert lines == [["step", "local", "remote", "note"], ["30", "damaged", "whole"], ["20", "whole", "whole"],
                      ["10", "-", "whole", "remote-only"]]
+
+
+def test_the_two_tier_lightning_example_runs():
+    example = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "lightning_two_tier.py")
+    out = subprocess.run([sys.executable, example], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed epoch=0-step=16.ckpt from memory://two-tier after the local copy was wiped" in out.stdout

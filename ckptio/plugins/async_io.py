@@ -96,8 +96,10 @@ class AsyncCheckpointIO(CheckpointIO):
 
     def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
         base = _innermost(self.checkpoint_io)  # one snapshot and one queued write, not one per layer
-        copy_remotely = self.remote is not None and self._saves % self.remote_every == 0
-        self._saves += self.remote is not None
+        copy_remotely = False
+        if self.remote is not None:
+            copy_remotely = self._saves % self.remote_every == 0
+            self._saves += 1
         if copy_remotely:
             _reject_storage_options(self, storage_options)
             handle = _save_with_remote_copy(checkpoint, normalize_path(path), self.remote, self.snapshot)

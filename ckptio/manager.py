@@ -154,9 +154,13 @@ class CheckpointManager:
         if copy.committed:
             self.last_remote_step = step
             if self.keep_remote is not None:
-                for old in self.remote_steps()[: -self.keep_remote]:
-                    if old != step:
-                        self.remote.remove(os.path.basename(self.path_for(old)))
+                try:
+                    for old in self.remote_steps()[: -self.keep_remote]:
+                        if old != step:
+                            self.remote.remove(os.path.basename(self.path_for(old)))
+                except Exception as e:  # noqa: BLE001 - both copies stand; pruning tries again next time
+                    warnings.warn(f"ckptio: pruning {self.remote.prefix} failed ({type(e).__name__}: {e})",
+                                  RuntimeWarning, stacklevel=2)
         return dataclasses.replace(result, remote=copy)
 
     def remote_steps(self) -> list:

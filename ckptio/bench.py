@@ -52,10 +52,12 @@ def _fsync(path: str) -> None:
 
 def run_bench(args, console) -> int:
     import torch
-    from rich.progress import Progress
-    from rich.table import Table
 
     import ckptio
+    from ._console import progress, table as Table
+
+    if args.plot:
+        _require_matplotlib()  # before minutes of measuring, not after
 
     state = _state(args.size)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -110,10 +112,8 @@ def run_bench(args, console) -> int:
             ("stall", "ckptio.async_save", ckptio_async_stall),
             ("stall", "Lightning AsyncCheckpointIO", lightning_stall),
         ]
-        with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("benchmarking", total=len(cases) * (args.reps + 1))
+        with progress(console, len(cases) * (args.reps + 1)) as step:
             for kind, name, fn in cases:
-                progress.update(task, description=name)
                 times = []
                 try:
                     for rep in range(args.reps + 1):
@@ -122,13 +122,13 @@ def run_bench(args, console) -> int:
                         elapsed = measured if isinstance(measured, float) else time.perf_counter() - t0
                         if rep:  # the first run is a warm-up
                             times.append(elapsed)
-                        progress.advance(task)
+                        step(name)
                 except ImportError as e:
                     results[name] = {"kind": kind, "skipped": f"{e}"}
                     continue
                 results[name] = {"kind": kind, "times_s": times, "median_s": statistics.median(times)}
 
-    table = Table(title=f"ckptio bench: {nbytes / 2**30:.2f} GiB, {len(state)} tensors, in {os.path.abspath(args.dir)}")
+    table = Table(f"ckptio bench: {nbytes / 2**30:.2f} GiB, {len(state)} tensors, in {os.path.abspath(args.dir)}")
     for col in ("", "operation", "median s", "GB/s"):
         table.add_column(col, justify="right" if col in ("median s", "GB/s") else "left")
     for name, r in results.items():
@@ -149,6 +149,13 @@ def run_bench(args, console) -> int:
         _plot(report, args.plot)
         console.print(f"plot written to {args.plot}")
     return 0
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'") from None
 
 
 def _plot(report: dict, path: str) -> None:

@@ -16,11 +16,9 @@ __all__ = ["main"]
 
 
 def _console():
-    try:
-        from rich.console import Console
-    except ImportError:
-        raise SystemExit("the ckptio command needs rich: pip install 'ckptio[cli]'") from None
-    return Console(highlight=False)
+    from ._console import console
+
+    return console()
 
 
 # --- inspect -------------------------------------------------------------------
@@ -34,9 +32,9 @@ def _writer_of(arc, offsets_aligned: bool) -> str:
 
 def cmd_inspect(args) -> int:
     import torch
-    from rich.table import Table
 
     from . import archive as A
+    from ._console import table as Table
     from .errors import CkptioError
 
     console = _console()
@@ -56,7 +54,7 @@ def cmd_inspect(args) -> int:
         console.print(f"[red]damaged: {e}[/red]")
     offsets = _data_offsets(path, arc)
 
-    records = Table(title=f"{path}: records", show_lines=False)
+    records = Table(f"{path}: records")
     for col in ("record", "bytes", "offset", "alignment", "CRC-32", "CRC status"):
         records.add_column(col, justify="right" if col in ("bytes", "offset", "alignment") else "left")
     for name, r in arc.records.items():
@@ -66,7 +64,7 @@ def cmd_inspect(args) -> int:
         records.add_row(name, f"{r.size:,}", f"{off:,}" if off is not None else "?", str(align), f"{r.crc:08x}", status)
     console.print(records)
 
-    tensors = Table(title="tensors")
+    tensors = Table("tensors")
     for col in ("name", "dtype", "shape", "bytes"):
         tensors.add_column(col, justify="right" if col == "bytes" else "left")
     total = 0
@@ -161,7 +159,10 @@ def cmd_convert(args) -> int:
     console = _console()
     src = args.src
     if src.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise SystemExit("converting a .safetensors file needs safetensors: pip install 'ckptio[cli]'") from None
 
         obj = load_file(src)
     else:

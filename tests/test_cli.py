@@ -76,3 +76,35 @@ def test_bench_writes_json_and_a_plot(tmp_path):
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"]["ckptio.save (durable)"]["median_s"] > 0
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# The base install has none of the [cli] extras: the commands run with rich,
+# matplotlib and safetensors unimportable (as in a venv without them).
+NO_EXTRAS = ("import sys; sys.modules.update(dict.fromkeys(['rich', 'matplotlib', 'safetensors'], None)); "
+             "from ckptio.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run_without_extras(*args):
+    return subprocess.run([sys.executable, "-c", NO_EXTRAS, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_commands_work_without_the_cli_extras(files, tmp_path):
+    ours, theirs, damaged = files
+    out = run_without_extras("inspect", str(ours))
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{ours}: records" and lines[1].split() == ["record", "bytes", "offset", "alignment", "CRC-32",
+                                                                   "CRC", "status"]
+    assert any(line.split()[:1] == ["data/0"] and line.split()[-1] == "ok" for line in lines)
+    assert any(line.split()[:2] == ["w", "float32"] for line in lines)  # the tensors table
+    bad = run_without_extras("inspect", str(damaged))
+    assert bad.returncode == 1 and "BAD" in bad.stdout and "[red]" not in bad.stdout
+    assert run_without_extras("verify", str(ours), str(theirs)).returncode == 0
+    converted = tmp_path / "converted.pt"
+    out = run_without_extras("convert", str(theirs), str(converted))
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(ckptio.load(converted)["x"], torch.arange(10))
+    plot = run_without_extras("bench", "--plot", str(tmp_path / "p.png"))
+    assert plot.returncode == 1 and "ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'" in plot.stderr
+    assert "Traceback" not in plot.stderr

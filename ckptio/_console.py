@@ -1,0 +1,89 @@
+"""Terminal output for the command line: rich's tables and progress bars when
+rich is installed (``pip install 'ckptio[cli]'``), plain aligned text when it
+is not, so that every command works with the base install."""
+
+from __future__ import annotations
+
+import re
+import sys
+from contextlib import contextmanager
+
+__all__ = ["console", "table", "progress"]
+
+_MARKUP = re.compile(r"\[/?[a-z ]+\]")  # rich's style tags: [red] ... [/red]
+
+
+def _rich_available() -> bool:
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def console():
+    if _rich_available():
+        from rich.console import Console
+
+        return Console(highlight=False)
+    return PlainConsole()
+
+
+def table(title: str):
+    if _rich_available():
+        from rich.table import Table
+
+        return Table(title=title)
+    return PlainTable(title)
+
+
+@contextmanager
+def progress(out, total: int):
+    """Yields step(description): a progress bar with rich, a line on stderr per step without."""
+    if _rich_available() and not isinstance(out, PlainConsole):
+        from rich.progress import Progress
+
+        with Progress(console=out, transient=True) as bar:
+            task = bar.add_task("", total=total)
+
+            def step(description: str) -> None:
+                bar.update(task, description=description)
+                bar.advance(task)
+
+            yield step
+        return
+    done = [0]
+
+    def step(description: str) -> None:
+        done[0] += 1
+        print(f"[{done[0]}/{total}] {description}", file=sys.stderr, flush=True)
+
+    yield step
+
+
+class PlainConsole:
+    def print(self, obj="") -> None:
+        text = obj.render() if isinstance(obj, PlainTable) else _MARKUP.sub("", str(obj))
+        print(text, flush=True)
+
+
+class PlainTable:
+    def __init__(self, title: str):
+        self.title = title
+        self.columns: list = []  # (name, right-justified)
+        self.rows: list = []
+
+    def add_column(self, name: str, justify: str = "left") -> None:
+        self.columns.append((name, justify == "right"))
+
+    def add_row(self, *cells) -> None:
+        self.rows.append([_MARKUP.sub("", str(c)) for c in cells])
+
+    def render(self) -> str:
+        widths = [max([len(name)] + [len(row[i]) for row in self.rows]) for i, (name, _) in enumerate(self.columns)]
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if right else c.ljust(w)
+                             for c, w, (_, right) in zip(cells, widths, self.columns)).rstrip()
+
+        return "\n".join([self.title, line([name for name, _ in self.columns])] + [line(r) for r in self.rows])

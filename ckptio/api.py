@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.serialization
@@ -19,30 +17,10 @@ from .config import verify_by_default
 from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .lazy_snapshot import wait_snapshots
 from .pickling import ALIGNMENT, pickle_state
+from .results import SaveResult, VerifyResult
 from .save_queue import SaveHandle, get_queue
 
 __all__ = ["SaveResult", "VerifyResult", "save", "async_save", "wait", "wait_snapshots", "load", "verify"]
-
-
-@dataclass(frozen=True)
-class SaveResult:
-    path: str
-    bytes: int          # size of the checkpoint file
-    write_seconds: float  # from handing the records to the engine to durable
-    direct_io: bool     # whether O_DIRECT carried the writes
-    block_bytes: int = 0  # size of one write request (CKPTIO_BLOCK_MB, or CKPTIO_CHUNK_MB when streaming)
-    remote: Any = None  # a CheckpointManager's copy to its remote tier: tiers.RemoteCopy, or None
-
-    @classmethod
-    def from_stats(cls, st: dict) -> "SaveResult":
-        return cls(st["path"], st["bytes"], st["seconds"], st["direct_io"], st["block_bytes"])
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    path: str
-    records: int
-    bytes: int
 
 
 def _wait(ticket) -> None:

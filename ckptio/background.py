@@ -25,6 +25,7 @@ from .config import resolve_snapshot_mode, staging_config
 from .lazy_snapshot import lazily_copyable_storages
 from .pickling import ALIGNMENT, PickledState, gc_paused, pickle_state
 from .preemption import durable_if_signalled
+from .results import SaveResult
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
 
@@ -215,8 +216,6 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
 
 def write_native(staged: Staged, path: str):
     """Write a staged checkpoint with the engine: whole blocks straight from the slot."""
-    from .api import SaveResult
-
     remove_stale_temporaries(os.path.dirname(path))
     ticket = get_engine().save(path, staged.records(), ALIGNMENT, staged)
     ticket.wait()
@@ -227,8 +226,6 @@ def write_native(staged: Staged, path: str):
 def streaming_native_save(state: PickledState, path: str, handle: SaveHandle, start: float) -> None:
     """Stream a state larger than the staging budget; returns once its
     tensors are no longer read, with the rest of the write queued."""
-    from .api import SaveResult
-
     queue = get_queue()
     queue.wait_all(raise_errors=False)  # FIFO: every earlier save lands first (reserve() raised ours)
     cfg = staging_config()

@@ -5,9 +5,9 @@ its own class, and ``lightning`` and ``pytorch_lightning`` are two separate
 class hierarchies that reject each other's plugins. ckptio's classes are
 registered as virtual subclasses (``ABCMeta.register``) of the CheckpointIO
 (and XLACheckpointIO, with AsyncCheckpointIO over an XLA plugin) of every
-Lightning package installed, so one ckptio
-plugin works with whichever the user imports. Lightning stays optional:
-nothing here runs unless a ckptio plugin is created.
+Lightning package installed (ckptio.plugins.registration, re-exported here),
+so one ckptio plugin works with whichever the user imports. Lightning stays
+optional: nothing runs unless a ckptio plugin is created.
 
 ``CheckpointMetrics`` (a Callback, for either package) logs every async
 save's stall, time to durable and throughput to the Trainer's loggers.
@@ -21,49 +21,10 @@ instead of into fresh memory that ``load_state_dict`` then copies from.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import threading
+
+from .plugins.registration import _FABRIC_IO_MODULES, register_plugins, registered_namespaces
 
 __all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace"]
-
-# Where each Lightning distribution keeps CheckpointIO (the Trainer re-exports it).
-_FABRIC_IO_MODULES = {"lightning": "lightning.fabric.plugins.io", "pytorch_lightning": "lightning_fabric.plugins.io"}
-_lock = threading.Lock()
-_registered: list = []
-
-
-def _installed(top: str) -> bool:
-    try:
-        return importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def register_plugins() -> list:
-    """Register ckptio's plugin classes with every installed Lightning; returns their names."""
-    with _lock:
-        if _registered:
-            return list(_registered)
-        from .plugins import CheckpointIO, XLACheckpointIO
-        from .plugins.async_io import _AsyncXLACheckpointIO
-
-        for top, module in _FABRIC_IO_MODULES.items():
-            if not _installed(top) or not _installed(module.split(".")[0]):
-                continue
-            io = importlib.import_module(module)
-            io.CheckpointIO.register(CheckpointIO)
-            io.XLACheckpointIO.register(XLACheckpointIO)
-            # The XLA strategies take only XLACheckpointIO plugins: an async
-            # plugin over an XLA plugin is one, for them.
-            io.XLACheckpointIO.register(_AsyncXLACheckpointIO)
-            _registered.append(top)
-        if not _registered:
-            _registered.append(None)  # nothing installed; do not look again
-        return [n for n in _registered if n]
-
-
-def registered_namespaces() -> list:
-    return [n for n in _registered if n]
 
 
 def _callback_class(top: str):

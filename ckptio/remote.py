@@ -22,6 +22,7 @@ import time
 from . import _C
 from .errors import CheckpointIOError, CheckpointNotFoundError
 from .pickling import ALIGNMENT
+from .results import SaveResult
 
 __all__ = ["is_url", "save_records_to_url", "download"]
 
@@ -56,8 +57,6 @@ def _payload_view(payload):
 def save_records_to_url(records, url: str):
     """Stream an archive of `records` [(name, bytes | (address, size))] to `url`.
     REQUIRES: the records' memory stays valid until this returns."""
-    from .api import SaveResult
-
     start = time.perf_counter()
     fs, path = fs_for(url)
     layout = _C.ArchiveLayout([(name, _size(p)) for name, p in records], ALIGNMENT)

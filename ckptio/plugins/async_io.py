@@ -12,6 +12,7 @@ from ..config import resolve_snapshot_mode
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..save_queue import SaveHandle, get_queue
 from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, record_save
+from .registration import stands_for
 
 __all__ = ["AsyncCheckpointIO"]
 
@@ -154,6 +155,7 @@ class AsyncCheckpointIO(CheckpointIO):
         return state
 
 
+@stands_for("XLACheckpointIO")  # Lightning's XLA strategies take only XLACheckpointIO plugins
 class _AsyncXLACheckpointIO(AsyncCheckpointIO):
     """AsyncCheckpointIO over an XLA plugin. ckptio.lightning registers this
     class as a virtual subclass of Lightning's XLACheckpointIO, so the XLA

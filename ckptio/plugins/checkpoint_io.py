@@ -15,22 +15,23 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
+from .registration import register_plugins, stands_for
+
 _PATH = Union[str, "os.PathLike[str]"]
 
 __all__ = ["CheckpointIO", "SaveReport", "save_reports"]
 
 
+@stands_for("CheckpointIO")
 class CheckpointIO(ABC):
     """Saves, loads and removes checkpoints. Subclasses pick the backend.
 
     Creating any ckptio plugin registers the classes with the Lightning
-    packages installed (see ckptio.lightning), so ``Trainer(plugins=[...])``
+    packages installed (see plugins.registration), so ``Trainer(plugins=[...])``
     accepts it whether the user imports ``lightning`` or ``pytorch_lightning``.
     """
 
     def __init__(self) -> None:
-        from ..lightning import register_plugins
-
         register_plugins()
 
     @abstractmethod

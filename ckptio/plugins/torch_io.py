@@ -125,7 +125,7 @@ def _original_locations(views, locations):
 def _write_staged_with_torch_save(staged, path: str):
     import time
 
-    from ..api import SaveResult
+    from ..results import SaveResult
 
     start = time.perf_counter()
     obj, views = staged.rebuild()

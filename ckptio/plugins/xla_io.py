@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from .._paths import make_parent_directories, normalize_path
 from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+from .registration import stands_for
 
 __all__ = ["XLACheckpointIO", "to_host"]
 
@@ -34,6 +35,7 @@ def to_host(checkpoint, writer: bool):
     return xm._maybe_convert_to_cpu(checkpoint, convert=writer)
 
 
+@stands_for("XLACheckpointIO")
 class XLACheckpointIO(CheckpointIO):
     """Like Lightning's XLACheckpointIO (xm.save): pending XLA work is flushed,
     tensors come to the host in one batched transfer, and only the master

@@ -154,13 +154,14 @@ def _load_remote(url: str, map_location, weights_only: bool, verify: bool, mmap:
     """A checkpoint at an fsspec URL: parallel ranged reads straight into
     memory (remote_read); legacy files and mmap/meta loads use a downloaded
     copy instead."""
-    from .remote_read import fetch_archive, is_zip_object
+    from .remote_read import fetch_archive, zip_object_size
 
     fs, path = remote.fs_for(url)
-    if mmap or _is_meta(map_location) or not is_zip_object(fs, path, url):
+    size = None if mmap or _is_meta(map_location) else zip_object_size(fs, path, url)
+    if size is None:
         return with_local_copy(url, lambda local: load(local, map_location, weights_only=weights_only, mmap=False,
                                                        verify=verify))
-    archive, known, storages = fetch_archive(url, fs, path, verify=verify)
+    archive, known, storages = fetch_archive(url, fs, path, size, verify=verify)
     if "constants.pkl" in archive.records:
         raise CkptioError(f"{url}: is a TorchScript archive; load it with torch.jit.load")
     loaded = _archive.LoadedArchive(archive, None, known=known, storages=storages)

@@ -18,13 +18,14 @@ import io
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from . import _C
 from .config import remote_read_config
 from .archive import Archive, _archive_from_entries, _is_payload, storage_from_buffer
 from .errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["fetch_archive", "is_zip_object"]
+__all__ = ["fetch_archive", "zip_object_size"]
 
 _TAIL_BYTES = 64 << 10  # the directory of a checkpoint with ~500 records fits; a larger one costs one more request
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name length, extra length
@@ -94,15 +95,14 @@ def _object_size(fs, path: str, url: str) -> int:
         raise CheckpointIOError(5, f"cannot reach the checkpoint: {type(e).__name__}: {e}", url) from e
 
 
-def is_zip_object(fs, path: str, url: str) -> bool:
-    """True if the object starts like a zip archive (else: a legacy torch.save file)."""
+def zip_object_size(fs, path: str, url: str) -> Optional[int]:
+    """The object's size if it starts like a zip archive, else None (a legacy torch.save file)."""
     size = _object_size(fs, path, url)
-    return size >= 4 and _get_range(fs, path, 0, 4) == b"PK\x03\x04"
+    return size if size >= 4 and _get_range(fs, path, 0, 4) == b"PK\x03\x04" else None
 
 
-def _directory(fs, path: str, url: str) -> tuple:
+def _directory(fs, path: str, url: str, size: int) -> tuple:
     """(Archive, where the central directory starts)."""
-    size = _object_size(fs, path, url)
     start = max(0, size - _TAIL_BYTES)
     tail = _get_range(fs, path, start, size)
     try:
@@ -119,8 +119,9 @@ def _directory(fs, path: str, url: str) -> tuple:
     return _archive_from_entries(url, size, entries), directory_start
 
 
-def fetch_archive(url: str, fs, path: str, *, verify: bool) -> tuple:
-    """Read the archive at `url` into memory with parallel ranged GETs.
+def fetch_archive(url: str, fs, path: str, size: int, *, verify: bool) -> tuple:
+    """Read the archive at `url` (`size` bytes: see zip_object_size) into
+    memory with parallel ranged GETs.
 
     Returns (Archive, known, storages): `known` maps small records (the
     pickle, version, ...) to bytes, `storages` maps tensor payload records to
@@ -128,7 +129,7 @@ def fetch_archive(url: str, fs, path: str, *, verify: bool) -> tuple:
     Raises CorruptCheckpointError naming the record whose CRC-32 (when
     `verify`), local header or size is wrong."""
     cfg = remote_read_config()
-    archive, directory_start = _directory(fs, path, url)
+    archive, directory_start = _directory(fs, path, url, size)
     buffer = _C.AlignedBuffer(max(directory_start, 1))
     view = memoryview(buffer).cast("B")
     step = cfg.range_bytes

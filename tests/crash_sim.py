@@ -64,10 +64,7 @@ _real = {name: getattr(os, name) for name in
 
 
 def _fd_path(fd: int) -> str:
-    return _real_readlink(f"/proc/self/fd/{fd}")
-
-
-_real_readlink = os.readlink
+    return os.readlink(f"/proc/self/fd/{fd}")
 
 
 def _resolve(path, dir_fd) -> str:

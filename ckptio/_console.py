@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["console", "table", "progress"]
 
@@ -21,7 +23,7 @@ def _rich_available() -> bool:
     return True
 
 
-def console():
+def console() -> Any:  # rich.console.Console, or a PlainConsole
     if _rich_available():
         from rich.console import Console
 
@@ -29,7 +31,7 @@ def console():
     return PlainConsole()
 
 
-def table(title: str):
+def table(title: str) -> Any:  # rich.table.Table, or a PlainTable
     if _rich_available():
         from rich.table import Table
 
@@ -38,7 +40,7 @@ def table(title: str):
 
 
 @contextmanager
-def progress(out, total: int):
+def progress(out: Any, total: int) -> Iterator[Callable[[str], None]]:
     """Yields step(description): a progress bar with rich, a line on stderr per step without."""
     if _rich_available() and not isinstance(out, PlainConsole):
         from rich.progress import Progress
@@ -46,11 +48,11 @@ def progress(out, total: int):
         with Progress(console=out, transient=True) as bar:
             task = bar.add_task("", total=total)
 
-            def step(description: str) -> None:
+            def rich_step(description: str) -> None:
                 bar.update(task, description=description)
                 bar.advance(task)
 
-            yield step
+            yield rich_step
         return
     done = [0]
 
@@ -62,27 +64,27 @@ def progress(out, total: int):
 
 
 class PlainConsole:
-    def print(self, obj="") -> None:
+    def print(self, obj: object = "") -> None:
         text = obj.render() if isinstance(obj, PlainTable) else _MARKUP.sub("", str(obj))
         print(text, flush=True)
 
 
 class PlainTable:
-    def __init__(self, title: str):
+    def __init__(self, title: str) -> None:
         self.title = title
-        self.columns: list = []  # (name, right-justified)
-        self.rows: list = []
+        self.columns: list[tuple[str, bool]] = []  # (name, right-justified)
+        self.rows: list[list[str]] = []
 
     def add_column(self, name: str, justify: str = "left") -> None:
         self.columns.append((name, justify == "right"))
 
-    def add_row(self, *cells) -> None:
+    def add_row(self, *cells: object) -> None:
         self.rows.append([_MARKUP.sub("", str(c)) for c in cells])
 
     def render(self) -> str:
         widths = [max([len(name)] + [len(row[i]) for row in self.rows]) for i, (name, _) in enumerate(self.columns)]
 
-        def line(cells):
+        def line(cells: list[str]) -> str:
             return "  ".join(c.rjust(w) if right else c.ljust(w)
                              for c, w, (_, right) in zip(cells, widths, self.columns)).rstrip()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from . import _C
 from .config import DIRECT_AUTO, DIRECT_OFF, DIRECT_REQUIRE, EngineConfig, engine_config
@@ -17,7 +18,7 @@ __all__ = ["engine_info", "get_engine", "reset_engine"]
 _lock = threading.Lock()
 _engine: _C.Engine | None = None
 _config: EngineConfig | None = None
-_abandoned: list = []  # engines inherited across fork(): never destroyed in the child
+_abandoned: list[_C.Engine] = []  # engines inherited across fork(): never destroyed in the child
 
 
 def get_engine() -> _C.Engine:
@@ -31,10 +32,11 @@ def get_engine() -> _C.Engine:
         return _engine
 
 
-def engine_info() -> dict:
+def engine_info() -> dict[str, Any]:
     """The options of the engine this process uses (creating it if needed)."""
     get_engine()
     cfg = _config
+    assert cfg is not None  # set with the engine
     direct = {DIRECT_AUTO: "auto", DIRECT_REQUIRE: "1", DIRECT_OFF: "0"}[cfg.direct]
     return {"num_threads": cfg.num_threads, "block_bytes": cfg.block_bytes, "queue_depth": cfg.queue_depth,
             "direct_io": direct, "zero_copy_reads": cfg.zero_copy_reads}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import re
-import itertools
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO, Any
 
 from .errors import CheckpointIOError, CheckpointNotFoundError
 
@@ -20,7 +22,7 @@ _temporaries = itertools.count()
 
 # Test seam (ckptio._testing.skip_fsyncs): the sites whose fsync is left out,
 # so the power-loss simulator can show that it notices each one missing.
-_skipped_fsyncs: frozenset = frozenset()
+_skipped_fsyncs: frozenset[str] = frozenset()
 
 
 def temporary_path(path: str) -> str:
@@ -29,17 +31,16 @@ def temporary_path(path: str) -> str:
     return os.path.join(os.path.dirname(path), f".ckptio-tmp-{os.getpid()}-p{next(_temporaries)}")
 
 
-def normalize_path(path) -> str:
+def normalize_path(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     """`path` (str or os.PathLike) as the string ckptio works with: a local
     ``file://`` URL becomes the plain path it names (as fsspec's local
     filesystem reads it), so it is never taken for a relative directory
     called "file:"; other URLs (s3://, ...) are left for fsspec."""
-    path = os.fspath(path)
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if path.startswith("file://"):
-        path = os.path.abspath(path[len("file://"):])
-    return path
+    fspath = os.fspath(path)
+    text = os.fsdecode(fspath) if isinstance(fspath, bytes) else fspath
+    if text.startswith("file://"):
+        text = os.path.abspath(text[len("file://"):])
+    return text
 
 
 def make_parent_directories(path: str) -> None:
@@ -93,13 +94,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: str) -> list:
+def remove_stale_temporaries(directory: str) -> list[str]:
     """Delete ckptio temporaries in `directory` whose writer process is gone.
 
     Only names the engine makes are touched, and only when their pid no
     longer runs, so a concurrent writer's file is never removed.
     """
-    removed = []
+    removed: list[str] = []
     try:
         entries = list(os.scandir(directory or "."))
     except OSError:
@@ -135,7 +136,7 @@ def fsync_directory(directory: str, site: str = "directory") -> None:
 
 
 @contextmanager
-def committed_file(path: str, mode: str = "wb", *, site: str = "commit"):
+def committed_file(path: str, mode: str = "wb", *, site: str = "commit") -> Iterator[IO[Any]]:
     """Write `path` through a temporary file beside it, committed durably.
 
     Yields the open temporary file. On success: flush, fsync, rename over

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from . import _C
@@ -10,7 +11,7 @@ __all__ = ["inject_fault", "delay_lazy_copies", "skip_fsyncs", "FSYNC_SITES"]
 
 
 @contextmanager
-def inject_fault(kind: str, *, errno: int = 0, at_byte: int = 0, max_chunk: int = 0, count: int = 0):
+def inject_fault(kind: str, *, errno: int = 0, at_byte: int = 0, max_chunk: int = 0, count: int = 0) -> Iterator[None]:
     """Make the engine's file layer misbehave inside the block.
 
     kind: "write_error_at_byte" (writes reaching `at_byte` fail with `errno`),
@@ -28,7 +29,7 @@ def inject_fault(kind: str, *, errno: int = 0, at_byte: int = 0, max_chunk: int 
 
 
 @contextmanager
-def delay_lazy_copies(seconds: float):
+def delay_lazy_copies(seconds: float) -> Iterator[None]:
     """Inside the block, every lazy snapshot's background copy starts only
     `seconds` after its save returned: whatever the caller does meanwhile
     (forward, backward, an optimizer step) happens before the copy, so a
@@ -57,7 +58,7 @@ FSYNC_SITES = (
 
 
 @contextmanager
-def skip_fsyncs(*sites: str):
+def skip_fsyncs(*sites: str) -> Iterator[None]:
     """Leave out the named fsyncs (see FSYNC_SITES) inside the block: the
     mutation that proves the power-loss simulator notices a missing one."""
     from . import _paths

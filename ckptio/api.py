@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.serialization
 
-from . import archive as _archive
-from . import remote
+from . import _C, archive as _archive, remote
 from ._engine import get_engine
 from ._paths import check_destination, normalize_path, remove_stale_temporaries
 from .config import verify_by_default
@@ -22,8 +23,12 @@ from .save_queue import SaveHandle, get_queue
 
 __all__ = ["SaveResult", "VerifyResult", "save", "async_save", "wait", "wait_snapshots", "load", "verify"]
 
+_T = TypeVar("_T")
+# What torch.load takes as map_location: a device (or its name), a {location: location} dict, or a callable.
+MapLocation = Any
 
-def _wait(ticket) -> None:
+
+def _wait(ticket: _C.Ticket) -> None:
     """Wait for an engine job; on Ctrl-C cancel it (nothing is committed) and re-raise."""
     try:
         ticket.wait()
@@ -34,7 +39,7 @@ def _wait(ticket) -> None:
     ticket.check()
 
 
-def save(obj, path: str | os.PathLike) -> SaveResult:
+def save(obj: object, path: str | os.PathLike[str]) -> SaveResult:
     """Write `obj` to `path` as torch.save would, durably.
 
     When this returns the file is complete, fsynced and renamed into place; if
@@ -55,7 +60,7 @@ def save(obj, path: str | os.PathLike) -> SaveResult:
     return SaveResult.from_stats(ticket.stats())
 
 
-def async_save(obj, path: str | os.PathLike, *, snapshot: str | None = None) -> SaveHandle:
+def async_save(obj: object, path: str | os.PathLike[str], *, snapshot: str | None = None) -> SaveHandle:
     """Snapshot `obj` and write it to `path` in the background.
 
     snapshot="eager" (the default, or CKPTIO_SNAPSHOT) returns once every
@@ -87,7 +92,7 @@ def wait() -> None:
     get_queue().wait_all()
 
 
-def _resolve_weights_only(weights_only) -> bool:
+def _resolve_weights_only(weights_only: bool | None) -> bool:
     # The same rules as torch.load, including its environment overrides.
     true_values = ("1", "y", "yes", "true")
     if os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in true_values:
@@ -97,20 +102,20 @@ def _resolve_weights_only(weights_only) -> bool:
     return bool(weights_only)
 
 
-def _is_meta(map_location) -> bool:
+def _is_meta(map_location: MapLocation) -> bool:
     if isinstance(map_location, (str, torch.device)):
         return torch.device(map_location).type == "meta"
     return False
 
 
 def load(
-    path: str | os.PathLike,
-    map_location=None,
+    path: str | os.PathLike[str],
+    map_location: MapLocation = None,
     *,
     weights_only: bool | None = True,
     mmap: bool = False,
     verify: bool | None = None,
-):
+) -> Any:
     """Load a checkpoint written by ckptio.save or torch.save.
 
     The result is what ``torch.load(path, map_location, weights_only=...,
@@ -150,7 +155,7 @@ def load(
     return result
 
 
-def _load_remote(url: str, map_location, weights_only: bool, verify: bool, mmap: bool):
+def _load_remote(url: str, map_location: MapLocation, weights_only: bool, verify: bool, mmap: bool) -> Any:
     """A checkpoint at an fsspec URL: parallel ranged reads straight into
     memory (remote_read); legacy files and mmap/meta loads use a downloaded
     copy instead."""
@@ -168,7 +173,7 @@ def _load_remote(url: str, map_location, weights_only: bool, verify: bool, mmap:
     return unpickle_archive(loaded, map_location, weights_only, url)
 
 
-def unpickle_archive(zip_reader, map_location, weights_only: bool, path: str):
+def unpickle_archive(zip_reader: Any, map_location: MapLocation, weights_only: bool, path: str) -> Any:
     """torch's own unpickling of an archive (its weights-only unpickler unless
     told), with ckptio's wording for a refusal."""
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
@@ -184,7 +189,7 @@ def unpickle_archive(zip_reader, map_location, weights_only: bool, path: str):
         raise
 
 
-def with_local_copy(url: str, use):
+def with_local_copy(url: str, use: Callable[[str], _T]) -> _T:
     """use(local path) on a downloaded copy of the object at `url`, removed afterwards."""
     local = remote.download(url)
     try:
@@ -193,11 +198,11 @@ def with_local_copy(url: str, use):
         os.remove(local)
 
 
-def _torch_load(path, map_location, weights_only, mmap):
+def _torch_load(path: str, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
     return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
 
-def _load_legacy(path, map_location, weights_only):
+def _load_legacy(path: str, map_location: MapLocation, weights_only: bool) -> Any:
     """Files from before torch 1.6 (not zip): torch.load reads them; nothing to verify."""
     with open(path, "rb") as f:
         head = f.read(2)
@@ -213,7 +218,7 @@ def _load_legacy(path, map_location, weights_only):
         raise CorruptCheckpointError(f"{path}: not a readable checkpoint: {e}", path=path) from e
 
 
-def verify(path: str | os.PathLike) -> VerifyResult:
+def verify(path: str | os.PathLike[str]) -> VerifyResult:
     """Check the structure and every CRC-32 of a checkpoint without loading it.
 
     Raises CorruptCheckpointError naming the damaged record. Records written

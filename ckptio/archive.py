@@ -4,19 +4,22 @@ torch's own unpickling code reads them through."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
+from . import _C
 from ._engine import get_engine
 from .errors import CheckpointIOError, CorruptCheckpointError
-from . import _C
 
 __all__ = ["Archive", "Record", "RecordReader", "LoadedArchive", "open_archive", "open_archives",
            "is_zip_checkpoint", "read_small_records"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _PAGE = 4096
+_K = TypeVar("_K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Archive:
     path: str
     file_size: int
     prefix: str
-    records: dict  # name -> Record, in file order
+    records: dict[str, Record]  # name -> Record, in file order
 
     def record(self, name: str) -> Record:
         try:
@@ -72,7 +75,7 @@ def open_archive(path: str, *, base: int = 0, size: int | None = None) -> Archiv
     return _archive_from_entries(path, file_size, entries)
 
 
-def open_archives(path: str, windows) -> dict:
+def open_archives(path: str, windows: Iterable[tuple[int, int]]) -> dict[tuple[int, int], Archive]:
     """open_archive for many archives inside one file (a DCP rank file):
     {(base, size): Archive}, their directories read in parallel."""
     windows = list(windows)
@@ -83,14 +86,14 @@ def open_archives(path: str, windows) -> dict:
     return {w: _archive_from_entries(path, file_size, entries) for w, entries in zip(windows, listed)}
 
 
-def _archive_from_entries(path: str, file_size: int, entries) -> Archive:
+def _archive_from_entries(path: str, file_size: int, entries: Sequence[tuple[bytes, int, int, int, int]]) -> Archive:
     if not entries:
         raise CorruptCheckpointError(f"{path}: the archive holds no records", path=path)
     first = _decode(entries[0][0], path)
     if "/" not in first:
         raise CorruptCheckpointError(f"{path}: record '{first}' is not inside the archive directory", path=path)
     prefix = first.split("/", 1)[0]
-    records = {}
+    records: dict[str, Record] = {}
     for raw, header_offset, end_offset, size, crc in entries:
         full = _decode(raw, path)
         if not full.startswith(prefix + "/"):
@@ -138,14 +141,16 @@ class RecordReader:
     payloads (pickles, versions: a DCP rank file has several per item)
     share one buffer."""
 
-    def __init__(self, path: str, records, *, verify: bool, keep: bool = True, destinations=None):
-        self._buffers = {}
-        self._index = {}
+    def __init__(self, path: str, records: Iterable[tuple[Hashable, Record]], *, verify: bool, keep: bool = True,
+                 destinations: Mapping[Any, tuple[int, object]] | None = None) -> None:
+        self._buffers: dict[Hashable, _C.AlignedBuffer | memoryview] = {}
+        self._index: dict[Hashable, int] = {}
         destinations = destinations or {}
         records = list(records)
-        owners = []
-        requests = []
-        shared, shared_at = None, {}
+        owners: list[object] = []
+        requests: list[tuple[str, int, int, int, int, bool, int, int]] = []
+        shared: _C.AlignedBuffer | None = None
+        shared_at: dict[Hashable, int] = {}
         if keep:
             total = 0
             for key, r in records:
@@ -164,6 +169,7 @@ class RecordReader:
                 owners.append(owner)
             elif key in shared_at:
                 start = shared_at[key]
+                assert shared is not None  # allotted a part of it
                 self._buffers[key] = view[start:start + r.size]
                 address, capacity = shared.address + start, r.size
             elif keep:
@@ -175,23 +181,23 @@ class RecordReader:
                 (r.name, r.header_offset, r.end_offset, r.size, r.crc, _checks(r, verify), address, capacity)
             )
         # The ticket keeps the buffers alive until the engine is done with them.
-        buffers = [b for b in self._buffers.values() if not isinstance(b, memoryview)]
+        buffers: list[object] = [b for b in self._buffers.values() if not isinstance(b, memoryview)]
         self._ticket = get_engine().read(path, requests, buffers + owners)
 
     @classmethod
-    def of(cls, archive: Archive, *, verify: bool, keep: bool = True) -> "RecordReader":
+    def of(cls, archive: Archive, *, verify: bool, keep: bool = True) -> RecordReader:
         """Every record of one archive, keyed by name."""
         return cls(archive.path, list(archive.records.items()), verify=verify, keep=keep)
 
-    def has(self, key) -> bool:
+    def has(self, key: Hashable) -> bool:
         """Whether record `key` is part of this read."""
         return key in self._index
 
-    def wait(self, key) -> None:
+    def wait(self, key: Hashable) -> None:
         """Block until record `key` is read (into its buffer or destination) and verified."""
         self._ticket.wait_request(self._index[key])
 
-    def get(self, key):
+    def get(self, key: Hashable) -> _C.AlignedBuffer | memoryview:
         """The buffer holding record `key` once read and verified: page-aligned
         for a payload, a slice of the shared buffer for the others."""
         self.wait(key)
@@ -211,12 +217,12 @@ class RecordReader:
         self._ticket.cancel()
         self._ticket.wait_uninterruptible()
 
-    def written(self, key) -> bool:
+    def written(self, key: Hashable) -> bool:
         """Once finished or abandoned: whether any bytes of record `key` reached its destination."""
         return self._ticket.written()[self._index[key]]
 
 
-def read_small_records(path: str, archives: dict, *, verify: bool) -> dict:
+def read_small_records(path: str, archives: Mapping[_K, Archive], *, verify: bool) -> dict[_K, dict[str, bytes]]:
     """{key: {name: bytes}} of every record that is not a tensor payload (the
     pickle, byteorder, version, ...) of each archive in `archives` ({key:
     Archive}, all in file `path`): small, read in one engine job."""
@@ -224,13 +230,13 @@ def read_small_records(path: str, archives: dict, *, verify: bool) -> dict:
                 if not _is_payload(r)]
     reader = RecordReader(path, requests, verify=verify)
     reader.finish()
-    out: dict = {key: {} for key in archives}
+    out: dict[_K, dict[str, bytes]] = {key: {} for key in archives}
     for (key, name), _ in requests:
         out[key][name] = bytes(reader.get((key, name)))
     return out
 
 
-def storage_from_buffer(buf) -> torch.UntypedStorage:
+def storage_from_buffer(buf: _C.AlignedBuffer | memoryview) -> torch.UntypedStorage:
     """Wrap an engine buffer as a CPU storage without copying; the storage keeps it alive."""
     if len(buf) == 0:
         return torch.UntypedStorage(0)
@@ -241,10 +247,10 @@ class _RecordStorage:
     """What torch's zip reader returns from get_storage_from_record: _load
     unwraps it with ``._typed_storage()._untyped_storage``."""
 
-    def __init__(self, storage: torch.UntypedStorage):
+    def __init__(self, storage: torch.UntypedStorage) -> None:
         self._untyped_storage = storage
 
-    def _typed_storage(self):
+    def _typed_storage(self) -> _RecordStorage:
         return self
 
 
@@ -253,8 +259,9 @@ class LoadedArchive:
     records the engine reads (and verifies) in the background, or from
     `known`: {record name: bytes} already read (e.g. the pickle)."""
 
-    def __init__(self, archive: Archive, reader: RecordReader | None, key=lambda name: name, known=None,
-                 storages=None):
+    def __init__(self, archive: Archive, reader: RecordReader | None,
+                 key: Callable[[str], Hashable] = lambda name: name, known: Mapping[str, bytes] | None = None,
+                 storages: Mapping[str, torch.UntypedStorage] | None = None) -> None:
         self._archive = archive
         self._reader = reader
         self._key = key  # record name -> the reader's key
@@ -267,12 +274,14 @@ class LoadedArchive:
     def get_record(self, name: str) -> bytes:
         if name in self._known:
             return self._known[name]
+        assert self._reader is not None, name  # without a reader, `known` holds every record read
         return bytes(self._reader.get(self._key(name)))
 
-    def get_storage_from_record(self, name: str, numel: int, storage_type) -> torch.UntypedStorage:
+    def get_storage_from_record(self, name: str, numel: int, storage_type: object) -> _RecordStorage:
         self.check_size(name, numel)
         if name in self._storages:
             return _RecordStorage(self._storages[name])
+        assert self._reader is not None, name  # without a reader, `storages` holds every payload
         return _RecordStorage(storage_from_buffer(self._reader.get(self._key(name))))
 
     def check_size(self, name: str, nbytes: int) -> None:
@@ -285,7 +294,7 @@ class LoadedArchive:
                 record=name,
             )
 
-    def get_all_records(self) -> list:
+    def get_all_records(self) -> list[str]:
         return list(self._archive.records)
 
     def _can_read(self, name: str) -> bool:

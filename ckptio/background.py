@@ -17,7 +17,9 @@ import atexit
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
@@ -29,6 +31,11 @@ from .results import SaveResult
 from .save_queue import SaveHandle, get_queue
 from .staging import Slot, StagingArena
 
+if TYPE_CHECKING:
+    import torch
+
+    from .pickling import NamedPayload
+
 __all__ = ["Staged", "stage", "get_arena", "reserve_staging", "write_native", "streaming_native_save"]
 
 
@@ -37,16 +44,17 @@ class Staged:
     """A checkpoint whose bytes live in a staging slot (or, streaming, in the caller's tensors)."""
 
     state: PickledState
-    payloads: list  # (address, size) of each storage's bytes
+    payloads: list[tuple[int, int]]  # (address, size) of each storage's bytes
     slot: Slot | None = None
 
-    def records(self) -> list:
+    def records(self) -> list[NamedPayload]:
         return self.state.records_for(self.payloads)
 
-    def storage_views(self) -> list:
+    def storage_views(self) -> list[torch.UntypedStorage]:
         """Each staged storage as its own CPU UntypedStorage over slot memory (no copy)."""
         import torch
 
+        assert self.slot is not None and self.slot.buffer is not None  # staged, not streamed
         views = []
         base = self.slot.buffer.address
         mv = memoryview(self.slot.buffer)
@@ -58,7 +66,7 @@ class Staged:
                 views.append(torch.frombuffer(mv[off : off + size], dtype=torch.uint8).untyped_storage())
         return views
 
-    def rebuild(self, *, own_memory: bool = False):
+    def rebuild(self, *, own_memory: bool = False) -> tuple[Any, list[torch.UntypedStorage]]:
         """The checkpoint object again, every storage on the CPU; returns
         (object, storages).
 
@@ -79,16 +87,16 @@ class Staged:
         records = {name.split("/", 1)[1]: data for name, data in self.state.head + self.state.tail}
 
         class _Snapshot:
-            def has_record(self, name):
+            def has_record(self, name: str) -> bool:
                 return name in records
 
-            def get_record(self, name):
+            def get_record(self, name: str) -> bytes:
                 return records[name]
 
-            def get_storage_from_record(self, name, numel, storage_type):
+            def get_storage_from_record(self, name: str, numel: int, storage_type: object) -> _RecordStorage:
                 return _RecordStorage(storages[int(name.rsplit("/", 1)[1])])
 
-            def serialization_id(self):
+            def serialization_id(self) -> str:
                 return ""
 
         obj = torch.serialization._load(_Snapshot(), lambda storage, location: storage, pickle, encoding="utf-8")
@@ -107,7 +115,7 @@ def get_arena() -> StagingArena:
         return _arena
 
 
-def reserve_staging(size, *, wait: bool = False) -> int:
+def reserve_staging(size: object, *, wait: bool = False) -> int:
     """Fault in every staging slot now, in the background (or before
     returning, with wait=True), so that not even the first async saves pay
     for first-touch page faults; returns the bytes reserved per slot.
@@ -168,7 +176,9 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snapshot: str | None = None) -> SaveHandle:
+def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | None], *,
+          stream: Callable[[PickledState, str, SaveHandle, float], None] | None = None, local: bool = True,
+          snapshot: str | None = None) -> SaveHandle:
     """Snapshot `obj` and queue ``write_staged(staged) -> SaveResult``.
 
     `stream(state, path, handle)` handles states over the staging budget; if
@@ -204,7 +214,7 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
     handle = SaveHandle(path, "staged", copying)
     handle.stall_seconds = time.perf_counter() - start
 
-    def write():
+    def write() -> SaveResult | None:
         if copying is not None:
             copying.wait()
             copying.check()  # a failed copy fails the save: nothing is written
@@ -214,7 +224,7 @@ def stage(obj, path: str, write_staged, *, stream=None, local: bool = True, snap
     return durable_if_signalled(handle)  # a save from a signal handler: the process may end next
 
 
-def write_native(staged: Staged, path: str):
+def write_native(staged: Staged, path: str) -> SaveResult:
     """Write a staged checkpoint with the engine: whole blocks straight from the slot."""
     remove_stale_temporaries(os.path.dirname(path))
     ticket = get_engine().save(path, staged.records(), ALIGNMENT, staged)
@@ -240,7 +250,7 @@ def streaming_native_save(state: PickledState, path: str, handle: SaveHandle, st
         raise
     handle.stall_seconds = time.perf_counter() - start
 
-    def finish():
+    def finish() -> SaveResult:
         ticket.wait()
         ticket.check()
         return SaveResult.from_stats(ticket.stats())

@@ -7,21 +7,28 @@ produce the figures in the README); medians of --reps after one warm-up.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["run_bench"]
 
 
-def _state(nbytes: int) -> dict:
+def _state(nbytes: int) -> dict[str, torch.Tensor]:
     import torch
 
     # Half in 4 large tensors, 40% in 100 medium, 10% in 1,000 small: fp32, bf16, int64.
-    state, i = {}, 0
+    state: dict[str, torch.Tensor] = {}
+    i = 0
     for share, count in ((0.5, 4), (0.4, 100), (0.1, 1000)):
         per = max(8, int(nbytes * share / count))
         for _ in range(count):
@@ -50,10 +57,11 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def run_bench(args, console) -> int:
+def run_bench(args: argparse.Namespace, console: Any) -> int:
     import torch
 
     import ckptio
+
     from ._console import progress, table as Table
 
     if args.plot:
@@ -62,21 +70,21 @@ def run_bench(args, console) -> int:
     state = _state(args.size)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     cold = None
-    results: dict = {}
+    results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix=".ckptio-bench-") as d:
         p = lambda name: os.path.join(d, name)  # noqa: E731
 
-        def torch_save():
+        def torch_save() -> None:
             torch.save(state, p("torch.pt"))
             _fsync(p("torch.pt"))
 
-        def ckptio_async_stall():
+        def ckptio_async_stall() -> float:
             h = ckptio.async_save(state, p("async.pt"))
             stall = h.stall_seconds
             h.result()
             return stall
 
-        def lightning_stall():
+        def lightning_stall() -> float:
             from lightning.fabric.plugins import TorchCheckpointIO
             from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
@@ -87,7 +95,7 @@ def run_bench(args, console) -> int:
             io.teardown()
             return stall
 
-        def dcp_save():
+        def dcp_save() -> None:
             import warnings
 
             import torch.distributed.checkpoint as dcp
@@ -96,14 +104,14 @@ def run_bench(args, console) -> int:
                 warnings.simplefilter("ignore")  # "overwriting an existing checkpoint": intended here
                 dcp.save(state, storage_writer=dcp.FileSystemWriter(p("dcp"), sync_files=True), no_dist=True)
 
-        def cold_load(fn):
-            def run():
+        def cold_load(fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
                 nonlocal cold
                 cold = _drop_caches()
                 fn()
             return run
 
-        cases = [
+        cases: list[tuple[str, str, Callable[[], object]]] = [
             ("save", "ckptio.save (durable)", lambda: ckptio.save(state, p("ckptio.pt"))),
             ("save", "torch.save + fsync", torch_save),
             ("save", "DCP FileSystemWriter (sync_files)", dcp_save),
@@ -158,7 +166,7 @@ def _require_matplotlib() -> None:
         raise SystemExit("ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'") from None
 
 
-def _plot(report: dict, path: str) -> None:
+def _plot(report: dict[str, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .archive import Archive
 
 __all__ = ["main"]
 
 
-def _console():
+def _console() -> Any:
     from ._console import console
 
     return console()
@@ -23,14 +30,14 @@ def _console():
 
 # --- inspect -------------------------------------------------------------------
 
-def _writer_of(arc, offsets_aligned: bool) -> str:
+def _writer_of(arc: Archive, offsets_aligned: bool) -> str:
     align = arc.records.get(".storage_alignment")
     if offsets_aligned and align is not None:
         return "ckptio-compatible (4096-byte aligned payloads)"
     return "torch.save (or another zip writer)"
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
     from . import archive as A
@@ -44,7 +51,7 @@ def cmd_inspect(args) -> int:
     except (CkptioError, OSError) as e:
         console.print(f"[red]{path}: {e}[/red]")
         return 2
-    crc_ok = {}
+    crc_ok: dict[str, bool] = {}
     try:
         A.RecordReader.of(arc, verify=True, keep=False).finish()
         crc_ok = {name: True for name in arc.records}
@@ -83,14 +90,15 @@ def cmd_inspect(args) -> int:
     return 0 if all(crc_ok.values()) else 1
 
 
-def _data_offsets(path, arc) -> dict:
+def _data_offsets(path: str, arc: Archive) -> dict[str, int]:
     out = {}
     with open(path, "rb") as f:
         for name, r in arc.records.items():
             f.seek(r.header_offset + 26)
             head = f.read(4)
             if len(head) == 4:
-                out[name] = r.header_offset + 30 + int.from_bytes(head[:2], "little") + int.from_bytes(head[2:], "little")
+                name_and_extra = int.from_bytes(head[:2], "little") + int.from_bytes(head[2:], "little")
+                out[name] = r.header_offset + 30 + name_and_extra
     return out
 
 
@@ -101,7 +109,7 @@ def _alignment(offset: int) -> int:
     return a if offset else 65536
 
 
-def _tensors(obj, prefix=""):
+def _tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     import torch
 
     if isinstance(obj, torch.Tensor):
@@ -116,7 +124,7 @@ def _tensors(obj, prefix=""):
 
 # --- verify --------------------------------------------------------------------
 
-def cmd_verify(args) -> int:
+def cmd_verify(args: argparse.Namespace) -> int:
     from . import api
     from .errors import CkptioError
 
@@ -133,7 +141,7 @@ def cmd_verify(args) -> int:
 
 # --- list ------------------------------------------------------------------------
 
-def cmd_list(args) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     import os
 
     from .manager import CheckpointManager
@@ -153,7 +161,7 @@ def cmd_list(args) -> int:
 
 # --- convert -------------------------------------------------------------------
 
-def cmd_convert(args) -> int:
+def cmd_convert(args: argparse.Namespace) -> int:
     from . import api
 
     console = _console()
@@ -185,13 +193,13 @@ def _parse_size(text: str) -> int:
     return int(float(num) * units[unit])
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     return run_bench(args, _console())
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ckptio", description="PyTorch checkpoints at the speed of the disk.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="records and tensors of a checkpoint, with CRC status")

@@ -8,7 +8,9 @@ variable and what it accepts.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from .errors import ConfigError
 
@@ -35,7 +37,10 @@ def _int_var(name: str, default: int, lo: int, hi: int) -> int:
     return value
 
 
-def _choice_var(name: str, default: str, choices: dict[str, object]) -> object:
+_T = TypeVar("_T")
+
+
+def _choice_var(name: str, default: str, choices: Mapping[str, _T]) -> _T:
     raw = os.environ.get(name)
     key = default if raw is None or raw.strip() == "" else raw.strip().lower()
     if key not in choices:

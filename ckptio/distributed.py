@@ -42,6 +42,8 @@ import pathlib
 import pickle
 import re
 import zipfile
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import torch
 import torch.serialization
@@ -53,10 +55,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import _C
-from . import archive as _archive
+from . import _C, archive as _archive
+from ._compat import dcp_metadata_path, dcp_uses_collectives
 from ._engine import get_engine
 from ._paths import fsync_directory, fsync_file, make_directories, temporary_path
+from .api import unpickle_archive
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -64,10 +67,18 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedTransformError,
 )
-from .api import unpickle_archive
 from .load_into import MemoryClaims
-from .skeleton import TensorSpec, native_byte_order, tensor_spec
 from .pickling import ALIGNMENT, pickle_state
+from .skeleton import TensorSpec, native_byte_order, tensor_spec
+
+if TYPE_CHECKING:
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+    from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
+    from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, SavePlan, SavePlanner, WriteItem
+
+    from .pickling import Payload
+    from .staging import Slot, StagingArena
 
 __all__ = ["StorageReader", "StorageWriter", "UnsafeCheckpointError", "UnsupportedTransformError"]
 
@@ -88,7 +99,7 @@ class _DurableFileSystem(FileSystem):
     writing here are flushed and fsynced when the writer is done with them."""
 
     @contextlib.contextmanager
-    def create_stream(self, path, mode):
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[io.IOBase]:
         with super().create_stream(path, mode) as stream:
             yield stream
             if any(c in mode for c in "wax+"):
@@ -103,7 +114,8 @@ class StorageWriter(FileSystemWriter):
     ``dcp.async_save``, where it stages into its own reusable buffer.
     """
 
-    def __init__(self, path: str | os.PathLike, *, overwrite: bool = True, _extensions=None):
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = True,
+                 _extensions: Sequence[StreamTransformExtension] | None = None) -> None:
         """``_extensions``: DCP stream transforms (EXPERIMENTAL in DCP), e.g.
         ``[ZStandard()]``, applied to every item as FileSystemWriter applies
         them; such items are encoded in memory and written as they come out
@@ -111,10 +123,10 @@ class StorageWriter(FileSystemWriter):
         super().__init__(os.fspath(path), single_file_per_rank=True, sync_files=True, thread_count=1,
                          cache_staged_state_dict=False, overwrite=overwrite, _extensions=_extensions)
         self.fs = _DurableFileSystem()  # .metadata's bytes reach the disk before its rename
-        self._arena = None    # staging.StagingArena and its one Slot, made on first stage()
-        self._staging = None
+        self._arena: StagingArena | None = None  # and its one Slot, made on first stage()
+        self._staging: Slot | None = None
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         """DCP pickles the writer to hand it to its checkpoint process
         (``AsyncCheckpointerType.PROCESS``). The staging buffer (native memory)
         and the arena's lock stay here: the copy there only writes, from the
@@ -126,14 +138,16 @@ class StorageWriter(FileSystemWriter):
 
     # --- writing --------------------------------------------------------------
 
-    def write_data(self, plan, planner) -> Future:
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         directory = os.fspath(self.path)
         file_name = f"{plan.storage_data.prefix}0{_SUFFIX}"
         final = os.path.join(directory, file_name)
         tmp = temporary_path(final)
 
-        pieces, end = [], 0  # (item, offset, size, archive records + owners | raw bytes)
-        descriptors = {}  # item index -> the stream transforms its bytes went through
+        # (item, offset, size, archive records + owners | raw bytes)
+        pieces: list[tuple[WriteItem, int, int, tuple[list[tuple[str, Payload]], list[torch.UntypedStorage]] | bytes]]
+        pieces, end = [], 0
+        descriptors: dict[MetadataIndex, list[str]] = {}  # item index -> the stream transforms its bytes went through
         for item in plan.items:
             data = planner.resolve_data(item)
             offset = _page_round(end)
@@ -147,7 +161,7 @@ class StorageWriter(FileSystemWriter):
                 pieces.append((item, offset, len(raw), raw))
                 end = offset + len(raw)
                 continue
-            tensor = data.detach()
+            tensor = cast(torch.Tensor, data).detach()  # not BYTE_IO: a tensor
             if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
                 tensor = tensor.clone()  # save only this view, as FileSystemWriter does
             state = pickle_state(tensor, "archive")
@@ -160,7 +174,7 @@ class StorageWriter(FileSystemWriter):
             with open(tmp, "wb") as f:
                 f.truncate(_page_round(end))
             tickets = []
-            for item, offset, size, payload in pieces:
+            for _item, offset, _size, payload in pieces:
                 if isinstance(payload, tuple):
                     records, owners = payload
                     tickets.append(get_engine().save(tmp, records, ALIGNMENT, owners, 0, 0, offset, True))
@@ -170,7 +184,7 @@ class StorageWriter(FileSystemWriter):
                 ticket.check()
             fd = os.open(tmp, os.O_WRONLY)
             try:
-                for item, offset, size, payload in pieces:
+                for _item, offset, _size, payload in pieces:
                     if not isinstance(payload, tuple):
                         os.pwrite(fd, payload, offset)
                 os.ftruncate(fd, end)
@@ -191,11 +205,11 @@ class StorageWriter(FileSystemWriter):
                         storage_data=_StorageInfo(file_name, offset, size, descriptors.get(item.index) or None))
             for item, offset, size, _ in pieces
         ]
-        fut = Future()
+        fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
 
-    def _transformed(self, item, data) -> tuple:
+    def _transformed(self, item: WriteItem, data: Any) -> tuple[bytes, list[str]]:
         """The item's bytes through this writer's stream transforms, as
         FileSystemWriter writes them (torch.save of a tensor, a BytesIO's
         contents), and the descriptors a reader needs to undo them."""
@@ -211,19 +225,19 @@ class StorageWriter(FileSystemWriter):
         stream.close()
         return buf.getvalue(), list(descriptors)
 
-    def prepare_local_plan(self, plan):
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         make_directories(os.fspath(self.path))  # durably: a power cut cannot take the new directory
         plan = super().prepare_local_plan(plan)
-        if not self.use_collectives and self.rank is not None:
-            self._retire_metadata(self._get_metadata_path(self.rank))
+        if not dcp_uses_collectives(self) and self.rank is not None:
+            self._retire_metadata(dcp_metadata_path(self, self.rank))
         return plan
 
-    def prepare_global_plan(self, plans):
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         # The coordinator, after every rank planned and before any writes.
-        self._retire_metadata(self._get_metadata_path(None))
+        self._retire_metadata(dcp_metadata_path(self))
         return super().prepare_global_plan(plans)
 
-    def _retire_metadata(self, metadata_path) -> None:
+    def _retire_metadata(self, metadata_path: str | os.PathLike[str]) -> None:
         """Saving over a checkpoint replaces its rank files one by one, under
         the same names; the old .metadata would then describe bytes that are
         gone. It goes first, durably: a power cut mid-save leaves a directory
@@ -234,13 +248,13 @@ class StorageWriter(FileSystemWriter):
             return
         fsync_directory(os.fspath(self.path), "dcp.retire_metadata.directory")
 
-    def finish(self, metadata, results) -> None:
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         super().finish(metadata, results)  # .metadata.tmp, fsync (by _DurableFileSystem), rename
         fsync_directory(os.fspath(self.path), "dcp.metadata.directory")  # and the rename survives a crash
 
     # --- staging for dcp.async_save ---------------------------------------------
 
-    def stage(self, state_dict):
+    def stage(self, state_dict: STATE_DICT_TYPE) -> STATE_DICT_TYPE:
         """Copy every tensor into this writer's reusable, pre-faulted buffer and
         return the state dict rebuilt over it (DTensors keep mesh and
         placements; ShardedTensors keep their sharding metadata, with CPU
@@ -250,9 +264,10 @@ class StorageWriter(FileSystemWriter):
         async_save's future before starting another (as DCP's docs advise)."""
         from .staging import StagingArena
 
-        tensors = []
+        tensors: list[torch.Tensor] = []
         _collect(state_dict, tensors)
-        storages, index = [], {}  # each distinct storage once
+        storages: list[torch.UntypedStorage] = []
+        index: dict[tuple[int, torch.device], int] = {}  # each distinct storage once
         for t in tensors:
             key = (t.untyped_storage().data_ptr(), t.device)
             if key not in index:
@@ -261,9 +276,10 @@ class StorageWriter(FileSystemWriter):
         if self._staging is None:
             self._arena = StagingArena(1)
             self._staging = self._arena.acquire()
+        assert self._arena is not None  # made with the slot
         payloads, _ = self._arena.snapshot(self._staging, storages)
         views = _storage_views(self._staging, payloads)
-        staged = {}
+        staged: dict[int, torch.Tensor] = {}
         for t in tensors:
             storage = views[index[(t.untyped_storage().data_ptr(), t.device)]]
             staged[id(t)] = torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
@@ -277,19 +293,20 @@ class StorageWriter(FileSystemWriter):
         self._arena = None
 
 
-def _storage_views(slot, payloads) -> list:
+def _storage_views(slot: Slot, payloads: list[tuple[int, int]]) -> list[torch.UntypedStorage]:
     """Each snapshotted storage as its own CPU storage over the slot (no copy)."""
+    assert slot.buffer is not None  # the snapshot sized it
     mv = memoryview(slot.buffer)
     base = slot.buffer.address
     return [torch.frombuffer(mv[a - base : a - base + n], dtype=torch.uint8).untyped_storage() if n
             else torch.UntypedStorage(0) for a, n in payloads]
 
 
-def _len(payload) -> int:
+def _len(payload: Payload) -> int:
     return payload[1] if isinstance(payload, tuple) else len(payload)
 
 
-def _sharded_tensor_type():
+def _sharded_tensor_type() -> type[ShardedTensor] | None:
     """ShardedTensor's class, or None where torch.distributed._shard is absent."""
     try:
         from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -298,7 +315,7 @@ def _sharded_tensor_type():
     return ShardedTensor
 
 
-def _collect(obj, out: list, st_type=None) -> None:
+def _collect(obj: object, out: list[torch.Tensor], st_type: type[ShardedTensor] | None = None) -> None:
     """Every tensor whose bytes a snapshot copies: plain tensors, a DTensor's
     local tensor, a ShardedTensor's local shards (never the ShardedTensor
     itself: it has no storage of its own)."""
@@ -319,13 +336,13 @@ def _collect(obj, out: list, st_type=None) -> None:
             _collect(v, out, st_type)
 
 
-def _rebuild_sharded(st, staged: dict):
+def _rebuild_sharded(st: Any, staged: dict[int, torch.Tensor]) -> Any:
     """`st` rebuilt over its staged local shards, as ShardedTensor.cpu() and
     the stock stager build their copies: same global metadata, placements
     moved to the CPU, same process group."""
     from torch.distributed._shard.sharded_tensor import Shard
 
-    def on_cpu(md):
+    def on_cpu(md: Any) -> Any:
         md = copy.deepcopy(md)
         if md.placement is not None and md.placement.device().type != "cpu":
             md.placement._device = torch.device("cpu")
@@ -338,7 +355,7 @@ def _rebuild_sharded(st, staged: dict):
         shards, st_meta, process_group=st._process_group, init_rrefs=st._init_rrefs)
 
 
-def _rebuild(obj, staged: dict, st_type=None):
+def _rebuild(obj: Any, staged: dict[int, torch.Tensor], st_type: type[ShardedTensor] | None = None) -> Any:
     from torch.distributed.tensor import DTensor
 
     st_type = st_type or _sharded_tensor_type()
@@ -373,8 +390,8 @@ class StorageReader(FileSystemReader):
     registry when None), as FileSystemReader does.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True, safe_globals=(),
-                 _extension_registry=None):
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, safe_globals: Iterable[Any] = (),
+                 _extension_registry: ExtensionRegistry | None = None) -> None:
         super().__init__(os.fspath(path), _extension_registry=_extension_registry)
         self.verify = verify
         self.safe_globals = list(safe_globals)
@@ -385,9 +402,9 @@ class StorageReader(FileSystemReader):
 
     # --- metadata -------------------------------------------------------------
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """DCP's ``.metadata``, unpickled weights-only (never plain pickle.load)."""
-        path = os.fspath(self._get_metadata_path(kwargs.get("rank")))
+        path = dcp_metadata_path(self, kwargs.get("rank"))
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f, path, self.safe_globals).load()
@@ -403,14 +420,15 @@ class StorageReader(FileSystemReader):
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata",
                                          path=path, record=".metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None)
+        if storage_meta is None:
+            storage_meta = metadata.storage_meta = StorageMeta()
+        storage_meta.load_id = self.load_id
         return metadata
 
     # --- data -----------------------------------------------------------------
 
-    def read_data(self, plan, planner) -> Future:
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Per rank file: parse every tensor archive's directory (in parallel),
         then read their pickles and payloads in one engine job (parallel,
         CRC-verified). A payload that is exactly the tensor the planner
@@ -421,18 +439,18 @@ class StorageReader(FileSystemReader):
         and decoded."""
         directory = os.fspath(self.path)
         self.items_in_place = self.items_copied = 0
-        by_file: dict = {}
+        by_file: dict[str, list[ReadItem]] = {}
         for req in plan.items:
             by_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
         for relative_path, reqs in by_file.items():
             path = _join_inside(directory, relative_path)
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
             self._read_file(path, _rank_of(relative_path), reqs, planner)
-        fut = Future()
+        fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _read_file(self, path, rank, reqs, planner) -> None:
+    def _read_file(self, path: str, rank: int | str, reqs: list[ReadItem], planner: LoadPlanner) -> None:
         """One rank file, in one engine job: every archive's small records
         (its pickle) and payloads. A payload predicted to be exactly the
         planner's tensor (see _predict_place) is read straight into it; the
@@ -452,8 +470,8 @@ class StorageReader(FileSystemReader):
 
         targets = {req: planner.resolve_tensor(req).detach() for req in tensor_reqs}
         placed = _predict_place(tensor_reqs, targets, archives, self._span)
-        span_of_name = {}  # engine request name -> its archive, for naming damage
-        records = []
+        span_of_name: dict[str | None, tuple[int, int]] = {}  # engine request name -> its archive, for naming damage
+        records: list[tuple[Hashable, _archive.Record]] = []
         for span, arc in archives.items():
             for name, r in arc.records.items():
                 if name in _UNUSED_RECORDS:
@@ -483,18 +501,20 @@ class StorageReader(FileSystemReader):
             reader.abandon()
             raise
 
-    def _span(self, req) -> tuple:
+    def _span(self, req: ReadItem) -> tuple[int, int]:
         info = self.storage_data[req.storage_index]
         return (info.offset, info.length)
 
-    def _read_tensor(self, req, path, rank, arc, reader, placed, target, planner) -> None:
+    def _read_tensor(self, req: ReadItem, path: str, rank: int | str, arc: _archive.Archive,
+                     reader: _archive.RecordReader, placed: dict[tuple[tuple[int, int], str], tuple[int, torch.Tensor]],
+                     target: torch.Tensor, planner: LoadPlanner) -> None:
         span = self._span(req)
         where = f"{path} (rank {rank}, item {req.storage_index.fqn!r})"
 
-        def record(name) -> bytes:
+        def record(name: str) -> bytes:
             return bytes(reader.get((span, name)))
 
-        def small_records() -> dict:
+        def small_records() -> dict[str, bytes]:
             return {name: record(name) for name in arc.records
                     if not name.startswith("data/") and name not in _UNUSED_RECORDS}
 
@@ -503,7 +523,7 @@ class StorageReader(FileSystemReader):
         if not isinstance(saved, TensorSpec):
             raise CorruptCheckpointError(f"{where}: holds a {type(saved).__name__}, not a tensor",
                                          path=path, record=req.storage_index.fqn)
-        if (span, saved.record) in placed:
+        if saved.record is not None and (span, saved.record) in placed:  # (placed records have names)
             reader.wait((span, saved.record))  # read straight into the target, verified
             view = saved.narrow(req.storage_offsets, req.lengths)
             native_order = native_byte_order(record("byteorder") if "byteorder" in arc.records else None)
@@ -523,7 +543,7 @@ class StorageReader(FileSystemReader):
         self.items_copied += 1
         self._commit_tensor(req, tensor, target, path, where, planner)
 
-    def _read_item(self, req, path, rank, planner) -> None:
+    def _read_item(self, req: ReadItem, path: str, rank: int | str, planner: LoadPlanner) -> None:
         """A BYTES item, or a tensor written through stream transforms: read whole and decoded."""
         info: _StorageInfo = self.storage_data[req.storage_index]
         fqn = req.storage_index.fqn
@@ -537,7 +557,8 @@ class StorageReader(FileSystemReader):
         self._commit_tensor(req, tensor, planner.resolve_tensor(req).detach(), path, where, planner)
 
     @staticmethod
-    def _commit_tensor(req, tensor, target, path, where, planner) -> None:
+    def _commit_tensor(req: ReadItem, tensor: object, target: torch.Tensor, path: str, where: str,
+                       planner: LoadPlanner) -> None:
         from torch.distributed._shard._utils import narrow_tensor_by_index
 
         if not isinstance(tensor, torch.Tensor):
@@ -550,7 +571,7 @@ class StorageReader(FileSystemReader):
         target.copy_(tensor)
         planner.commit_tensor(req, target)
 
-    def _read_whole(self, req, info, path, where) -> bytes:
+    def _read_whole(self, req: ReadItem, info: _StorageInfo, path: str, where: str) -> bytes:
         """The item's bytes, with its stream transforms (if any) undone."""
         fqn = req.storage_index.fqn
         try:
@@ -578,7 +599,7 @@ class StorageReader(FileSystemReader):
                 f"({type(e).__name__}: {e})", path=path, record=fqn) from e
         return bytes(data) if data is not None else b""
 
-    def _tensor_from_bytes(self, data: bytes, path, where, fqn):
+    def _tensor_from_bytes(self, data: bytes, path: str, where: str, fqn: str) -> Any:
         """A tensor from a decoded torch.save payload: CRC-checked, weights-only."""
         if self.verify:
             try:
@@ -598,7 +619,7 @@ class StorageReader(FileSystemReader):
             raise CorruptCheckpointError(f"{where}: cannot read the tensor ({type(e).__name__}: {e})",
                                          path=path, record=fqn) from e
 
-    def _load_bytes(self, req, raw: bytes, path, where, planner) -> None:
+    def _load_bytes(self, req: ReadItem, raw: bytes, path: str, where: str, planner: LoadPlanner) -> None:
         """Hand a BYTES item to the planner only after torch's weights-only
         unpickler accepted it. DCP's DefaultLoadPlanner.load_bytes calls
         ``torch.load(weights_only=False)``: it is given the object re-saved
@@ -640,7 +661,7 @@ _UNUSED_RECORDS = frozenset({"version", ".data/version", ".data/serialization_id
 
 
 @contextlib.contextmanager
-def _naming(where: str, path: str, fqn: str):
+def _naming(where: str, path: str, fqn: str) -> Iterator[None]:
     """Damage found outside the engine (a pickle that does not fit its
     records) is named by item here; the engine's own (CRC, truncation) by
     _read_file, which knows every item an archive serves."""
@@ -654,7 +675,9 @@ def _naming(where: str, path: str, fqn: str):
         raise CorruptCheckpointError(f"{where}: {e}", path=path, record=fqn) from e
 
 
-def _predict_place(tensor_reqs, targets: dict, archives: dict, span_of) -> dict:
+def _predict_place(tensor_reqs: list[ReadItem], targets: Mapping[ReadItem, torch.Tensor],
+                   archives: Mapping[tuple[int, int], _archive.Archive], span_of: Callable[[ReadItem], tuple[int, int]],
+                   ) -> dict[tuple[tuple[int, int], str], tuple[int, torch.Tensor]]:
     """{(span, record): (address, target)} of the payloads to read straight
     into the planner's tensors, decided before any pickle is read: the item's
     only payload record is as large as its target, which is contiguous CPU
@@ -662,7 +685,8 @@ def _predict_place(tensor_reqs, targets: dict, archives: dict, span_of) -> dict:
     (no resharding split) and overlapping no other placed target. That is
     what a saved item whole is; _read_tensor checks it against the pickle."""
     uses = collections.Counter(span_of(r) for r in tensor_reqs)
-    placed, claimed = {}, MemoryClaims()
+    placed: dict[tuple[tuple[int, int], str], tuple[int, torch.Tensor]] = {}
+    claimed = MemoryClaims()
     for req in tensor_reqs:
         span, target = span_of(req), targets[req]
         data = [name for name in archives[span].records if name.startswith("data/")]
@@ -675,15 +699,15 @@ def _predict_place(tensor_reqs, targets: dict, archives: dict, span_of) -> dict:
     return placed
 
 
-def _transforms_of(info) -> tuple:
+def _transforms_of(info: _StorageInfo) -> tuple[str, ...]:
     return tuple(getattr(info, "transform_descriptors", None) or ())
 
 
-def _names(descriptors) -> str:
+def _names(descriptors: Iterable[str]) -> str:
     return ", ".join(repr(d) for d in descriptors)
 
 
-def _join_inside(directory: str, relative_path) -> str:
+def _join_inside(directory: str, relative_path: object) -> str:
     """The rank file's path; the metadata may not point outside the checkpoint."""
     rel = os.fspath(relative_path) if isinstance(relative_path, (str, os.PathLike)) else None
     if (not rel or os.path.isabs(rel) or ".." in pathlib.PurePath(rel).parts
@@ -697,10 +721,10 @@ def _join_inside(directory: str, relative_path) -> str:
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
-def _refusal(raw: bytes, e: Exception, path, where, fqn) -> UnsafeCheckpointError:
+def _refusal(raw: bytes, e: Exception, path: str, where: str, fqn: str) -> UnsafeCheckpointError:
     """The error for a pickle torch's weights-only unpickler refused, naming
     the globals it needs."""
-    refused = []
+    refused: list[str] = []
     try:
         refused = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(raw))
     except Exception:  # noqa: BLE001, S110 - not a zip archive: name them from the error below
@@ -717,17 +741,18 @@ def _refusal(raw: bytes, e: Exception, path, where, fqn) -> UnsafeCheckpointErro
     return UnsafeCheckpointError(f"{where}: {what}.{hint}", path=path, record=fqn, refused=refused)
 
 
-def _metadata_allowlist(extra) -> dict:
+def _metadata_allowlist(extra: Iterable[Any]) -> dict[str, Any]:
     """'module.name' -> object: what a DCP ``.metadata`` pickle may name."""
     import _codecs
 
     import torch.distributed.checkpoint.metadata as md
 
-    allowed = {}
+    allowed: dict[str, Any] = {}
 
-    def add(obj, name=None):
+    def add(obj: Any, name: str | None = None) -> None:
         allowed[name or f"{obj.__module__}.{obj.__qualname__}"] = obj
 
+    cls: type
     for cls in (md.Metadata, md.MetadataIndex, md.StorageMeta, md.TensorStorageMetadata, md.BytesStorageMetadata,
                 md.ChunkStorageMetadata, md.TensorProperties, md._MEM_FORMAT_ENCODING, _StorageInfo):
         add(cls)
@@ -762,12 +787,12 @@ def _metadata_allowlist(extra) -> dict:
 class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata`` allowing only the globals it needs."""
 
-    def __init__(self, f, path: str, extra=()):
+    def __init__(self, f: IO[bytes], path: str, extra: Iterable[Any] = ()) -> None:
         super().__init__(f)
         self._path = path
         self._allowed = _metadata_allowlist(extra)
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         key = f"{module}.{name}"
         obj = self._allowed.get(key)
         if obj is None:
@@ -779,11 +804,11 @@ class _MetadataUnpickler(pickle.Unpickler):
                 path=self._path, record=".metadata", refused=[key])
         return obj
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"{self._path}: refused a persistent id in DCP metadata",
                                     path=self._path, record=".metadata")
 
 
-def _rank_of(file_name: str):
+def _rank_of(file_name: str) -> int | str:
     m = re.match(r"__(\d+)_", file_name)
     return int(m.group(1)) if m else "?"

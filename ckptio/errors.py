@@ -9,8 +9,9 @@ working.
 from __future__ import annotations
 
 import errno as _errno
-import pickle as _pickle
 import os
+import pickle as _pickle
+from collections.abc import Iterable, Mapping
 
 __all__ = [
     "CkptioError",
@@ -40,7 +41,7 @@ class CheckpointNotFoundError(CheckpointIOError, FileNotFoundError):
     """The checkpoint (or its directory) does not exist."""
 
     @classmethod
-    def missing_checkpoint(cls, path: str) -> "CheckpointNotFoundError":
+    def missing_checkpoint(cls, path: str) -> CheckpointNotFoundError:
         """The error for loading a checkpoint that is not there. Its text is
         Lightning's ("Checkpoint file not found: <path>"), which users and
         Lightning's own tests match."""
@@ -57,11 +58,11 @@ class CheckpointNotFoundError(CheckpointIOError, FileNotFoundError):
 class CorruptCheckpointError(CkptioError, ValueError):
     """The file is not an intact checkpoint. ``record`` names the damaged part."""
 
-    def __init__(self, message: str, *, path: str | None = None, record: str | None = None):
+    def __init__(self, message: str, *, path: str | None = None, record: str | None = None) -> None:
         super().__init__(message)
         self.path = path
         self.record = record
-        self.written_keys: tuple = ()  # load_into: target key paths already written into
+        self.written_keys: tuple[str, ...] = ()  # load_into: target key paths already written into
 
 
 class StateMismatchError(CkptioError, RuntimeError):
@@ -72,7 +73,8 @@ class StateMismatchError(CkptioError, RuntimeError):
     before anything is written into the target. (RuntimeError, like
     ``Module.load_state_dict(strict=True)``.)"""
 
-    def __init__(self, path: str, *, missing=(), unexpected=(), mismatched=None):
+    def __init__(self, path: str, *, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                 mismatched: Mapping[str, tuple[object, object]] | None = None) -> None:
         self.path = path
         self.missing = list(missing)
         self.unexpected = list(unexpected)
@@ -93,7 +95,8 @@ class UnsafeCheckpointError(CorruptCheckpointError, _pickle.UnpicklingError):
     global that the weights-only reader does not allow. ``record`` names the
     item, ``refused`` the global(s)."""
 
-    def __init__(self, message: str, *, path: str | None = None, record: str | None = None, refused=()):
+    def __init__(self, message: str, *, path: str | None = None, record: str | None = None,
+                 refused: Iterable[str] = ()) -> None:
         super().__init__(message, path=path, record=record)
         self.refused = tuple(refused)
 

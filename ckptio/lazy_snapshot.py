@@ -29,14 +29,16 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 __all__ = ["LazyCopy", "lazily_copyable_storages", "wait_snapshots"]
 
-_seen_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_pending: list["LazyCopy"] = []
+_seen_optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+_pending: list[LazyCopy] = []
 _pending_lock = threading.Lock()
 # Seconds a copy thread sleeps before copying: 0 (a bare yield of the GIL,
 # see LazyCopy._run) except in tests (ckptio._testing.delay_lazy_copies).
@@ -50,16 +52,16 @@ class LazyCopy:
     storages are kept alive until it has finished. A failure is kept and
     raised by ``check()`` (the save's job raises it: nothing is written)."""
 
-    def __init__(self, run, keepalive):
+    def __init__(self, run: Callable[[], object], keepalive: object) -> None:
         self.error: BaseException | None = None
         self._done = threading.Event()
-        self._keepalive = keepalive
+        self._keepalive: object = keepalive
         with _pending_lock:
             _pending.append(self)
         self._thread = threading.Thread(target=self._run, args=(run,), name="ckptio-lazy-snapshot", daemon=True)
         self._thread.start()
 
-    def _run(self, run) -> None:
+    def _run(self, run: Callable[[], object]) -> None:
         try:
             # Hand the GIL back first: the caller's save call still has a
             # little Python left, and this thread's (a check of every source)
@@ -102,12 +104,12 @@ def wait_snapshots() -> None:
         copy.join()
 
 
-def lazily_copyable_storages() -> set:
+def lazily_copyable_storages() -> set[int]:
     """The storages (by ``_cdata``) a lazy snapshot may copy in the
     background: parameters and tensor state of every live optimizer that has
     stepped since ckptio was imported. Only that optimizer's next step may
     change them, and it waits for the copy first."""
-    keys = set()
+    keys: set[int] = set()
     for optimizer in list(_seen_optimizers):
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -122,7 +124,7 @@ def lazily_copyable_storages() -> set:
 
 # --- the barrier in optimizer.step ---------------------------------------------
 
-def _steps_call_closure_first(optimizer) -> bool:
+def _steps_call_closure_first(optimizer: torch.optim.Optimizer) -> bool:
     # torch's own optimizers evaluate the closure before touching a
     # parameter (checked for every optimizer in torch.optim); their step
     # keeps its module name through torch's hook wrapper.
@@ -130,8 +132,8 @@ def _steps_call_closure_first(optimizer) -> bool:
     return module.startswith("torch.optim.")
 
 
-def _wait_after(closure):
-    def closure_then_wait_for_snapshots(*args, **kwargs):
+def _wait_after(closure: Callable[..., Any]) -> Callable[..., Any]:
+    def closure_then_wait_for_snapshots(*args: Any, **kwargs: Any) -> Any:
         loss = closure(*args, **kwargs)
         wait_snapshots()
         return loss
@@ -139,7 +141,8 @@ def _wait_after(closure):
     return closure_then_wait_for_snapshots
 
 
-def _before_optimizer_step(optimizer, args, kwargs):
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     _seen_optimizers.add(optimizer)
     if not _pending:
         return None

@@ -21,22 +21,28 @@ instead of into fresh memory that ``load_state_dict`` then copies from.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any, Optional
 
 from .plugins.registration import _FABRIC_IO_MODULES, register_plugins, registered_namespaces
+
+if TYPE_CHECKING:
+    from .plugins.fast_io import FastCheckpointIO
 
 __all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace"]
 
 
-def _callback_class(top: str):
-    callbacks = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+def _callback_class(top: str) -> type:
+    callbacks = importlib.import_module(
+        f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+    callback: Any = callbacks.Callback  # whichever package's: known only at run time
 
-    class _CheckpointMetrics(callbacks.Callback):
+    class _CheckpointMetrics(callback):
         """Logs ckpt/stall_s, ckpt/write_s (local durable), ckpt/GBps, and with a
         remote tier ckpt/remote_s and ckpt/remote_ok, for every completed ckptio save."""
 
-        _cursor = None
+        _cursor: Optional[int] = None
 
-        def _log(self, trainer) -> None:
+        def _log(self, trainer: Any) -> None:
             from .plugins.checkpoint_io import save_reports
 
             reports, self._cursor = save_reports(self._cursor if self._cursor is not None else 0)
@@ -49,43 +55,45 @@ def _callback_class(top: str):
                 for logger in trainer.loggers:
                     logger.log_metrics(metrics, step=trainer.global_step)
 
-        def on_fit_start(self, trainer, *args, **kwargs):
+        def on_fit_start(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
             if self._cursor is None:  # only saves made from now on
                 from .plugins.checkpoint_io import save_reports
 
                 self._cursor = save_reports()[1]
 
-        def on_train_batch_end(self, trainer, *args, **kwargs):
+        def on_train_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
             self._log(trainer)
 
-        def on_validation_end(self, trainer, *args, **kwargs):
+        def on_validation_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
             self._log(trainer)
 
-        def on_fit_end(self, trainer, *args, **kwargs):
+        def on_fit_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
             self._log(trainer)
 
     _CheckpointMetrics.__name__ = _CheckpointMetrics.__qualname__ = "CheckpointMetrics"
     return _CheckpointMetrics
 
 
-def CheckpointMetrics(namespace: str = "lightning"):
+def CheckpointMetrics(namespace: str = "lightning") -> Any:
     """A Callback (for ``lightning`` or ``pytorch_lightning``) that logs ckptio save metrics."""
     if namespace not in _FABRIC_IO_MODULES:
         raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
     return _callback_class(namespace)()
 
 
-def _resume_in_place_class(top: str):
-    callbacks = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+def _resume_in_place_class(top: str) -> type:
+    callbacks = importlib.import_module(
+        f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}.callbacks")
+    callback: Any = callbacks.Callback  # whichever package's: known only at run time
 
-    class _ResumeInPlace(callbacks.Callback):
+    class _ResumeInPlace(callback):
         """Points the Trainer's ckptio plugin at the module's state_dict, so a
         resume reads the checkpoint's "state_dict" into it. Lightning's
         load_state_dict then finds each tensor already in place (copy_ of a
         tensor onto its own memory returns at once). Optimizer states and
         everything else load into fresh memory as before."""
 
-        def setup(self, trainer, pl_module, stage=None):
+        def setup(self, trainer: Any, pl_module: Any, stage: Optional[str] = None) -> None:
             plugin = _fast_plugin_of(trainer.strategy)
             if plugin is None:
                 import warnings
@@ -95,7 +103,7 @@ def _resume_in_place_class(top: str):
                 return
             plugin.load_target = lambda: {"state_dict": pl_module.state_dict()}
 
-        def teardown(self, trainer, pl_module, stage=None):
+        def teardown(self, trainer: Any, pl_module: Any, stage: Optional[str] = None) -> None:
             plugin = _fast_plugin_of(trainer.strategy)
             if plugin is not None:
                 plugin.load_target = None
@@ -104,7 +112,7 @@ def _resume_in_place_class(top: str):
     return _ResumeInPlace
 
 
-def _fast_plugin_of(strategy):
+def _fast_plugin_of(strategy: Any) -> Optional[FastCheckpointIO]:
     from .plugins import FastCheckpointIO
 
     io = strategy.checkpoint_io
@@ -112,7 +120,7 @@ def _fast_plugin_of(strategy):
     return io if isinstance(io, FastCheckpointIO) else None
 
 
-def ResumeInPlace(namespace: str = "lightning"):
+def ResumeInPlace(namespace: str = "lightning") -> Any:
     """A Callback (for ``lightning`` or ``pytorch_lightning``): resumes read
     the model's tensors straight into the LightningModule (ckptio.load_into)."""
     if namespace not in _FABRIC_IO_MODULES:

@@ -29,12 +29,12 @@ import bisect
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.serialization
 
-from . import archive as _archive
-from . import remote
+from . import archive as _archive, remote
 from ._paths import normalize_path
 from .api import _resolve_weights_only, load, unpickle_archive, with_local_copy
 from .config import verify_by_default
@@ -45,10 +45,11 @@ from .skeleton import fast_load, native_byte_order, unpickle_skeleton
 __all__ = ["load_into"]
 
 _MISSING = object()
+_KeyPath = tuple[Any, ...]  # dict keys and list/tuple indices, outermost first
 
 
-def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: bool | None = None,
-              weights_only: bool | None = True, map_location=None):
+def load_into(target: Any, path: str | os.PathLike[str], *, strict: bool = True, verify: bool | None = None,
+              weights_only: bool | None = True, map_location: Any = None) -> Any:
     """Load the checkpoint at `path` into the tensors of `target`.
 
     `target` is a nested dict/list of tensors shaped like the checkpoint,
@@ -110,9 +111,9 @@ def load_into(target, path: str | os.PathLike, *, strict: bool = True, verify: b
 
 @dataclass
 class _Pair:
-    key: tuple            # the key path
+    key: _KeyPath         # the key path
     saved: torch.Tensor   # the checkpoint's tensor (meta)
-    target: object        # the target's value at `key`, or _MISSING
+    target: Any           # the target's value at `key`, or _MISSING
 
     @property
     def matches(self) -> bool:
@@ -121,7 +122,7 @@ class _Pair:
                 and t.layout == self.saved.layout)
 
 
-def _children(obj):
+def _children(obj: object) -> list[tuple[Any, Any]] | None:
     """(key, value) of a container load_into walks into; None for a leaf."""
     if isinstance(obj, Mapping):
         return list(obj.items())
@@ -130,7 +131,7 @@ def _children(obj):
     return None
 
 
-def _lookup(container, key):
+def _lookup(container: object, key: Any) -> Any:
     if isinstance(container, Mapping):
         return container.get(key, _MISSING)
     if isinstance(container, (list, tuple)) and isinstance(key, int) and 0 <= key < len(container):
@@ -138,13 +139,13 @@ def _lookup(container, key):
     return _MISSING
 
 
-def _pair(skeleton, target) -> tuple[list, list]:
+def _pair(skeleton: Any, target: Any) -> tuple[list[_Pair], list[_KeyPath]]:
     """Pairs every checkpoint tensor reachable through dicts/lists/tuples with
     the target's value at the same key path; also lists the key paths of
     target tensors the checkpoint has no tensor for."""
-    pairs: list = []
+    pairs: list[_Pair] = []
 
-    def walk(saved, tgt, key):
+    def walk(saved: Any, tgt: Any, key: _KeyPath) -> None:
         if isinstance(saved, torch.Tensor):
             pairs.append(_Pair(key, saved, tgt))
             return
@@ -153,9 +154,9 @@ def _pair(skeleton, target) -> tuple[list, list]:
 
     walk(skeleton, target, ())
     saved_keys = {p.key for p in pairs}
-    missing: list = []
+    missing: list[_KeyPath] = []
 
-    def walk_target(tgt, key):
+    def walk_target(tgt: Any, key: _KeyPath) -> None:
         if isinstance(tgt, torch.Tensor):
             if key not in saved_keys:
                 missing.append(key)
@@ -167,18 +168,18 @@ def _pair(skeleton, target) -> tuple[list, list]:
     return pairs, missing
 
 
-def key_path(key: tuple) -> str:
+def key_path(key: _KeyPath) -> str:
     """A key path as error messages show it: "model/layer.weight", "optimizer/state/0/exp_avg"."""
     return "/".join(str(k) for k in key) or "<the whole object>"
 
 
-def _describe(t) -> str:
+def _describe(t: object) -> str:
     if isinstance(t, torch.Tensor):
         return f"{tuple(t.shape)} {t.dtype}" + ("" if t.layout == torch.strided else f" {t.layout}")
     return type(t).__name__
 
 
-def _check(pairs, missing, strict, path) -> None:
+def _check(pairs: list[_Pair], missing: list[_KeyPath], strict: bool, path: str) -> None:
     if not strict:
         return
     unexpected = [key_path(p.key) for p in pairs if p.target is _MISSING]
@@ -198,9 +199,9 @@ class MemoryClaims:
     overlapping one already claimed (tied weights, a tensor under two keys) is
     refused, so no two concurrent reads write the same bytes."""
 
-    def __init__(self):
-        self._starts: list = []  # sorted; the claimed ranges never overlap
-        self._ends: list = []
+    def __init__(self) -> None:
+        self._starts: list[int] = []  # sorted; the claimed ranges never overlap
+        self._ends: list[int] = []
 
     def claim(self, start: int, size: int) -> bool:
         i = bisect.bisect_right(self._starts, start)
@@ -217,25 +218,26 @@ class MemoryClaims:
 class _Placement:
     storage: torch.UntypedStorage  # what the unpickler builds the record's tensors on
     address: int                   # where the engine writes the record's bytes
-    keys: list = field(default_factory=list)  # target key paths this record writes into
+    keys: list[str] = field(default_factory=list)  # target key paths this record writes into
 
 
 @dataclass
 class _Plan:
-    placed: dict   # record name -> _Placement
-    copies: list   # _Pairs whose bytes are copied in after the read
-    pairs: list    # every matching _Pair
+    placed: dict[str, _Placement]  # record name -> _Placement
+    copies: list[_Pair]  # _Pairs whose bytes are copied in after the read
+    pairs: list[_Pair]   # every matching _Pair
 
     @classmethod
-    def of(cls, arc, pairs, record_of) -> "_Plan":
+    def of(cls, arc: _archive.Archive, pairs: list[_Pair], record_of: dict[int, str]) -> _Plan:
         matching = [p for p in pairs if p.matches]
-        by_record: dict = {}
+        by_record: dict[str | None, list[_Pair]] = {}
         for p in matching:
             by_record.setdefault(record_of.get(p.saved.untyped_storage()._cdata), []).append(p)
         by_record.pop(None, None)
-        placed: dict = {}
+        placed: dict[str, _Placement] = {}
         claimed = MemoryClaims()
         for name, group in by_record.items():
+            assert name is not None  # popped
             placement = _placement(arc.records[name].size, group, claimed)
             if placement is not None:
                 placed[name] = placement
@@ -243,7 +245,7 @@ class _Plan:
         return cls(placed, copies, matching)
 
 
-def _placement(size: int, group: list, claimed: MemoryClaims) -> _Placement | None:
+def _placement(size: int, group: list[_Pair], claimed: MemoryClaims) -> _Placement | None:
     """Where record bytes can go straight into a target: a paired tensor that
     covers the record whole (contiguous, from its start) whose target is
     contiguous CPU memory no other record is placed into."""
@@ -264,10 +266,11 @@ def _placement(size: int, group: list, claimed: MemoryClaims) -> _Placement | No
     return None
 
 
-def _lands_in_place(p: _Pair, record_of, placed) -> bool:
+def _lands_in_place(p: _Pair, record_of: dict[int, str], placed: dict[str, _Placement]) -> bool:
     """Whether the tensor the unpickler builds for `p` on its placed record's
     storage is exactly p.target's memory (then nothing is left to copy)."""
-    placement = placed.get(record_of.get(p.saved.untyped_storage()._cdata))
+    record = record_of.get(p.saved.untyped_storage()._cdata)
+    placement = placed.get(record) if record is not None else None
     if placement is None:
         return False
     itemsize = p.saved.element_size()
@@ -287,12 +290,13 @@ class _PlacedArchive(_archive.LoadedArchive):
     """torch's zip reader interface over one engine read: placed records are
     the target's memory, the others fresh buffers."""
 
-    def __init__(self, archive, reader, metadata: dict, plan: _Plan):
+    def __init__(self, archive: _archive.Archive, reader: _archive.RecordReader, metadata: dict[str, bytes],
+                 plan: _Plan) -> None:
         super().__init__(archive, reader, known=metadata)
         self._plan = plan
-        self.placed_storages = set()  # _cdata of the storages that are target memory
+        self.placed_storages: set[int] = set()  # _cdata of the storages that are target memory
 
-    def get_storage_from_record(self, name, numel, storage_type):
+    def get_storage_from_record(self, name: str, numel: int, storage_type: object) -> _archive._RecordStorage:
         placement = self._plan.placed.get(name)
         if placement is None:
             return super().get_storage_from_record(name, numel, storage_type)
@@ -301,19 +305,20 @@ class _PlacedArchive(_archive.LoadedArchive):
         return _archive._RecordStorage(placement.storage)  # filled in the background; checked by finish()
 
 
-def _read(arc, metadata, plan, verify, weights_only, map_location, path, fast: bool):
+def _read(arc: _archive.Archive, metadata: dict[str, bytes], plan: _Plan, verify: bool, weights_only: bool,
+          map_location: Any, path: str, fast: bool) -> Any:
     records = [(name, r) for name, r in arc.records.items() if name.startswith("data/")]
     destinations = {name: (p.address, p.storage) for name, p in plan.placed.items()}
     reader = _archive.RecordReader(arc.path, records, verify=verify, destinations=destinations)
     zip_reader = _PlacedArchive(arc, reader, metadata, plan)
     restore = torch.serialization._get_restore_location(map_location)
 
-    def place(storage, location):
+    def place(storage: torch.UntypedStorage, location: str) -> Any:
         if storage._cdata in zip_reader.placed_storages:
             return storage  # target memory stays where it is
         return restore(storage, location)
 
-    def storage_for(name, location, nbytes):
+    def storage_for(name: str, location: str, nbytes: int) -> torch.UntypedStorage:
         return place(zip_reader.get_storage_from_record(name, nbytes, None)._untyped_storage, location)
 
     try:
@@ -335,7 +340,7 @@ def _read(arc, metadata, plan, verify, weights_only, map_location, path, fast: b
     return result
 
 
-def _adopt(result, target, plan: _Plan):
+def _adopt(result: Any, target: Any, plan: _Plan) -> Any:
     """Copies in the paired tensors that could not be placed, then puts the
     target's own tensor objects into the result at their key paths.
 
@@ -343,7 +348,7 @@ def _adopt(result, target, plan: _Plan):
     the next copy is prepared) and waited for before returning; the rest are
     plain copy_ in the checkpoint's order (so tied targets end up holding the
     last tensor written to them, as load_state_dict leaves them)."""
-    stream = None
+    stream: torch.cuda.Stream | None = None
     with torch.no_grad():
         for p in plan.copies:
             loaded = _get(result, p.key)
@@ -360,13 +365,13 @@ def _adopt(result, target, plan: _Plan):
     return result
 
 
-def _get(obj, key: tuple):
+def _get(obj: Any, key: _KeyPath) -> Any:
     for k in key:
         obj = obj[k]
     return obj
 
 
-def _set(obj, key: tuple, value):
+def _set(obj: Any, key: _KeyPath, value: Any) -> Any:
     """obj with the value at `key` replaced (tuples are rebuilt, others set in place)."""
     if not key:
         return value
@@ -380,7 +385,7 @@ def _set(obj, key: tuple, value):
     return obj
 
 
-def _copy_into(target, loaded, strict, path):
+def _copy_into(target: Any, loaded: Any, strict: bool, path: str) -> Any:
     """load_into for a file with no records to place (legacy format): pair,
     check, copy."""
     pairs, missing = _pair(loaded, target)

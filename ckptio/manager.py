@@ -26,13 +26,19 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import Any, NamedTuple, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from . import api
 from ._paths import committed_file, make_directories, normalize_path
 from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .load_into import load_into
 from .tiers import RemoteTier
+
+if TYPE_CHECKING:
+    from .background import Staged
+    from .results import SaveResult
+    from .save_queue import SaveHandle
 
 __all__ = ["CheckpointManager", "LoadedCheckpoint"]
 
@@ -61,9 +67,9 @@ class CheckpointManager:
         manager.close()
     """
 
-    def __init__(self, directory: str | os.PathLike, keep_last: Optional[int] = 3, *,
+    def __init__(self, directory: Union[str, os.PathLike[str]], keep_last: Optional[int] = 3, *,
                  async_save: bool = True, prefix: str = "step_", suffix: str = ".pt",
-                 remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1):
+                 remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1) -> None:
         """`remote`: an fsspec URL prefix (s3://bucket/run) for the second
         tier; every `remote_every`-th save is copied there and the newest
         `keep_remote` copies are kept (None: all)."""
@@ -95,7 +101,7 @@ class CheckpointManager:
     def path_for(self, step: int) -> str:
         return os.path.join(self.directory, f"{self._prefix}{int(step)}{self._suffix}")
 
-    def steps(self) -> list:
+    def steps(self) -> list[int]:
         """Steps with a checkpoint file present, ascending (complete or not: use verify)."""
         found = []
         for name in os.listdir(self.directory):
@@ -106,7 +112,7 @@ class CheckpointManager:
 
     # --- saving --------------------------------------------------------------
 
-    def save(self, step: int, state: Any, *, snapshot: str | None = None):
+    def save(self, step: int, state: Any, *, snapshot: Optional[str] = None) -> Union[SaveResult, SaveHandle]:
         """Checkpoint `state` as `step`. Async by default: returns a SaveHandle
         once the state is snapshotted (`snapshot`: see ckptio.async_save); the
         pointer moves and old checkpoints go only after this one is durable.
@@ -128,7 +134,7 @@ class CheckpointManager:
         from .background import stage, write_native
         from .remote import save_records_to_url
 
-        def write(staged):
+        def write(staged: Staged) -> SaveResult:
             result = write_native(staged, path)
             self._after_durable(step)
             if copy_remotely:  # the same staged bytes: no second snapshot, no re-read
@@ -148,7 +154,8 @@ class CheckpointManager:
                     except FileNotFoundError:
                         pass
 
-    def _copy_remotely(self, step: int, result, send):
+    def _copy_remotely(self, step: int, result: SaveResult, send: Callable[[str], object]) -> SaveResult:
+        assert self.remote is not None  # called for a manager with a remote tier
         name = os.path.basename(self.path_for(step))
         copy = self.remote.copy(name, send)
         if copy.committed:
@@ -163,15 +170,20 @@ class CheckpointManager:
                                   RuntimeWarning, stacklevel=2)
         return dataclasses.replace(result, remote=copy)
 
-    def remote_steps(self) -> list:
+    def remote_steps(self) -> list[int]:
         """Steps with a copy in the remote tier, ascending ([] without one)."""
         if self.remote is None:
             return []
-        return sorted(int(self._pattern.match(n).group(1)) for n in self.remote.names(self._pattern))
+        matches = (self._pattern.match(n) for n in self.remote.names(self._pattern))  # names() matched them
+        return sorted(int(m.group(1)) for m in matches if m is not None)
+
+    def _remote_url(self, step: int) -> str:
+        assert self.remote is not None  # asked about a step found in the remote tier
+        return self.remote.url_for(os.path.basename(self.path_for(step)))
 
     # --- resuming ------------------------------------------------------------
 
-    def _candidates(self) -> list:
+    def _candidates(self) -> list[str]:
         """Checkpoint paths, newest first. Every ``step_<N>`` file is complete
         (writers rename into place only after fsync); ``latest`` names the
         newest one whose pointer update also finished."""
@@ -182,18 +194,17 @@ class CheckpointManager:
             target = os.path.join(self.directory, pointed)
             if target in paths:
                 paths.remove(target)
-                newer = [p for p in paths if self._step_of(p) > self._step_of(target)]
+                newer = [p for p in paths if self._step_in(p) > self._step_in(target)]
                 paths = newer + [target] + [p for p in paths if p not in newer]
         return paths
 
-    def _tiered_candidates(self) -> list:
+    def _tiered_candidates(self) -> list[tuple[int, str, str]]:
         """(step, tier, path or URL), newest first, local before remote at an
         equal step; an unreachable remote tier is warned about and skipped."""
-        found = [(self._step_of(p), "local", p) for p in self._candidates()]
+        found = [(self._step_in(p), "local", p) for p in self._candidates()]
         if self.remote is not None:
             try:
-                found += [(s, "remote", self.remote.url_for(os.path.basename(self.path_for(s))))
-                          for s in self.remote_steps()]
+                found += [(s, "remote", self._remote_url(s)) for s in self.remote_steps()]
             except Exception as e:  # noqa: BLE001 - the local tier still serves
                 warnings.warn(f"ckptio: cannot list the remote tier {self.remote.prefix} ({type(e).__name__}: {e}); "
                               "resuming from local checkpoints only", RuntimeWarning, stacklevel=3)
@@ -208,7 +219,8 @@ class CheckpointManager:
         candidates = self._tiered_candidates()
         return candidates[0][0] if candidates else None
 
-    def load_latest(self, map_location=None, *, weights_only: bool = True, into=None, strict: bool = True):
+    def load_latest(self, map_location: Any = None, *, weights_only: bool = True, into: Any = None,
+                    strict: bool = True) -> Any:
         """Load the newest checkpoint that is intact (CRC-verified), in either
         tier, falling back to older ones if it was damaged; raises
         CheckpointNotFoundError if there is none. ``last_loaded`` then says
@@ -220,11 +232,11 @@ class CheckpointManager:
         damaged newest checkpoint may have been partly read into `into`
         before its damage showed; the older checkpoint then loaded rewrites
         every tensor it pairs with."""
-        damaged = []
+        damaged: list[CheckpointIOError | CorruptCheckpointError] = []
         for step, tier, path in self._tiered_candidates():
             try:
                 if into is not None:
-                    def load_into_target(p):
+                    def load_into_target(p: str) -> Any:
                         return load_into(into, p, strict=strict, map_location=map_location, weights_only=weights_only)
 
                     state = load_into_target(path) if tier == "local" else api.with_local_copy(path, load_into_target)
@@ -250,14 +262,20 @@ class CheckpointManager:
         m = self._pattern.match(os.path.basename(path))
         return int(m.group(1)) if m else None
 
-    def inventory(self) -> list:
+    def _step_in(self, path: str) -> int:
+        """The step of a checkpoint path this manager listed (it matches the pattern)."""
+        step = self._step_of(path)
+        assert step is not None, path
+        return step
+
+    def inventory(self) -> list[tuple[int, Optional[str], Optional[str]]]:
         """Every step in either tier, newest first, as (step, local, remote):
         each "whole" (every CRC checked), "damaged" or None (no copy); a
         remote tier that cannot be listed shows as "unreachable"."""
         self.wait()
         local = {s: self.path_for(s) for s in self.steps()}
         try:
-            remote_urls = {s: self.remote.url_for(os.path.basename(self.path_for(s))) for s in self.remote_steps()}
+            remote_urls = {s: self._remote_url(s) for s in self.remote_steps()}
             unreachable = False
         except Exception:  # noqa: BLE001 - reported in the listing
             remote_urls, unreachable = {}, self.remote is not None
@@ -277,10 +295,10 @@ class CheckpointManager:
         self.wait()
         self._closed = True
 
-    def __enter__(self):
+    def __enter__(self) -> CheckpointManager:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

@@ -21,12 +21,22 @@ import pickle
 import secrets
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import torch
 from torch.serialization import location_tag, normalize_storage_type
 
 from . import _C
+from ._compat import tensor_state_is_instance_dict
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeAlias
+
+    # A record's bytes: a bytes-like object, or (address, size) of memory an owner keeps alive.
+    Payload: TypeAlias = Union[bytes, bytearray, memoryview, tuple[int, int]]
+    NamedPayload: TypeAlias = tuple[str, Payload]  # (name in the archive, payload)
 
 __all__ = ["ALIGNMENT", "PickledState", "archive_prefix", "gc_paused", "pickle_state"]
 
@@ -46,26 +56,26 @@ class PickledState:
     """
 
     prefix: str
-    head: list = field(default_factory=list)      # [(name, bytes)]
-    storages: list = field(default_factory=list)  # [torch.UntypedStorage] in key order
-    locations: list = field(default_factory=list)  # their location tags ("cpu", "cuda:0", ...)
+    head: list[tuple[str, bytes]] = field(default_factory=list)
+    storages: list[torch.UntypedStorage] = field(default_factory=list)  # in key order
+    locations: list[str] = field(default_factory=list)  # their location tags ("cpu", "cuda:0", ...)
     # What the snapshot asks of each storage, noted while pickling (one
     # call fewer per storage and fact: ~10 ms for 10,000 tensors).
-    nbytes: list = field(default_factory=list)
-    device_types: list = field(default_factory=list)  # "cpu", "cuda", ...
-    data_ptrs: list = field(default_factory=list)
-    cdatas: list = field(default_factory=list)  # storage._cdata: which storage it is
-    tail: list = field(default_factory=list)      # [(name, bytes)]
+    nbytes: list[int] = field(default_factory=list)
+    device_types: list[str] = field(default_factory=list)  # "cpu", "cuda", ...
+    data_ptrs: list[int] = field(default_factory=list)
+    cdatas: list[int] = field(default_factory=list)  # storage._cdata: which storage it is
+    tail: list[tuple[str, bytes]] = field(default_factory=list)
 
     @property
     def storage_bytes(self) -> int:
         return sum(self.nbytes)
 
-    def registry(self) -> list:
+    def registry(self) -> list[list[Any]]:
         """The per-storage lists, in the order the C reducer appends to them."""
         return [self.storages, self.locations, self.nbytes, self.device_types, self.data_ptrs, self.cdatas]
 
-    def register(self, storage, location: str) -> None:
+    def register(self, storage: torch.UntypedStorage, location: str) -> None:
         for facts, fact in zip(self.registry(), (storage, location, storage.nbytes(), storage.device.type,
                                                  storage.data_ptr(), storage._cdata)):
             facts.append(fact)
@@ -73,15 +83,16 @@ class PickledState:
     def storage_name(self, key: int) -> str:
         return f"{self.prefix}/data/{key}"
 
-    def records_for(self, payloads) -> list:
+    def records_for(self, payloads: Iterable[Payload]) -> list[NamedPayload]:
         """File-order records with payloads[i] (bytes or (address, size)) for storage i."""
-        middle = [(self.storage_name(i), p) for i, p in enumerate(payloads)]
-        return self.head + middle + self.tail
+        middle: list[NamedPayload] = [(self.storage_name(i), p) for i, p in enumerate(payloads)]
+        return [*self.head, *middle, *self.tail]
 
-    def cpu_records(self) -> tuple[list, list]:
+    def cpu_records(self) -> tuple[list[NamedPayload], list[torch.UntypedStorage]]:
         """Records pointing straight at the storages' memory (copying device
         storages to the host first), and the objects that own that memory."""
-        owners, payloads = [], []
+        owners: list[torch.UntypedStorage] = []
+        payloads: list[Payload] = []
         for s, kind, ptr, n in zip(self.storages, self.device_types, self.data_ptrs, self.nbytes):
             if kind != "cpu":
                 s = s.cpu()
@@ -129,7 +140,7 @@ class _DenseStorage:
 
     __slots__ = ("storage", "dtype")
 
-    def __init__(self, storage, dtype):
+    def __init__(self, storage: torch.UntypedStorage, dtype: torch.dtype) -> None:
         self.storage, self.dtype = storage, dtype
 
 
@@ -140,23 +151,16 @@ _NEVER_STORAGE = frozenset((int, float, bool, str, bytes, type(None), tuple, lis
 # Tensors are reduced, never persisted: the C filter answers None for these
 # exact types (so persistent_id runs in Python only for what may be a storage).
 _NEVER_PERSISTED = (torch.Tensor, torch.nn.Parameter)
-_storage_types: dict = {}  # dtype -> torch.<Dtype>Storage, as TypedStorage._pickle_storage_type names it
+# dtype -> torch.<Dtype>Storage, as TypedStorage._pickle_storage_type names it
+_storage_types: dict[torch.dtype, type] = {}
 
 
-def _storage_type_of(dtype):
+def _storage_type_of(dtype: torch.dtype) -> type:
     t = _storage_types.get(dtype)
     if t is None:
         typed = torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage(0), dtype=dtype, _internal=True)
         t = _storage_types[dtype] = getattr(torch, typed._pickle_storage_type())
     return t
-
-
-def _tensor_state_is_instance_dict() -> bool:
-    """Whether torch._utils._get_obj_state(t) of a plain tensor is just its
-    instance dict (None when empty): true while torch.Tensor keeps object's
-    __getstate__ and has no slots. Then the C reducer reads t.__dict__
-    instead of calling __getstate__."""
-    return torch.Tensor.__getstate__ is object.__getstate__ and not copyreg._slotnames(torch.Tensor)
 
 
 def _cpu_storages_tag_as_cpu() -> bool:
@@ -173,16 +177,16 @@ def _cpu_storages_tag_as_cpu() -> bool:
     return False
 
 
-def _torch_reduction(t):
+def _torch_reduction(t: torch.Tensor) -> Any:
     return t.__reduce_ex__(_PICKLE_PROTOCOL)
 
 
-def _reduce_dense(t):
+def _reduce_dense(t: torch.Tensor) -> Any:
     if (t.device.type not in _FAST_DEVICES or t.layout is not torch.strided or t.is_quantized
             or t.dtype in _V3_DTYPES or t._backward_hooks or torch._utils._get_obj_state(t)):
         return _torch_reduction(t)
-    args = (_DenseStorage(t.untyped_storage(), t.dtype), t.storage_offset(), tuple(t.size()), t.stride(),
-            t.requires_grad, OrderedDict())
+    args: tuple[Any, ...] = (_DenseStorage(t.untyped_storage(), t.dtype), t.storage_offset(), tuple(t.size()),
+                             t.stride(), t.requires_grad, OrderedDict())
     metadata = torch._utils.get_tensor_metadata(t)
     if metadata:
         args = args + (metadata,)
@@ -191,7 +195,7 @@ def _reduce_dense(t):
 
 
 @contextlib.contextmanager
-def gc_paused():
+def gc_paused() -> Iterator[None]:
     """No cyclic garbage collection inside the block (nestable). A pickling
     pass lists every storage as a Python object, and those are GC-tracked:
     10,000 of them alive when a collection starts cost it ~5 ms, so callers
@@ -210,11 +214,11 @@ class _Pickler(pickle.Pickler):
     makes it: a method of a subclass (Python 3.13.0's C Pickler refuses the
     attribute on its instances)."""
 
-    def __init__(self, file, persistent_id):
+    def __init__(self, file: IO[bytes], persistent_id: Callable[[Any], Any]) -> None:
         super().__init__(file, protocol=_PICKLE_PROTOCOL)
         self._persistent_id = persistent_id
 
-    def persistent_id(self, obj):
+    def persistent_id(self, obj: Any) -> Any:
         return self._persistent_id(obj)
 
 
@@ -222,13 +226,14 @@ class _Pickler(pickle.Pickler):
 _use_native_pickler = True
 
 
-def pickle_state(obj, path: str | os.PathLike) -> PickledState:
+def pickle_state(obj: object, path: str | os.PathLike[str]) -> PickledState:
     """Pickle `obj` as torch.save(obj, path) would and list its records."""
     state = PickledState(prefix=archive_prefix(os.fspath(path)))
     keys: dict[int, str] = {}
     storage_dtypes: dict[int, torch.dtype] = {}
 
-    def add_storage(storage, storage_dtype, storage_type, storage_numel, location):
+    def add_storage(storage: torch.UntypedStorage, storage_dtype: torch.dtype, storage_type: type,
+                    storage_numel: int, location: str) -> tuple[str, type, str, str, int]:
         if storage.data_ptr() != 0 and str(storage.device) != "meta":
             seen = storage_dtypes.setdefault(storage.data_ptr(), storage_dtype)
             if seen != storage_dtype:
@@ -241,7 +246,7 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
             state.register(storage, location)
         return ("storage", storage_type, key, location, storage_numel)
 
-    def persistent_id(o):
+    def persistent_id(o: Any) -> tuple[str, type, str, str, int] | None:
         cls = type(o)
         if cls in _NEVER_STORAGE:
             return None
@@ -274,11 +279,12 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
     cpu_is_cpu = _cpu_storages_tag_as_cpu()
     reduce_tensor = None
     if not torch.serialization._serialization_tls.skip_data:
-        if _tensor_state_is_instance_dict():
+        if tensor_state_is_instance_dict():  # then the C reducer reads t.__dict__, never __getstate__
             # _reduce_dense and add_storage in C, sharing this pass's tables.
             reduce_tensor = _C.dense_reducer(
                 _torch_reduction, torch._utils._rebuild_tensor_v2, torch.strided, _V3_DTYPES,
-                torch._C._get_tensor_metadata, OrderedDict, keys, storage_dtypes, state.registry(),
+                torch._C._get_tensor_metadata,  # type: ignore[attr-defined]  # absent from torch's stubs
+                OrderedDict, keys, storage_dtypes, state.registry(),
                 _storage_types, _storage_type_of, location_tag, cpu_is_cpu)
             pickler.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: reduce_tensor}
         else:
@@ -297,7 +303,8 @@ def pickle_state(obj, path: str | os.PathLike) -> PickledState:
             data = _C.pickle_protocol2(obj, filtered_persistent_id, reduce_tensor, pickler.dispatch_table,
                                        torch.Tensor)
             if data is None:  # start the pass again, its tables empty
-                for table in (keys, storage_dtypes, *state.registry()):
+                tables: tuple[dict[Any, Any] | list[Any], ...] = (keys, storage_dtypes, *state.registry())
+                for table in tables:
                     table.clear()
         if data is None:
             pickler.dump(obj)

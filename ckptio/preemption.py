@@ -27,7 +27,12 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterable, Optional
+from collections.abc import Callable, Iterable
+from types import CodeType, FrameType
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+if TYPE_CHECKING:
+    from .save_queue import SaveHandle
 
 __all__ = ["on_preemption", "PreemptionGuard", "in_signal_handler"]
 
@@ -39,12 +44,12 @@ def in_signal_handler() -> bool:
     handlers Lightning's ``_HandlersCompose`` holds)."""
     if threading.current_thread() is not threading.main_thread():
         return False  # Python runs signal handlers in the main thread only
-    codes = set()
+    codes: set[CodeType] = set()
     for signum in _CATCHABLE:
         _collect_codes(signal.getsignal(signum), codes)
     if not codes:
         return False
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_code in codes:
             return True
@@ -57,7 +62,7 @@ def in_signal_handler() -> bool:
 _CATCHABLE = tuple(sorted(int(s) for s in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
 
 
-def _collect_codes(handler, codes: set, depth: int = 0) -> None:
+def _collect_codes(handler: object, codes: set[CodeType], depth: int = 0) -> None:
     if depth > 4 or handler is None or isinstance(handler, int):  # SIG_DFL, SIG_IGN, a signal number
         return
     if isinstance(handler, functools.partial):
@@ -68,14 +73,15 @@ def _collect_codes(handler, codes: set, depth: int = 0) -> None:
     if code is not None:
         codes.add(code)
     else:  # a callable object: its __call__, and what it composes
-        call = getattr(type(handler), "__call__", None)
-        if getattr(call, "__code__", None) is not None:
-            codes.add(call.__code__)
+        call = getattr(type(handler), "__call__", None)  # noqa: B004 (fetches the method; not a callable() test)
+        call_code = getattr(call, "__code__", None)
+        if call_code is not None:
+            codes.add(call_code)
     for inner in getattr(handler, "signal_handlers", None) or ():  # Lightning's _HandlersCompose
         _collect_codes(inner, codes, depth + 1)
 
 
-def durable_if_signalled(handle):
+def durable_if_signalled(handle: SaveHandle) -> SaveHandle:
     """Inside a signal handler, wait until `handle`'s save is durable (and
     raise its failure): whoever sent the signal may end the process next."""
     if in_signal_handler():
@@ -83,18 +89,22 @@ def durable_if_signalled(handle):
     return handle
 
 
+# What signal.signal returns: a handler, SIG_DFL/SIG_IGN, or None (one not installed from Python).
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
+
+
 class PreemptionGuard:
     """What ``on_preemption`` installed; ``restore()`` puts the previous
     handlers back (also on leaving a ``with`` block)."""
 
-    def __init__(self, signals: Iterable[int], deadline_s: Optional[float]):
+    def __init__(self, signals: Iterable[int], deadline_s: Optional[float]) -> None:
         self.deadline_s = deadline_s
-        self.previous = {}
+        self.previous: dict[int, _Handler] = {}
         self._handling = False
         for signum in signals:
             self.previous[signum] = signal.signal(signum, self._handle)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if not self._handling:  # a second signal while draining: the first one is already on it
             self._handling = True
             try:
@@ -103,7 +113,7 @@ class PreemptionGuard:
                 self._handling = False
         self._pass_on(signum, frame)
 
-    def _pass_on(self, signum, frame) -> None:
+    def _pass_on(self, signum: int, frame: Optional[FrameType]) -> None:
         previous = self.previous.get(signum)
         if callable(previous):
             previous(signum, frame)
@@ -124,10 +134,10 @@ class PreemptionGuard:
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self.previous = {}
 
-    def __enter__(self):
+    def __enter__(self) -> PreemptionGuard:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.restore()
 
 

@@ -18,11 +18,18 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from . import _C
 from .errors import CheckpointIOError, CheckpointNotFoundError
 from .pickling import ALIGNMENT
 from .results import SaveResult
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from .pickling import NamedPayload, Payload
 
 __all__ = ["is_url", "save_records_to_url", "download"]
 
@@ -33,7 +40,7 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def fs_for(url: str):
+def fs_for(url: str) -> tuple[AbstractFileSystem, str]:
     """(fsspec filesystem, path inside it) for `url`."""
     try:
         import fsspec
@@ -42,7 +49,7 @@ def fs_for(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def _payload_view(payload):
+def _payload_view(payload: Payload) -> memoryview:
     """A zero-copy memoryview of a record's bytes ((address, size) or bytes)."""
     if isinstance(payload, tuple):
         address, size = payload
@@ -54,7 +61,7 @@ def _payload_view(payload):
     return memoryview(payload)
 
 
-def save_records_to_url(records, url: str):
+def save_records_to_url(records: Sequence[NamedPayload], url: str) -> SaveResult:
     """Stream an archive of `records` [(name, bytes | (address, size))] to `url`.
     REQUIRES: the records' memory stays valid until this returns."""
     start = time.perf_counter()
@@ -66,7 +73,7 @@ def save_records_to_url(records, url: str):
     except OSError as e:
         raise CheckpointIOError(e.errno or 5, f"cannot open for writing: {e}", url) from e
     try:
-        for i, (name, payload) in enumerate(records):
+        for i, (_name, payload) in enumerate(records):
             header = layout.header(i)
             f.write(header)
             view = _payload_view(payload)
@@ -93,7 +100,7 @@ def save_records_to_url(records, url: str):
 ABORT_ATTEMPTS = 3  # a failed abort is retried after 0.2 s, then 1 s
 
 
-def _abandon_upload(f) -> None:
+def _abandon_upload(f: Any) -> None:
     """Make a failed upload impossible to complete, ever.
 
     fsspec's buffered file completes its upload in close(), and its
@@ -119,7 +126,7 @@ def _abandon_upload(f) -> None:
             pass  # not an fsspec buffered file (memory:// writes an io.BytesIO): nothing completes late
 
 
-def _size(payload) -> int:
+def _size(payload: Payload) -> int:
     return payload[1] if isinstance(payload, tuple) else len(payload)
 
 

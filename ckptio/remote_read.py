@@ -18,12 +18,18 @@ import io
 import struct
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _C
-from .config import remote_read_config
 from .archive import Archive, _archive_from_entries, _is_payload, storage_from_buffer
+from .config import remote_read_config
 from .errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from fsspec import AbstractFileSystem
+
+    from .archive import Record
 
 __all__ = ["fetch_archive", "zip_object_size"]
 
@@ -36,26 +42,26 @@ class _SparseObject(io.RawIOBase):
     so far and fetching what else zipfile asks for (it seeks to the end
     record, then reads the central directory)."""
 
-    def __init__(self, fs, path: str, size: int, start: int, tail: bytes):
+    def __init__(self, fs: AbstractFileSystem, path: str, size: int, start: int, tail: bytes) -> None:
         self._fs, self._path, self._size = fs, path, size
         self._start, self._tail = start, tail
         self._pos = 0
 
-    def seekable(self):
+    def seekable(self) -> bool:
         return True
 
-    def readable(self):
+    def readable(self) -> bool:
         return True
 
-    def tell(self):
+    def tell(self) -> int:
         return self._pos
 
-    def seek(self, offset, whence=io.SEEK_SET):
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
         self._pos = max(0, base + offset)
         return self._pos
 
-    def read(self, n=-1):
+    def read(self, n: int | None = -1) -> bytes:
         end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
         if self._pos >= end:
             return b""
@@ -66,13 +72,13 @@ class _SparseObject(io.RawIOBase):
         self._pos += len(data)
         return data
 
-    def readinto(self, b) -> int:
+    def readinto(self, b: Any) -> int:  # a writable buffer
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
 
-def _get_range(fs, path: str, start: int, end: int) -> bytes:
+def _get_range(fs: AbstractFileSystem, path: str, start: int, end: int) -> bytes:
     try:
         data = fs.cat_file(path, start=start, end=end)
     except FileNotFoundError:
@@ -85,7 +91,7 @@ def _get_range(fs, path: str, start: int, end: int) -> bytes:
     return data
 
 
-def _object_size(fs, path: str, url: str) -> int:
+def _object_size(fs: AbstractFileSystem, path: str, url: str) -> int:
     try:
         fs.invalidate_cache(path)  # a listing cached earlier may predate the object's latest version
         return int(fs.info(path)["size"])
@@ -95,13 +101,13 @@ def _object_size(fs, path: str, url: str) -> int:
         raise CheckpointIOError(5, f"cannot reach the checkpoint: {type(e).__name__}: {e}", url) from e
 
 
-def zip_object_size(fs, path: str, url: str) -> Optional[int]:
+def zip_object_size(fs: AbstractFileSystem, path: str, url: str) -> Optional[int]:
     """The object's size if it starts like a zip archive, else None (a legacy torch.save file)."""
     size = _object_size(fs, path, url)
     return size if size >= 4 and _get_range(fs, path, 0, 4) == b"PK\x03\x04" else None
 
 
-def _directory(fs, path: str, url: str, size: int) -> tuple:
+def _directory(fs: AbstractFileSystem, path: str, url: str, size: int) -> tuple[Archive, int]:
     """(Archive, where the central directory starts)."""
     start = max(0, size - _TAIL_BYTES)
     tail = _get_range(fs, path, start, size)
@@ -119,7 +125,8 @@ def _directory(fs, path: str, url: str, size: int) -> tuple:
     return _archive_from_entries(url, size, entries), directory_start
 
 
-def fetch_archive(url: str, fs, path: str, size: int, *, verify: bool) -> tuple:
+def fetch_archive(url: str, fs: AbstractFileSystem, path: str, size: int, *,
+                  verify: bool) -> tuple[Archive, dict[str, bytes], dict[str, torch.UntypedStorage]]:
     """Read the archive at `url` (`size` bytes: see zip_object_size) into
     memory with parallel ranged GETs.
 
@@ -135,7 +142,7 @@ def fetch_archive(url: str, fs, path: str, size: int, *, verify: bool) -> tuple:
     step = cfg.range_bytes
     ranges = [(s, min(s + step, directory_start)) for s in range(0, directory_start, step)]
 
-    def fetch(span):
+    def fetch(span: tuple[int, int]) -> None:
         start, end = span
         view[start:end] = _get_range(fs, path, start, end)
 
@@ -154,7 +161,7 @@ def fetch_archive(url: str, fs, path: str, size: int, *, verify: bool) -> tuple:
     return archive, known, storages
 
 
-def _payload(archive: Archive, view: memoryview, record) -> memoryview:
+def _payload(archive: Archive, view: memoryview, record: Record) -> memoryview:
     """The record's bytes, after its local header (which must be one)."""
     header_end = record.header_offset + _LOCAL_HEADER.size
     if header_end > len(view):

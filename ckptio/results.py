@@ -19,7 +19,7 @@ class SaveResult:
     remote: Any = None  # a CheckpointManager's copy to its remote tier: tiers.RemoteCopy, or None
 
     @classmethod
-    def from_stats(cls, st: dict) -> "SaveResult":
+    def from_stats(cls, st: dict[str, Any]) -> SaveResult:
         return cls(st["path"], st["bytes"], st["seconds"], st["direct_io"], st["block_bytes"])
 
 

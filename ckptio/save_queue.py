@@ -26,9 +26,15 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import TYPE_CHECKING
 
 from .lazy_snapshot import wait_snapshots
+
+if TYPE_CHECKING:
+    from .lazy_snapshot import LazyCopy
+    from .results import SaveResult
 
 __all__ = ["SaveHandle", "SaveQueue", "get_queue"]
 
@@ -41,18 +47,18 @@ class SaveHandle:
     direct_io) or raises the save's exception.
     """
 
-    def __init__(self, path: str, mode: str, lazy_copy=None):
+    def __init__(self, path: str, mode: str, lazy_copy: LazyCopy | None = None) -> None:
         self.path = path
         self.mode = mode  # "staged" or "streaming"
         self._lazy_copy = lazy_copy  # ckptio.lazy_snapshot.LazyCopy still copying, or None
         self.stall_seconds = 0.0
         self._done = threading.Event()
-        self._result = None
-        self._exception = None
+        self._result: SaveResult | None = None
+        self._exception: BaseException | None = None
         self._observed = False  # the exception reached the user
         self._owner = threading.get_ident()  # the submitting thread
-        self._queue = None
-        self._callbacks = []
+        self._queue: SaveQueue | None = None
+        self._callbacks: list[Callable[[SaveHandle], object]] = []
         self._callbacks_lock = threading.Lock()
 
     def done(self) -> bool:
@@ -78,7 +84,7 @@ class SaveHandle:
         self.result()
         return True
 
-    def result(self, timeout: float | None = None):
+    def result(self, timeout: float | None = None) -> SaveResult | None:
         if not self._done.wait(timeout):
             raise FutureTimeoutError(f"save to {self.path} still running after {timeout} s")
         if self._exception is not None:
@@ -86,7 +92,7 @@ class SaveHandle:
             raise self._exception
         return self._result
 
-    def exception(self, timeout: float | None = None):
+    def exception(self, timeout: float | None = None) -> BaseException | None:
         if not self._done.wait(timeout):
             raise FutureTimeoutError(f"save to {self.path} still running after {timeout} s")
         self._observed = True
@@ -94,22 +100,22 @@ class SaveHandle:
 
     # Convenience views of the result (None until done).
     @property
-    def write_seconds(self):
+    def write_seconds(self) -> float | None:
         return None if self._result is None else self._result.write_seconds
 
     @property
-    def bytes(self):
+    def bytes(self) -> int | None:
         return None if self._result is None else self._result.bytes
 
     @property
-    def direct_io(self):
+    def direct_io(self) -> bool | None:
         return None if self._result is None else self._result.direct_io
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "done" if self.done() else "pending"
         return f"<SaveHandle {self.path!r} {self.mode} {state} stall={self.stall_seconds * 1e3:.1f} ms>"
 
-    def add_done_callback(self, fn) -> None:
+    def add_done_callback(self, fn: Callable[[SaveHandle], object]) -> None:
         """Call fn(handle) when the save completes (at once if it has)."""
         with self._callbacks_lock:
             if not self._done.is_set():
@@ -117,7 +123,7 @@ class SaveHandle:
                 return
         fn(self)
 
-    def _finish(self, result=None, exception=None) -> None:
+    def _finish(self, result: SaveResult | None = None, exception: BaseException | None = None) -> None:
         self._result, self._exception = result, exception
         with self._callbacks_lock:
             self._done.set()
@@ -129,15 +135,18 @@ class SaveHandle:
                 pass
 
 
+_Write = Callable[[], "SaveResult | None"]  # a job's write: runs on the worker
+
+
 class _Job:
-    def __init__(self, handle: SaveHandle, write, cleanup):
+    def __init__(self, handle: SaveHandle, write: _Write, cleanup: Callable[[], object] | None) -> None:
         self.handle = handle
         self.write = write      # runs on the worker; returns a SaveResult
         self.cleanup = cleanup  # always runs after write (frees the staging slot)
 
 
 class SaveQueue:
-    def __init__(self, max_pending: int):
+    def __init__(self, max_pending: int) -> None:
         self.max_pending = max_pending
         self._cond = threading.Condition()
         self._jobs: deque[_Job] = deque()
@@ -145,7 +154,7 @@ class SaveQueue:
         self._finished: deque[SaveHandle] = deque()  # failed, not yet reported
         self._worker: threading.Thread | None = None
         self._last_worker: threading.Thread | None = None  # the one that went idle last
-        self._worker_pid = None
+        self._worker_pid: int | None = None
 
     # --- submitting -------------------------------------------------------
 
@@ -161,7 +170,7 @@ class SaveQueue:
             while self._pending_locked() >= self.max_pending:
                 self._cond.wait()
 
-    def submit(self, handle: SaveHandle, write, cleanup=None) -> SaveHandle:
+    def submit(self, handle: SaveHandle, write: _Write, cleanup: Callable[[], object] | None = None) -> SaveHandle:
         handle._queue = self
         with self._cond:
             self._ensure_worker_locked()
@@ -225,6 +234,7 @@ class SaveQueue:
                 elif not mine_only or handle._owner == me:
                     self._finished.remove(handle)
                     handle._observed = True
+                    assert handle._exception is not None  # only failed saves are kept
                     raise handle._exception
 
     # --- the worker ---------------------------------------------------------
@@ -238,7 +248,7 @@ class SaveQueue:
     def _pending_locked(self) -> int:
         return len(self._jobs) + (self._running is not None)
 
-    def _all_locked(self):
+    def _all_locked(self) -> list[_Job]:
         return list(self._jobs) + ([self._running] if self._running is not None else [])
 
     def _ensure_worker_locked(self) -> None:
@@ -260,7 +270,8 @@ class SaveQueue:
                     self._last_worker = threading.current_thread()
                     return
                 job = self._running = self._jobs.popleft()
-            result = exception = None
+            result: SaveResult | None = None
+            exception: BaseException | None = None
             try:
                 result = job.write()
             except BaseException as e:  # kept with its type, re-raised to the user
@@ -279,7 +290,7 @@ class SaveQueue:
                 self._cond.notify_all()
 
 
-def _key(path) -> str:
+def _key(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.fspath(path)) if "://" not in os.fspath(path) else os.fspath(path)
 
 

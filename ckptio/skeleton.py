@@ -21,11 +21,16 @@ import collections
 import io
 import pickle
 import sys
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from . import archive as _archive
+
+# torch's unpickling of an archive: unpickle(zip_reader, map_location, weights_only, path) -> object
+# (ckptio.api.unpickle_archive).
+_Unpickle = Callable[[Any, Any, bool, str], Any]
 
 __all__ = ["TensorSpec", "fast_load", "native_byte_order", "unpickle_skeleton", "tensor_spec"]
 
@@ -39,13 +44,13 @@ def native_byte_order(byteorder_record: bytes | None) -> bool:
 
 class TensorSpec(NamedTuple):
     """What a saved tensor is, without it: its payload record and its view of it."""
-    record: str
+    record: Optional[str]  # None: a tensor whose storage is no record of the archive
     storage_offset: int
-    size: tuple
-    stride: tuple
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
     dtype: torch.dtype
 
-    def narrow(self, offsets, lengths) -> "TensorSpec":
+    def narrow(self, offsets: Sequence[int], lengths: Sequence[int]) -> TensorSpec:
         """This tensor narrowed to [offsets, offsets + lengths) along every dim."""
         shift = sum(o * s for o, s in zip(offsets, self.stride))
         return self._replace(storage_offset=self.storage_offset + shift, size=tuple(lengths))
@@ -59,7 +64,8 @@ class TensorSpec(NamedTuple):
         return True
 
 
-def tensor_spec(arc, pickle_bytes: bytes, path: str, full_metadata, unpickle):
+def tensor_spec(arc: _archive.Archive, pickle_bytes: bytes, path: str, full_metadata: Callable[[], dict[str, bytes]],
+                unpickle: _Unpickle) -> Any:
     """The TensorSpec of an archive holding one tensor (a DCP item), or the
     object it holds if that is not a tensor. `full_metadata()` returns every
     non-payload record, for when torch's unpickler has to judge."""
@@ -69,11 +75,12 @@ def tensor_spec(arc, pickle_bytes: bytes, path: str, full_metadata, unpickle):
     graph, record_of = unpickle_skeleton(arc, full_metadata(), True, path, unpickle)
     if not isinstance(graph, torch.Tensor):
         return graph
-    return TensorSpec(record_of.get(graph.untyped_storage()._cdata), graph.storage_offset(), tuple(graph.shape),
-                      graph.stride(), graph.dtype)
+    return TensorSpec(record_of.get(graph.untyped_storage()._cdata), int(graph.storage_offset()),
+                      tuple(graph.shape), graph.stride(), graph.dtype)
 
 
-def unpickle_skeleton(arc, metadata: dict, weights_only: bool, path: str, unpickle):
+def unpickle_skeleton(arc: _archive.Archive, metadata: dict[str, bytes], weights_only: bool, path: str,
+                      unpickle: _Unpickle) -> tuple[Any, dict[int, str]]:
     """(graph, {storage _cdata: record name}) of archive `arc`, whose
     non-payload records are in `metadata`. `unpickle(zip_reader,
     map_location, weights_only, path)` runs torch's unpickling for the
@@ -88,6 +95,8 @@ def unpickle_skeleton(arc, metadata: dict, weights_only: bool, path: str, unpick
 
 
 _NOT_FAST = object()
+# storage_for(record name, location, nbytes) -> the UntypedStorage holding that record (see fast_load)
+_StorageFor = Callable[[str, str, int], torch.UntypedStorage]
 
 
 class _NotFast(Exception):
@@ -97,7 +106,7 @@ class _NotFast(Exception):
 class _StorageType:
     """Stands for ``torch.FloatStorage`` etc. in a persistent id: its dtype, nothing callable."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
 
 
@@ -115,20 +124,20 @@ class _FastSkeleton(pickle.Unpickler):
     """With specs=True, tensors come back as TensorSpecs (no torch objects at
     all: a DCP rank file has one pickle per item), else as meta tensors."""
 
-    def __init__(self, data: bytes, specs: bool = False):
+    def __init__(self, data: bytes, specs: bool = False) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
         self._specs = specs
-        self.record_of = {}  # storage _cdata -> record name
-        self._storages = {}  # key -> meta storage
-        self._alive = []
+        self.record_of: dict[int, str] = {}  # storage _cdata -> record name
+        self._storages: dict[str, torch.UntypedStorage] = {}  # key -> meta storage
+        self._alive: list[torch.UntypedStorage] = []
 
-    def load(self):
+    def load(self) -> Any:
         try:
             return super().load()
         except Exception:  # _NotFast, or anything torch's unpickler should judge
             return _NOT_FAST
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
             return self._rebuild_tensor
         if module == "torch._utils" and name == "_rebuild_tensor_v3":
@@ -143,7 +152,7 @@ class _FastSkeleton(pickle.Unpickler):
             return _DTYPES[name]  # a dtype object: not callable
         raise _NotFast(f"{module}.{name}")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         dtype, key, _location, nbytes = _storage_id(pid)
         if self._specs:
             return f"data/{key}", dtype
@@ -155,16 +164,17 @@ class _FastSkeleton(pickle.Unpickler):
             self._alive.append(storage)
         return storage, dtype
 
-    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype,
-                           metadata=None):
+    def _rebuild_tensor_v3(self, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+                           backward_hooks: Any, dtype: Any, metadata: Any = None) -> Any:
         if not isinstance(dtype, torch.dtype):
             raise _NotFast("tensor dtype")
         return self._rebuild_tensor(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata,
                                     dtype=dtype)
 
-    def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None,
-                        dtype=None):
-        if not (isinstance(storage, tuple) and len(storage) == 2 and isinstance(storage[0], (torch.UntypedStorage, str))):
+    def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any,
+                        backward_hooks: Any, metadata: Any = None, dtype: Any = None) -> Any:
+        if not (isinstance(storage, tuple) and len(storage) == 2
+                and isinstance(storage[0], (torch.UntypedStorage, str))):
             raise _NotFast("tensor storage")
         untyped, storage_dtype = storage
         dtype = dtype or storage_dtype
@@ -179,7 +189,7 @@ class _FastSkeleton(pickle.Unpickler):
         return t
 
 
-def _storage_id(pid) -> tuple:
+def _storage_id(pid: Any) -> tuple[torch.dtype, str, str, int]:
     """(dtype, key, location, nbytes) of torch.save's persistent id
     ('storage', storage type, key, location, numel), checked."""
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
@@ -189,7 +199,7 @@ def _storage_id(pid) -> tuple:
     return storage_type.dtype, str(key), str(location), numel * storage_type.dtype.itemsize
 
 
-def _rebuild_parameter(data, requires_grad, backward_hooks):
+def _rebuild_parameter(data: Any, requires_grad: bool, backward_hooks: Any) -> Any:
     if isinstance(data, TensorSpec):
         return data
     if not isinstance(data, torch.Tensor):
@@ -197,7 +207,7 @@ def _rebuild_parameter(data, requires_grad, backward_hooks):
     return torch.nn.Parameter(data, requires_grad)
 
 
-def fast_load(pickle_bytes: bytes, storage_for):
+def fast_load(pickle_bytes: bytes, storage_for: _StorageFor) -> Any:
     """The real object graph of a pickle the fast path accepts, its tensors
     built by torch's own rebuild functions over ``storage_for(record name,
     location, nbytes) -> UntypedStorage``; None when the fast path does not
@@ -208,17 +218,17 @@ def fast_load(pickle_bytes: bytes, storage_for):
 
 
 class _FastLoader(_FastSkeleton):
-    def __init__(self, data: bytes, storage_for):
+    def __init__(self, data: bytes, storage_for: _StorageFor) -> None:
         super().__init__(data)
         self._storage_for = storage_for
-        self._typed = {}  # key -> TypedStorage, as torch's loaded_storages
+        self._typed: dict[str, torch.storage.TypedStorage] = {}  # key -> TypedStorage, as torch's loaded_storages
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"):
             return getattr(torch._utils, name)
         return super().find_class(module, name)
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         dtype, key, location, nbytes = _storage_id(pid)
         typed = self._typed.get(key)
         if typed is None:
@@ -232,12 +242,12 @@ class _SkeletonArchive(_archive.LoadedArchive):
     """torch's zip reader interface with meta storages: no payload is read.
     Remembers which record each storage stands for."""
 
-    def __init__(self, archive, metadata: dict):
+    def __init__(self, archive: _archive.Archive, metadata: dict[str, bytes]) -> None:
         super().__init__(archive, reader=None, known=metadata)
-        self.record_of = {}  # storage _cdata -> record name
-        self._alive = []     # keeps each placeholder (and so its _cdata) unique
+        self.record_of: dict[int, str] = {}  # storage _cdata -> record name
+        self._alive: list[torch.UntypedStorage] = []  # keeps each placeholder (and so its _cdata) unique
 
-    def get_storage_from_record(self, name, numel, storage_type):
+    def get_storage_from_record(self, name: str, numel: int, storage_type: object) -> _archive._RecordStorage:
         self._archive.record(name)
         storage = torch.UntypedStorage(numel, device="meta")
         self.record_of[storage._cdata] = name

@@ -22,6 +22,7 @@ background thread (CPU) or to the side stream (CUDA) and returns at once.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Collection, Sequence
 from itertools import accumulate
 
 import torch
@@ -33,6 +34,8 @@ from .lazy_snapshot import LazyCopy
 __all__ = ["StagingArena", "Slot", "page_round"]
 
 _PAGE = 4096
+# A storage to copy: (storage, data_ptr, offset in the slot, size, device type).
+_Item = tuple[torch.UntypedStorage, int, int, int, str]
 
 
 def page_round(n: int) -> int:
@@ -42,10 +45,10 @@ def page_round(n: int) -> int:
 class Slot:
     """One reusable snapshot buffer."""
 
-    def __init__(self, index: int):
+    def __init__(self, index: int) -> None:
         self.index = index
-        self.buffer = None   # _C.AlignedBuffer
-        self.tensor = None   # uint8 view of the whole buffer, no copy
+        self.buffer: _C.AlignedBuffer | None = None
+        self.tensor: torch.Tensor | None = None  # uint8 view of the whole buffer, no copy
         self.pinned = False  # registered with cudaHostRegister
 
     @property
@@ -68,6 +71,7 @@ class Slot:
 
     def _unpin(self) -> None:
         if self.pinned:
+            assert self.buffer is not None  # pinned: a buffer
             torch.cuda.cudart().cudaHostUnregister(self.buffer.address)
             self.pinned = False
 
@@ -80,11 +84,11 @@ def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
 class StagingArena:
     """`slots` reusable snapshot buffers; acquire() waits while all are busy."""
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int) -> None:
         self._slots = [Slot(i) for i in range(slots)]
         self._free = list(self._slots)
         self._cond = threading.Condition()
-        self._side_stream = None
+        self._side_stream: torch.cuda.Stream | None = None
         self._grower: threading.Thread | None = None  # faults slots in off the caller's thread
 
     @property
@@ -122,7 +126,7 @@ class StagingArena:
                                             name="ckptio-staging-prefault", daemon=True)
             self._grower.start()
 
-    def _grow(self, slots, nbytes: int, previous: threading.Thread | None) -> None:
+    def _grow(self, slots: list[Slot], nbytes: int, previous: threading.Thread | None) -> None:
         if previous is not None:
             previous.join()  # one grower at a time: memory is faulted once, in order
         for slot in slots:
@@ -142,7 +146,9 @@ class StagingArena:
         if grower is not None:
             grower.join(timeout)
 
-    def snapshot(self, slot: Slot, storages, *, known=None, lazy=None) -> tuple[list, LazyCopy | None]:
+    def snapshot(self, slot: Slot, storages: Sequence[torch.UntypedStorage], *,
+                 known: tuple[list[int], list[str], list[int], list[int]] | None = None,
+                 lazy: Collection[int] | None = None) -> tuple[list[tuple[int, int]], LazyCopy | None]:
         """Copy `storages` into `slot`; returns each one's (address, size)
         there, and the LazyCopy still running (None if nothing is left).
 
@@ -163,13 +169,14 @@ class StagingArena:
         total = offsets.pop()
         slot.ensure_capacity(max(total, _PAGE))
         self.grow_in_background(total)  # the next overlapping save finds its slot warm
+        assert slot.buffer is not None  # ensure_capacity made one
         base = slot.buffer.address
         payloads = [(base + off, n) for off, n in zip(offsets, sizes)]
         # (storage, data_ptr, offset, size, device type) of each storage with bytes
-        items = [item for item in zip(storages, data_ptrs, offsets, sizes, device_types) if item[3]]
-        later = []
+        items: list[_Item] = [item for item in zip(storages, data_ptrs, offsets, sizes, device_types) if item[3]]
+        later: list[_Item] = []
         if lazy:
-            now = []
+            now: list[_Item] = []
             for item, cdata in zip(items, (c for c, n in zip(cdatas, sizes) if n)):
                 (later if cdata in lazy and item[4] in _LAZY_DEVICES else now).append(item)
             items = now
@@ -180,7 +187,7 @@ class StagingArena:
             return payloads, None
         finish = self._start_cuda_copies(slot, later)  # queued now, behind the caller's queued work
 
-        def copy_later():
+        def copy_later() -> None:
             # Read each source again now: a storage resized in place since
             # the call (FSDP frees parameters with resize_(0)) must fail the
             # save, not be read at its old address or past its new end.
@@ -194,11 +201,12 @@ class StagingArena:
 
         return payloads, LazyCopy(copy_later, keepalive=later)
 
-    def _copy_on_host(self, slot: Slot, items) -> None:
+    def _copy_on_host(self, slot: Slot, items: list[_Item]) -> None:
         """Copy the non-CUDA storages of [(storage, data_ptr, offset, size,
         device type)] into `slot`: CPU ones in one engine call (split across
         the engine's copy threads and this one, GIL released), other devices
         (e.g. XLA, MPS) by way of a host copy, storage by storage."""
+        assert slot.buffer is not None and slot.tensor is not None  # the snapshot sized it
         base = slot.buffer.address
         cpu = [(ptr, base + off, n) for _, ptr, off, n, kind in items if kind == "cpu"]
         if cpu:
@@ -207,13 +215,14 @@ class StagingArena:
             if kind not in ("cpu", "cuda"):
                 slot.tensor[off : off + n].copy_(_as_bytes(s.cpu()))
 
-    def _start_cuda_copies(self, slot: Slot, items):
+    def _start_cuda_copies(self, slot: Slot, items: list[_Item]) -> Callable[[], None]:
         """Queue device-to-host copies of the CUDA storages of `items` on a
         side stream that first waits for the work already queued on the
         caller's stream; returns a function that waits for them."""
         cuda = [(s, off, n) for s, _, off, n, kind in items if kind == "cuda"]
         if not cuda:
             return _nothing_to_wait_for
+        assert slot.tensor is not None  # the snapshot sized it
         slot.pin()
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream()

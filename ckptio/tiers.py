@@ -38,7 +38,7 @@ class RemoteCopy:
 
 
 class RemoteTier:
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str) -> None:
         prefix = str(prefix).rstrip("/")
         if not _remote.is_url(prefix):
             raise ValueError(f"remote must be an fsspec URL prefix such as 's3://bucket/run', not {prefix!r}")
@@ -62,7 +62,7 @@ class RemoteTier:
             return RemoteCopy(url, time.perf_counter() - start, e)
         return RemoteCopy(url, time.perf_counter() - start)
 
-    def names(self, pattern: re.Pattern) -> list:
+    def names(self, pattern: re.Pattern[str]) -> list[str]:
         """Names under the prefix matching `pattern` (none if the prefix does not exist yet)."""
         fs, path = _remote.fs_for(self.prefix)
         try:

@@ -1,7 +1,9 @@
 """The `ckptio` command on real files: output, and exit codes on intact and
 damaged files."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -56,25 +58,32 @@ def test_verify_exit_codes(files):
     assert run("verify", str(ours.parent / "missing.pt")).returncode == 1
 
 
-def test_convert_torch_and_safetensors(files, tmp_path):
+def test_convert_torch_save_files(files, tmp_path):
     ours, theirs, damaged = files
     out = run("convert", str(theirs), str(tmp_path / "converted.pt"))
     assert out.returncode == 0, out.stderr
     assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
-    from safetensors.torch import save_file
-
-    save_file({"a": torch.randn(5, 5)}, str(tmp_path / "m.safetensors"))
-    assert run("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "from_st.pt")).returncode == 0
-    ckptio.verify(tmp_path / "from_st.pt")
     assert run("convert", str(damaged), str(tmp_path / "no.pt")).returncode != 0  # refuses a damaged source
 
 
-def test_bench_writes_json_and_a_plot(tmp_path):
-    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"),
-              "--plot", str(tmp_path / "b.png"))
+def test_convert_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    safetensors_torch.save_file({"a": torch.randn(5, 5)}, str(tmp_path / "m.safetensors"))
+    assert run("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "from_st.pt")).returncode == 0
+    ckptio.verify(tmp_path / "from_st.pt")
+
+
+def test_bench_writes_json(tmp_path):
+    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"))
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"]["ckptio.save (durable)"]["median_s"] > 0
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--plot", str(tmp_path / "b.png"))
+    assert out.returncode == 0, out.stderr
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -108,3 +117,33 @@ def test_commands_work_without_the_cli_extras(files, tmp_path):
     plot = run_without_extras("bench", "--plot", str(tmp_path / "p.png"))
     assert plot.returncode == 1 and "ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'" in plot.stderr
     assert "Traceback" not in plot.stderr
+
+
+CLI_EXTRAS = ("rich", "matplotlib", "safetensors")
+
+
+def test_console_script_on_this_install(files, tmp_path):
+    """The installed `ckptio` command as a user runs it. `make test-compat`
+    runs this in a venv holding only the wheel, torch and pytest
+    (CKPTIO_EXPECT_BASE_INSTALL=1), where the extras must really be absent."""
+    absent = [name for name in CLI_EXTRAS if importlib.util.find_spec(name) is None]
+    if os.environ.get("CKPTIO_EXPECT_BASE_INSTALL") == "1":
+        assert absent == list(CLI_EXTRAS), "a base install should hold none of the [cli] extras"
+    script = os.path.join(os.path.dirname(sys.executable), "ckptio")
+    assert os.access(script, os.X_OK), f"no console script at {script}"
+    ours, theirs, damaged = files
+
+    def cli(*args):
+        return subprocess.run([script, *args], capture_output=True, text=True, timeout=600)
+
+    out = cli("inspect", str(ours))
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "data/0" in out.stdout and "float32" in out.stdout
+    assert cli("inspect", str(damaged)).returncode == 1
+    assert cli("verify", str(ours), str(theirs)).returncode == 0
+    out = cli("convert", str(theirs), str(tmp_path / "converted.pt"))
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
+    if "matplotlib" in absent:
+        plot = cli("bench", "--plot", str(tmp_path / "p.png"))
+        assert plot.returncode == 1 and "pip install 'ckptio[cli]'" in plot.stderr and "Traceback" not in plot.stderr

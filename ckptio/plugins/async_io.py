@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .._paths import make_parent_directories, normalize_path
 from ..config import resolve_snapshot_mode
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..save_queue import SaveHandle, get_queue
-from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, record_save
+from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_options, record_save
 from .registration import stands_for
+
+if TYPE_CHECKING:
+    from ..background import Staged
+    from ..results import SaveResult
+    from ..tiers import RemoteTier
 
 __all__ = ["AsyncCheckpointIO"]
 
@@ -42,13 +47,13 @@ class AsyncCheckpointIO(CheckpointIO):
     accept (they take only XLACheckpointIO plugins).
     """
 
-    def __new__(cls, checkpoint_io: Optional[CheckpointIO] = None, **kwargs):
+    def __new__(cls, checkpoint_io: Optional[CheckpointIO] = None, **kwargs: Any) -> AsyncCheckpointIO:
         if cls is AsyncCheckpointIO and _is_xla_plugin(checkpoint_io):
             cls = _AsyncXLACheckpointIO
         return super().__new__(cls)
 
     def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None,
-                 snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1):
+                 snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1) -> None:
         """`reserve`: a state like the checkpoints to come (or their tensor
         bytes) to fault the staging memory in for, in the background, now
         (see ckptio.reserve_staging); by default the first save sizes it.
@@ -95,13 +100,16 @@ class AsyncCheckpointIO(CheckpointIO):
         # default its engine), so Lightning never swaps one in.
         return True
 
-    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> SaveHandle:
+    # Returns the save's handle too (an addition to Lightning's interface, whose callers ignore the result).
+    def save_checkpoint(  # type: ignore[override]
+            self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> SaveHandle:
         base = _innermost(self.checkpoint_io)  # one snapshot and one queued write, not one per layer
         copy_remotely = False
         if self.remote is not None:
             copy_remotely = self._saves % self.remote_every == 0
             self._saves += 1
         if copy_remotely:
+            assert self.remote is not None  # copies go to the remote tier
             _reject_storage_options(self, storage_options)
             handle = _save_with_remote_copy(checkpoint, normalize_path(path), self.remote, self.snapshot)
         elif _saves_natively(base):
@@ -116,7 +124,7 @@ class AsyncCheckpointIO(CheckpointIO):
     # Load and remove pass the caller's arguments on as they came: a user's
     # plugin may not take every keyword Lightning's interface has (e.g. an
     # older load_checkpoint without weights_only).
-    def load_checkpoint(self, path, *args, **kwargs):
+    def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
         get_queue().wait_path(normalize_path(path))
         if self.remote is None:
             return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
@@ -127,7 +135,7 @@ class AsyncCheckpointIO(CheckpointIO):
             warnings.warn(f"ckptio: {path}: {e}; loading the remote copy {url}", stacklevel=2)
             return self.checkpoint_io.load_checkpoint(url, *args, **kwargs)
 
-    def remove_checkpoint(self, path, *args, **kwargs) -> None:
+    def remove_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> None:
         get_queue().wait_path(normalize_path(path))
         self.checkpoint_io.remove_checkpoint(path, *args, **kwargs)
         if self.remote is not None:  # Lightning's retention (save_top_k) holds for both tiers
@@ -147,7 +155,7 @@ class AsyncCheckpointIO(CheckpointIO):
         get_arena().join_background()
         self.checkpoint_io.teardown()
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # Lightning pickles the Trainer (ddp_spawn, some loggers); a handle
         # holds locks and belongs to this process's queue anyway.
         state = self.__dict__.copy()
@@ -162,13 +170,14 @@ class _AsyncXLACheckpointIO(AsyncCheckpointIO):
     strategies (Trainer and Fabric) take it."""
 
 
-def _innermost(plugin):
+def _innermost(plugin: CheckpointIO) -> CheckpointIO:
     while isinstance(plugin, AsyncCheckpointIO):
         plugin = plugin.checkpoint_io
     return plugin
 
 
-def _save_with_remote_copy(checkpoint, path: str, tier, snapshot) -> SaveHandle:
+def _save_with_remote_copy(checkpoint: dict[str, Any], path: str, tier: RemoteTier,
+                           snapshot: Optional[str]) -> SaveHandle:
     """Stage `checkpoint`; on the queue, write it to `path` durably, then copy
     the same staged bytes to the remote tier under its file name."""
     import dataclasses
@@ -178,7 +187,7 @@ def _save_with_remote_copy(checkpoint, path: str, tier, snapshot) -> SaveHandle:
 
     make_parent_directories(path)
 
-    def write(staged):
+    def write(staged: Staged) -> SaveResult:
         result = write_native(staged, path)
         copy = tier.copy(os.path.basename(path), lambda url: remote.save_records_to_url(staged.records(), url))
         return dataclasses.replace(result, remote=copy)
@@ -186,13 +195,13 @@ def _save_with_remote_copy(checkpoint, path: str, tier, snapshot) -> SaveHandle:
     return stage(checkpoint, path, write, snapshot=snapshot)
 
 
-def _is_xla_plugin(plugin) -> bool:
+def _is_xla_plugin(plugin: object) -> bool:
     # ckptio's XLACheckpointIO, Lightning's (either package), or a subclass;
     # by name, so that neither torch_xla nor Lightning has to be imported.
     return any(klass.__name__ == "XLACheckpointIO" for klass in type(plugin).__mro__)
 
 
-def _saves_natively(plugin) -> bool:
+def _saves_natively(plugin: object) -> bool:
     """True when `plugin` is one of ckptio's backends with its own
     save_checkpoint in effect: its async save can then write straight from
     the snapshot. A subclass (or an instance attribute, e.g. a Mock wrapping
@@ -205,7 +214,8 @@ def _saves_natively(plugin) -> bool:
     return getattr(getattr(plugin, "save_checkpoint", None), "__func__", None) in native
 
 
-def _save_through_plugin(plugin, checkpoint, path, storage_options, snapshot) -> SaveHandle:
+def _save_through_plugin(plugin: Any, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any],
+                         snapshot: Optional[str]) -> SaveHandle:
     """Snapshot `checkpoint` now; in the background, call the plugin's own
     ``save_checkpoint`` with a copy it owns (it may keep it, or hand it to a
     thread of its own, without ever seeing a later training step). The
@@ -217,7 +227,7 @@ def _save_through_plugin(plugin, checkpoint, path, storage_options, snapshot) ->
 
         checkpoint = to_host(checkpoint, True)  # XLA tensors to host copies first
 
-    def call_plugin(staged):
+    def call_plugin(staged: Staged) -> None:
         obj, _ = staged.rebuild(own_memory=True)
         if storage_options is None:  # as Lightning's launchers call it: plugins need not take the keyword
             plugin.save_checkpoint(obj, path)
@@ -232,9 +242,9 @@ def _report(handle: SaveHandle) -> None:
     if handle._exception is None and handle._result is not None:
         r = handle._result
         copy = getattr(r, "remote", None)
+        copy_error = None if copy is None or copy.committed else f"{type(copy.error).__name__}: {copy.error}"
         record_save(SaveReport(handle.path, handle.stall_seconds, r.write_seconds, r.bytes,
-                               None if copy is None else copy.seconds,
-                               None if copy is None or copy.committed else f"{type(copy.error).__name__}: {copy.error}"))
+                               None if copy is None else copy.seconds, copy_error))
 
 
 def _drain_with_progress(interval: float = 2.0) -> None:

@@ -13,9 +13,12 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .registration import register_plugins, stands_for
+
+if TYPE_CHECKING:
+    from ..save_queue import SaveHandle
 
 _PATH = Union[str, "os.PathLike[str]"]
 
@@ -35,27 +38,28 @@ class CheckpointIO(ABC):
         register_plugins()
 
     @abstractmethod
-    def save_checkpoint(self, checkpoint: dict, path: _PATH, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         """Write `checkpoint` to `path`; when this returns (sync backends) it is durable."""
 
     @abstractmethod
     def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
-                        weights_only: Optional[bool] = None) -> dict:
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         """Read a checkpoint (to CPU by default, as Lightning's plugins do)."""
 
     @abstractmethod
     def remove_checkpoint(self, path: _PATH) -> None:
         """Delete a checkpoint; removing one that does not exist is not an error."""
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 (an optional hook: a no-op unless overridden)
         """Flush: called at the end of every Trainer stage. The plugin stays usable."""
 
     # What async saves need from a backend (see AsyncCheckpointIO).
-    def _async_save(self, checkpoint: dict, path: str, storage_options: Optional[Any], snapshot: Optional[str] = None):
+    def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
+                    snapshot: Optional[str] = None) -> SaveHandle:
         raise NotImplementedError(f"{type(self).__name__} cannot save asynchronously")
 
 
-def _reject_storage_options(plugin, storage_options) -> None:
+def _reject_storage_options(plugin: object, storage_options: object) -> None:
     if storage_options is not None:
         raise TypeError(
             f"`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported "
@@ -64,7 +68,7 @@ def _reject_storage_options(plugin, storage_options) -> None:
         )
 
 
-def _to_cpu(storage, location):
+def _to_cpu(storage: Any, location: str) -> Any:
     """Lightning's default map_location: everything to CPU."""
     return storage
 
@@ -86,7 +90,7 @@ class SaveReport:
 
 
 _REPORTS_KEPT = 1000
-_reports: list = []  # the newest _REPORTS_KEPT reports
+_reports: list[SaveReport] = []  # the newest _REPORTS_KEPT reports
 _reports_total = 0   # reports ever recorded: a reader's cursor counts these
 _reports_lock = threading.Lock()
 
@@ -99,7 +103,7 @@ def record_save(report: SaveReport) -> None:
         _reports_total += 1
 
 
-def save_reports(since: int = 0) -> tuple:
+def save_reports(since: int = 0) -> tuple[list[SaveReport], int]:
     """(reports recorded after the first `since`, cursor for the next call).
 
     Each reader keeps its own cursor, so several can follow the same saves."""

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import api, remote
 from .._paths import make_parent_directories, normalize_path
 from ..background import stage, streaming_native_save, write_native
 from ..load_into import load_into
 from ..save_queue import get_queue
-from .checkpoint_io import CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
+from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
+
+if TYPE_CHECKING:
+    from ..save_queue import SaveHandle
 
 __all__ = ["FastCheckpointIO"]
 
@@ -25,14 +28,14 @@ class FastCheckpointIO(CheckpointIO):
     are streamed in parts from the records' memory (see ckptio.remote).
     """
 
-    def __init__(self, *, verify: Optional[bool] = None):
+    def __init__(self, *, verify: Optional[bool] = None) -> None:
         super().__init__()
         self.verify = verify
         # Set by ckptio.lightning.ResumeInPlace: returns the tensors a load
         # may read straight into (e.g. {"state_dict": module.state_dict()}).
         self.load_target: Optional[Callable[[], Any]] = None
 
-    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         get_queue().wait_path(path)  # an async save of this path queued earlier lands first
@@ -40,7 +43,8 @@ class FastCheckpointIO(CheckpointIO):
         result = api.save(checkpoint, path)
         record_save(SaveReport(path, result.write_seconds, result.write_seconds, result.bytes))
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = normalize_path(path)
         get_queue().wait_path(path)
         map_location = map_location if map_location is not None else _to_cpu
@@ -52,19 +56,20 @@ class FastCheckpointIO(CheckpointIO):
                              verify=self.verify)
         return api.load(path, map_location=map_location, weights_only=weights_only, verify=self.verify)
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # Lightning pickles the Trainer (ddp_spawn): the target belongs to
         # this process's module (ResumeInPlace sets it again in setup).
         state = self.__dict__.copy()
         state["load_target"] = None
         return state
 
-    def remove_checkpoint(self, path) -> None:
+    def remove_checkpoint(self, path: _PATH) -> None:
         path = normalize_path(path)
         get_queue().wait_path(path)
         _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
+    def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
+                    snapshot: Optional[str] = None) -> SaveHandle:
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         if remote.is_url(path):

@@ -17,19 +17,22 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 __all__ = ["stands_for", "register_plugins", "registered_namespaces"]
 
 # Where each Lightning distribution keeps CheckpointIO (the Trainer re-exports it).
 _FABRIC_IO_MODULES = {"lightning": "lightning.fabric.plugins.io", "pytorch_lightning": "lightning_fabric.plugins.io"}
-_classes: list = []  # (name of Lightning's class, ckptio class)
+_classes: list[tuple[str, type]] = []  # (name of Lightning's class, ckptio class)
 _lock = threading.Lock()
-_registered: list = []
+_registered: list[str | None] = []
+_Class = TypeVar("_Class", bound=type)
 
 
-def stands_for(lightning_class: str):
+def stands_for(lightning_class: str) -> Callable[[_Class], _Class]:
     """Class decorator: register the class with Lightning's `lightning_class`."""
-    def mark(cls):
+    def mark(cls: _Class) -> _Class:
         _classes.append((lightning_class, cls))
         return cls
     return mark
@@ -42,7 +45,7 @@ def _installed(top: str) -> bool:
         return False
 
 
-def register_plugins() -> list:
+def register_plugins() -> list[str]:
     """Register ckptio's plugin classes with every installed Lightning; returns their names."""
     with _lock:
         if _registered:
@@ -59,5 +62,5 @@ def register_plugins() -> list:
         return [n for n in _registered if n]
 
 
-def registered_namespaces() -> list:
+def registered_namespaces() -> list[str]:
     return [n for n in _registered if n]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import io
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.serialization
@@ -15,7 +17,12 @@ import torch.serialization
 from .._paths import make_parent_directories, normalize_path
 from ..errors import CheckpointIOError, CheckpointNotFoundError
 from ..save_queue import get_queue
-from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+from .checkpoint_io import _PATH, CheckpointIO, _reject_storage_options, _to_cpu
+
+if TYPE_CHECKING:
+    from ..background import Staged
+    from ..results import SaveResult
+    from ..save_queue import SaveHandle
 
 __all__ = ["TorchCheckpointIO"]
 
@@ -24,7 +31,7 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _fsspec():
+def _fsspec() -> ModuleType:
     try:
         import fsspec
     except ImportError:
@@ -43,14 +50,15 @@ class TorchCheckpointIO(CheckpointIO):
     def __init__(self) -> None:
         super().__init__()
 
-    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         get_queue().wait_path(path)
         make_parent_directories(path)
         _durable_torch_save(checkpoint, path)
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = normalize_path(path)
         get_queue().wait_path(path)
         map_location = map_location if map_location is not None else _to_cpu
@@ -64,7 +72,7 @@ class TorchCheckpointIO(CheckpointIO):
             raise CheckpointNotFoundError.missing_checkpoint(path)
         return torch.load(path, map_location=map_location, weights_only=weights_only)
 
-    def remove_checkpoint(self, path) -> None:
+    def remove_checkpoint(self, path: _PATH) -> None:
         path = normalize_path(path)
         get_queue().wait_path(path)
         if _is_url(path):
@@ -76,7 +84,8 @@ class TorchCheckpointIO(CheckpointIO):
 
         _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
+    def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
+                    snapshot: Optional[str] = None) -> SaveHandle:
         from ..background import stage
 
         _reject_storage_options(self, storage_options)
@@ -95,7 +104,7 @@ _tables_in_use = 0  # how many threads hold a table: the tagger runs for every s
 _tables_lock = threading.Lock()
 
 
-def _tag_staged(storage):
+def _tag_staged(storage: Any) -> Optional[str]:
     if not _tables_in_use:
         return None
     table = getattr(_staged_locations, "table", None)
@@ -104,12 +113,13 @@ def _tag_staged(storage):
     return None
 
 
-_tag_staged.ckptio_silent_in_pickle_state = True  # its table is set only around torch.save calls
+# Its table is set only around torch.save calls (see pickling._cpu_storages_tag_as_cpu).
+_tag_staged.ckptio_silent_in_pickle_state = True  # type: ignore[attr-defined]  # a marker on the function
 torch.serialization.register_package(1, _tag_staged, lambda storage, location: None)
 
 
 @contextmanager
-def _original_locations(views, locations):
+def _original_locations(views: Sequence[torch.UntypedStorage], locations: Sequence[str]) -> Iterator[None]:
     global _tables_in_use
     _staged_locations.table = {v.data_ptr(): loc for v, loc in zip(views, locations) if loc != "cpu" and v.nbytes()}
     with _tables_lock:
@@ -122,7 +132,7 @@ def _original_locations(views, locations):
             _tables_in_use -= 1
 
 
-def _write_staged_with_torch_save(staged, path: str):
+def _write_staged_with_torch_save(staged: Staged, path: str) -> SaveResult:
     import time
 
     from ..results import SaveResult
@@ -134,7 +144,7 @@ def _write_staged_with_torch_save(staged, path: str):
     return SaveResult(path, nbytes, time.perf_counter() - start, False)
 
 
-def _durable_torch_save(obj, path: str) -> int:
+def _durable_torch_save(obj: object, path: str) -> int:
     """torch.save, committed so that a reader sees the old file or the new one."""
     if _is_url(path):
         fs, p = _fsspec().core.url_to_fs(path)

@@ -3,10 +3,14 @@ with PJRT_DEVICE=CPU), written by ckptio's engine from the master ordinal."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional
 
 from .._paths import make_parent_directories, normalize_path
-from .checkpoint_io import CheckpointIO, _reject_storage_options, _to_cpu
+from .checkpoint_io import _PATH, CheckpointIO, _reject_storage_options, _to_cpu
+
+if TYPE_CHECKING:
+    from ..save_queue import SaveHandle
 from .registration import stands_for
 
 __all__ = ["XLACheckpointIO", "to_host"]
@@ -17,7 +21,7 @@ _INSTALL_HINT = (
 )
 
 
-def _xla():
+def _xla() -> tuple[ModuleType, ModuleType]:
     try:
         import torch_xla
         import torch_xla.core.xla_model as xm
@@ -26,7 +30,7 @@ def _xla():
     return torch_xla, xm
 
 
-def to_host(checkpoint, writer: bool):
+def to_host(checkpoint: Any, writer: bool) -> Any:
     """Flush pending XLA computations (every ordinal: they may hold
     collectives) and, on the writer, copy every XLA tensor to the CPU in one
     batched transfer, as xm.save does. The copies are ours: a snapshot."""
@@ -50,7 +54,7 @@ class XLACheckpointIO(CheckpointIO):
         _, xm = _xla()
         return xm.is_master_ordinal(local=False)
 
-    def save_checkpoint(self, checkpoint, path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         from .. import api
         from ..save_queue import get_queue
 
@@ -63,13 +67,14 @@ class XLACheckpointIO(CheckpointIO):
             make_parent_directories(path)
             api.save(host, path)
 
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
         from .. import api
 
         return api.load(normalize_path(path), map_location=map_location if map_location is not None else _to_cpu,
                         weights_only=weights_only)
 
-    def remove_checkpoint(self, path) -> None:
+    def remove_checkpoint(self, path: _PATH) -> None:
         from ..save_queue import get_queue
         from .fast_io import _remove
 
@@ -78,7 +83,8 @@ class XLACheckpointIO(CheckpointIO):
             get_queue().wait_path(path)
             _remove(path)
 
-    def _async_save(self, checkpoint, path, storage_options, snapshot=None):
+    def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
+                    snapshot: Optional[str] = None) -> SaveHandle:
         from ..background import stage, write_native
 
         _reject_storage_options(self, storage_options)

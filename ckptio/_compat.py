@@ -14,6 +14,11 @@ import torch
 # DCP's `.metadata` file name (torch.distributed.checkpoint.filesystem._metadata_fn).
 _DCP_METADATA_NAME = ".metadata"
 
+# Where pickles say pathlib's classes live: Python 3.13 moved them into
+# pathlib._local, and a pickle names a class by the module of the Python that
+# wrote it, so a checkpoint from either side must resolve on the other.
+PATHLIB_MODULES = ("pathlib", "pathlib._local")
+
 
 def tensor_state_is_instance_dict() -> bool:
     """Whether torch._utils._get_obj_state(t) of a plain tensor is just its

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from . import _C, archive as _archive
-from ._compat import dcp_metadata_path, dcp_uses_collectives
+from ._compat import PATHLIB_MODULES, dcp_metadata_path, dcp_uses_collectives
 from ._engine import get_engine
 from ._paths import fsync_directory, fsync_file, make_directories, temporary_path
 from .api import unpickle_archive
@@ -770,7 +770,8 @@ def _metadata_allowlist(extra: Iterable[Any]) -> dict[str, Any]:
             allowed[f"torch.{name}"] = value
     for cls in (pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
                 pathlib.PosixPath, pathlib.WindowsPath):  # StorageMeta.checkpoint_id
-        add(cls, f"pathlib.{cls.__name__}")
+        for module in PATHLIB_MODULES:
+            add(cls, f"{module}.{cls.__name__}")
     add(collections.OrderedDict, "collections.OrderedDict")
     for cls in (set, frozenset, complex):
         add(cls, f"builtins.{cls.__name__}")

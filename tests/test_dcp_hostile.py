@@ -4,8 +4,10 @@ UnsafeCheckpointError, and the command never runs (DCP's stock reader runs
 it). Real gloo ranks in spawned processes, real files."""
 
 import os
+import pathlib
 import pickle
 import shutil
+import sys
 
 import dcp_cases
 import pytest
@@ -118,3 +120,27 @@ def test_hostile_checkpoints_are_refused_by_every_rank(tmp_path):
 
         text = (out / f"escape.{rank}.txt").read_text()
         assert "CorruptCheckpointError" in text and "outside the checkpoint directory" in text, text
+
+
+@pytest.mark.parametrize("module", ["pathlib", "pathlib._local"])
+def test_metadata_from_any_python_names_pathlib_its_way(tmp_path, monkeypatch, module):
+    """.metadata pickles the checkpoint's path, and pickle names its class by
+    the module of the Python that wrote it: pathlib before 3.13, pathlib._local
+    from 3.13 (found by make test-compat on 3.13). Both load on any Python."""
+    from ckptio.distributed import StorageReader
+
+    ckpt = tmp_path / "ck"
+    _save_no_dist(str(ckpt), {"w": torch.arange(8.0)}, writer="stock")
+    with open(ckpt / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    assert isinstance(metadata.storage_meta.checkpoint_id, pathlib.PurePath)
+    with monkeypatch.context() as m:  # write the pickle as a Python whose pathlib is `module` would
+        m.setitem(sys.modules, module, pathlib)
+        m.setattr(type(metadata.storage_meta.checkpoint_id), "__module__", module)
+        data = pickle.dumps(metadata)
+    assert module.encode() + b"\x94\x8c\x09PosixPath" in data
+    (ckpt / ".metadata").write_bytes(data)
+    assert StorageReader(str(ckpt)).read_metadata().storage_meta.checkpoint_id == metadata.storage_meta.checkpoint_id
+    out = {"w": torch.zeros(8)}
+    dcp.load(out, storage_reader=StorageReader(str(ckpt)), no_dist=True)
+    assert torch.equal(out["w"], torch.arange(8.0))

@@ -28,6 +28,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -220,6 +221,13 @@ def cell(counts: dict | None) -> str:
     return text + (f", {counts['skipped']} skipped" if counts["skipped"] else "")
 
 
+def summarize_show(show: str) -> str:
+    """`auditwheel show`'s verdict in a line: the tag and the system libraries."""
+    tag = re.search(r'consistent with the following platform tag: "([^"]+)"', show)
+    libraries = re.findall(r"(\S+\.so\.\d+) with versions", show)
+    return f"{tag.group(1) if tag else show}; links only {', '.join(libraries) or 'nothing external'}"
+
+
 def print_table(results: list[dict]) -> None:
     header = ("Python", "torch", "Lightning", "base install (CLI)", "core tests", "result", "time")
     rows = [(r["python"], r["torch"].split("==")[1], r["lightning"].split("==")[1], cell(r.get("base")),
@@ -255,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results)
     for r in results:
         if "wheel" in r:
-            print(f"{r['wheel']} (built with {r['built_with']}): {r['auditwheel_show']}")
+            print(f"{r['wheel']} (built with {r['built_with']}): {summarize_show(r['auditwheel_show'])}")
     with open(args.json or os.path.join(work, "matrix.json"), "w") as f:
         json.dump({"sdist": os.path.basename(sdist), "results": results}, f, indent=2)
     return 0 if all(r["ok"] for r in results) else 1

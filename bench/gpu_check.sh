@@ -1,12 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA path of async saves on a machine with a GPU, in one run: build and
-# install ckptio into the Python that has CUDA torch (no network needed when
-# scikit-build-core, pybind11, cmake and ninja are there), run the tests that
-# use CUDA when present, then bench/gpu_check.py (eager and lazy stall vs a
-# pinned copy_ + synchronize, files checked bit for bit).
-#
-# Usage: bash bench/gpu_check.sh            (PYTHON=... to pick the interpreter,
-#                                            OUT=dir for the JSON and the log)
+# The CUDA path of async saves on a machine with a GPU, in one run: see bench/README.md, "gpu_check.sh".
+# Usage: bash bench/gpu_check.sh   (PYTHON=... picks the interpreter, OUT=dir the JSON and logs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -1,48 +1,23 @@
-#!/usr/bin/env python3
-"""How long ckptio.async_save blocks the caller, against one warm copy_ loop,
-as the number of tensors grows; and the stall of the first, second and later
-saves of a run.
+"""How long ckptio.async_save blocks the caller as the tensor count grows, against a warm copy_ loop.
 
-1. Tensor count: states of --mib MiB (float32) split into ~100, ~2,400 and
-   ~10,000 tensors. Baseline: a Python loop of ``dst.copy_(src)`` over the
-   same tensors into a preallocated, already-touched copy (the least a
-   snapshot made from Python costs). Measured: ckptio.async_save's stall
-   (``handle.stall_seconds``; each save is waited for before the next, so no
-   stall includes queue back-pressure), the same with snapshot="lazy" (the
-   tensors are the parameters of an optimizer that has stepped, so their
-   copy is left to the background; the save is awaited, so the copy never
-   overlaps the next measurement) and, for the breakdown, the pickling pass
-   alone. Medians of --reps after one untimed warm-up each.
-2. First-save cliff: in a fresh process, the first save of a --mib MiB state,
-   a second one 20 ms later (while the first is being written, so it takes the
-   other staging slot), then four more each after the previous landed
-   (steady state, no back-pressure); without and with
-   ckptio.reserve_staging(state, wait=True) up front.
+Also the stall of the first, second and later saves of a fresh process. Methodology and targets:
+bench/README.md, "snapshot_stall.py".
 
 Usage: python bench/snapshot_stall.py [--mib 512] [--reps 5] [--dir D] [--json F]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+import _common as common
+import torch
+from _common import Op
 
-import torch  # noqa: E402
+import ckptio
 
-import ckptio  # noqa: E402
-from save_load import comparison, machine_info  # noqa: E402
-
-DEFAULT_JSON = os.path.join(os.path.dirname(HERE), "bench", "results", "snapshot_stall.json")
 TENSOR_COUNTS = (100, 2400, 10000)
 TARGET_STALL_VS_COPY = 1.0  # eager async_save stall / warm copy_ loop, at every tensor count
 TARGET_LAZY_STALL_VS_COPY = 0.1  # the same for snapshot="lazy"
@@ -53,7 +28,7 @@ def make_state(mib: int, count: int) -> dict:
     return {f"layer{i}.weight": torch.randn(per) for i in range(count)}
 
 
-def bench_count(mib: int, count: int, reps: int, directory: str) -> dict:
+def bench_count(mib: int, count: int, reps: int, workdir: str) -> dict:
     from ckptio.pickling import pickle_state
 
     state = make_state(mib, count)
@@ -62,98 +37,69 @@ def bench_count(mib: int, count: int, reps: int, directory: str) -> dict:
     optimizer.step()  # no gradients: nothing changes, but ckptio has seen it step
     state = {k: p.data for k, p in zip(state, optimizer.param_groups[0]["params"])}
     copy = {k: torch.empty_like(v) for k, v in state.items()}
-    path = os.path.join(directory, "stall.pt")
+    path = os.path.join(workdir, "stall.pt")
 
-    def copy_loop() -> float:
-        start = time.perf_counter()
+    def copy_loop(rep):
         for k, v in state.items():
             copy[k].copy_(v)
-        return time.perf_counter() - start
 
-    def async_save() -> float:
-        handle = ckptio.async_save(state, path)
-        handle.result()
-        return handle.stall_seconds
+    def async_save(snapshot=None):
+        def run(rep):
+            handle = ckptio.async_save(state, path, snapshot=snapshot)
+            assert snapshot is None or handle.snapshot == snapshot
+            handle.result()
+            return common.Seconds(handle.stall_seconds)
+        return run
 
-    def lazy_async_save() -> float:
-        handle = ckptio.async_save(state, path, snapshot="lazy")
-        assert handle.snapshot == "lazy"
-        handle.result()
-        return handle.stall_seconds
-
-    def pickling() -> float:
-        start = time.perf_counter()
-        pickle_state(state, path)
-        return time.perf_counter() - start
-
-    runs = {"copy_ loop": [], "ckptio.async_save": [], "async_save lazy": [], "pickling pass": []}
-    for fn in (copy_loop, async_save, async_save, lazy_async_save, pickling):  # warm-ups: both slots, the copy
-        fn()
-    for _ in range(reps):
-        runs["copy_ loop"].append(copy_loop())
-        runs["ckptio.async_save"].append(async_save())
-        runs["async_save lazy"].append(lazy_async_save())
-        runs["pickling pass"].append(pickling())
-    medians = {k: statistics.median(v) for k, v in runs.items()}
-    return {"tensors": count, "mib": mib, "runs": runs, "median_s": medians,
+    ops = [Op("copy_ loop", copy_loop), Op("ckptio.async_save", async_save()),
+           Op("async_save lazy", async_save("lazy")), Op("pickling pass", lambda rep: pickle_state(state, path))]
+    ops[1].run("warmup")  # an extra warm-up: each of the two staging slots is faulted in on its first use
+    common.measure(ops, reps)
+    medians = {op.name: op.median for op in ops}
+    return {"tensors": count, "mib": mib, "runs": {op.name: op.times for op in ops}, "median_s": medians,
             "stall_vs_copy": medians["ckptio.async_save"] / medians["copy_ loop"],
             "lazy_stall_vs_copy": medians["async_save lazy"] / medians["copy_ loop"]}
 
 
-CLIFF_SCRIPT = """
-import json, os, sys, time, torch, ckptio
-sys.path.insert(0, {here!r})
-from snapshot_stall import make_state
-state = make_state({mib}, 100)
-if {reserve}:
-    ckptio.reserve_staging(state, wait=True)  # e.g. in Lightning's setup hook, sized from the model
-path = lambda i: os.path.join({directory!r}, f"cliff{{i}}.pt")
-# the first save, then a second while the first is still being written (so it takes the other slot)
-stalls = [ckptio.async_save(state, path(0)).stall_seconds]
-time.sleep(0.02)
-stalls.append(ckptio.async_save(state, path(1)).stall_seconds)
-ckptio.wait()
-for i in range(2, 6):  # steady state: each save finds a warm, free slot
-    stalls.append(ckptio.async_save(state, path(i)).stall_seconds)
+def worker_cliff(p: dict) -> dict:
+    """In a fresh process: the stalls of its first six saves."""
+    state = make_state(p["mib"], 100)
+    if p["reserve"]:
+        ckptio.reserve_staging(state, wait=True)  # e.g. in Lightning's setup hook, sized from the model
+
+    def save(i):
+        return ckptio.async_save(state, os.path.join(p["workdir"], f"cliff{i}.pt")).stall_seconds
+
+    # the first save, then a second while the first is still being written (so it takes the other slot)
+    stalls = [save(0)]
+    time.sleep(0.02)
+    stalls.append(save(1))
     ckptio.wait()
-print(json.dumps(stalls))
-"""
-
-
-def bench_cliff(mib: int, directory: str, reserve: bool) -> dict:
-    code = CLIFF_SCRIPT.format(here=HERE, mib=mib, reserve=reserve, directory=directory)
-    # run from the data directory: a source checkout in the working directory would shadow the install
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=directory)
-    stalls = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"reserve": reserve, "stalls_s": stalls, "first_s": stalls[0], "second_s": stalls[1],
+    for i in range(2, 6):  # steady state: each save finds a warm, free slot
+        stalls.append(save(i))
+        ckptio.wait()
+    return {"reserve": p["reserve"], "stalls_s": stalls, "first_s": stalls[0], "second_s": stalls[1],
             "steady_s": statistics.median(stalls[2:])}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.serve_worker({"cliff": worker_cliff})
+    p = common.parser(__doc__, "snapshot_stall.json", reps=5, dir_default="bench/")
     p.add_argument("--mib", type=int, default=512, help="state size in MiB (default 512)")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
-    p.add_argument("--dir", default=None, help="directory for the files (default: a temporary one under bench/)")
-    p.add_argument("--json", default=DEFAULT_JSON, help=f"results file (default {DEFAULT_JSON})")
     args = p.parse_args(argv)
 
-    directory = args.dir or tempfile.mkdtemp(prefix="snapshot_stall-", dir=HERE)
-    os.makedirs(directory, exist_ok=True)
-    results = {"machine": machine_info(directory), "counts": [], "cliff": [], "comparisons": []}
-    for count in TENSOR_COUNTS:
-        r = bench_count(args.mib, count, args.reps, directory)
-        results["counts"].append(r)
-        results["comparisons"].append(comparison(f"stall vs copy_ loop, {count} tensors", "ckptio.async_save",
-                                                 r["stall_vs_copy"], TARGET_STALL_VS_COPY, higher_is_better=False))
-        results["comparisons"].append(comparison(f"lazy stall vs copy_ loop, {count} tensors", "async_save lazy",
-                                                 r["lazy_stall_vs_copy"], TARGET_LAZY_STALL_VS_COPY,
-                                                 higher_is_better=False))
-    for reserve in (False, True):
-        results["cliff"].append(bench_cliff(args.mib, directory, reserve))
-    for name in os.listdir(directory):
-        os.remove(os.path.join(directory, name))
-    if not args.dir:
-        os.rmdir(directory)
+    with common.temp_workdir(args.dir, "snapshot_stall-", default=common.HERE) as wd:
+        results = {"machine": common.machine_info(wd), "counts": [], "cliff": [], "comparisons": []}
+        for count in TENSOR_COUNTS:
+            r = bench_count(args.mib, count, args.reps, wd)
+            results["counts"].append(r)
+            results["comparisons"] += [
+                common.comparison(f"stall vs copy_ loop, {count} tensors", "ckptio.async_save",
+                                  r["stall_vs_copy"], TARGET_STALL_VS_COPY, higher_is_better=False),
+                common.comparison(f"lazy stall vs copy_ loop, {count} tensors", "async_save lazy",
+                                  r["lazy_stall_vs_copy"], TARGET_LAZY_STALL_VS_COPY, higher_is_better=False)]
+        results["cliff"] = [common.run_worker("cliff", {"mib": args.mib, "reserve": reserve}, wd, check=True)
+                            for reserve in (False, True)]
 
     print(f"\nasync_save stall, {args.mib} MiB float32, median of {args.reps}")
     print(f"{'tensors':>8} {'copy_ loop':>11} {'(pickling)':>11} {'eager':>9} {'ratio':>6} {'lazy':>9} {'ratio':>6}"
@@ -165,17 +111,16 @@ def main(argv=None) -> int:
               f"{m['ckptio.async_save'] * 1e3:>7.1f}ms {r['stall_vs_copy']:>5.2f}x "
               f"{m['async_save lazy'] * 1e3:>7.1f}ms {r['lazy_stall_vs_copy']:>5.2f}x  "
               f"eager {'met' if eager['met'] else 'MISSED'}, lazy {'met' if lazy['met'] else 'MISSED'}")
-    print(f"\nstall of the saves of a fresh process ({args.mib} MiB, 100 tensors; the second overlaps the first's write)")
+    print(f"\nstall of the saves of a fresh process ({args.mib} MiB, 100 tensors; "
+          "the second overlaps the first's write)")
     print(f"{'':>22} {'first':>8} {'second':>8} {'steady':>8}")
     for r in results["cliff"]:
         label = "reserve_staging first" if r["reserve"] else "default"
         print(f"{label:>22} {r['first_s'] * 1e3:>6.0f}ms {r['second_s'] * 1e3:>6.0f}ms {r['steady_s'] * 1e3:>6.0f}ms")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    common.write_json(args.json, results, indent=1)
     print(f"\nJSON: {args.json}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,24 +1,14 @@
 """ckptio's XLACheckpointIO against xm.save (+ fsync) for an XLA state.
 
-Run in the torch_xla venv (`make test-xla` creates .venv-xla), on the CPU
-device here: PJRT_DEVICE=CPU .venv-xla/bin/python bench/xla.py [--size-gib 1]
-
-Both start from the same XLA tensors (materialised once, untimed) and end with
-a checkpoint durable on disk: xm.save (torch.save of the host copies) is
-followed by an fsync of the file; ckptio's save is durable when it returns.
-The async row is how long AsyncCheckpointIO(XLACheckpointIO()) blocks the
-caller (device-to-host transfer plus snapshot), and until it is durable.
-Median of --reps after one warm-up.
+Methodology: bench/README.md, "xla.py". Run in the torch_xla venv (`make test-xla` creates .venv-xla),
+on the CPU device here: PJRT_DEVICE=CPU .venv-xla/bin/python bench/xla.py [--size-gib 1]
 """
 
-import argparse
-import json
 import os
-import statistics
 import sys
-import tempfile
 import time
 
+import _common as common
 import torch
 import torch_xla
 import torch_xla.core.xla_model as xm
@@ -34,55 +24,35 @@ def make_state(size_gib: float, device) -> dict:
         nbytes = int(total * share / count)
         for _ in range(count):
             dtype = torch.float32 if i % 3 else torch.bfloat16
-            n = max(1, nbytes // torch.tensor([], dtype=dtype).element_size())
+            n = max(1, nbytes // dtype.itemsize)
             state[f"t{i}"] = torch.randn(n, dtype=dtype).to(device)
-            used += n * torch.tensor([], dtype=dtype).element_size()
+            used += n * dtype.itemsize
             i += 1
     torch_xla.sync()
     xm.wait_device_ops()
     return state, used
 
 
-def fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+    """One untimed warm-up, then `reps` timed calls."""
+    return common.measure([common.Op("", lambda rep: fn())], reps)[0].times
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, "xla.json", reps=3)
     parser.add_argument("--size-gib", type=float, default=1.0)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dir", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    parser.add_argument("--json", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "xla.json"))
     args = parser.parse_args()
 
     device = torch_xla.device()
     state, nbytes = make_state(args.size_gib, device)
     results = {}
-    with tempfile.TemporaryDirectory(dir=args.dir, prefix=".ckptio-bench-xla-") as d:
+    with common.temp_workdir(args.dir, ".ckptio-bench-xla-") as d:
         def xm_save():
             path = os.path.join(d, "xm.pt")
             xm.save(state, path)
-            fsync_file(path)
+            common.fsync_file(path)
 
         io = ckptio.XLACheckpointIO()
-
-        def ckptio_save():
-            io.save_checkpoint(state, os.path.join(d, "ckptio.pt"))
-
         async_io = ckptio.AsyncCheckpointIO(ckptio.XLACheckpointIO())
         stalls = []
 
@@ -93,28 +63,27 @@ def main():
             async_io.teardown()
 
         results["xm.save + fsync"] = timed(xm_save, args.reps)
-        results["ckptio XLACheckpointIO.save_checkpoint"] = timed(ckptio_save, args.reps)
+        results["ckptio XLACheckpointIO.save_checkpoint"] = timed(
+            lambda: io.save_checkpoint(state, os.path.join(d, "ckptio.pt")), args.reps)
         results["ckptio AsyncCheckpointIO(XLACheckpointIO) until durable"] = timed(ckptio_async, args.reps)
         results["ckptio AsyncCheckpointIO(XLACheckpointIO) stall"] = stalls[1:]
         same = all(torch.equal(torch.load(os.path.join(d, "ckptio.pt"), weights_only=True)[k], v.cpu())
                    for k, v in list(state.items())[:20])
 
-    base = statistics.median(results["xm.save + fsync"])
+    report = {name: common.timing(times, nbytes) for name, times in results.items()}
+    base = report["xm.save + fsync"]["median_s"]
     print(f"XLA state: {len(state)} tensors, {nbytes / 2**30:.2f} GiB on {device} "
-          f"(PJRT_DEVICE={os.environ.get('PJRT_DEVICE')}); torch {torch.__version__}, torch_xla {torch_xla.__version__}")
+          f"(PJRT_DEVICE={os.environ.get('PJRT_DEVICE')}); torch {torch.__version__}, "
+          f"torch_xla {torch_xla.__version__}")
     print(f"{'measurement':<60}{'median s':>10}{'GB/s':>8}{'vs xm.save+fsync':>18}")
-    report = {}
-    for name, times in results.items():
-        med = statistics.median(times)
-        report[name] = {"times_s": times, "median_s": med, "gb_per_s": nbytes / 1e9 / med}
-        ratio = "(baseline)" if name.startswith("xm.save") else f"{base / med:.2f}x faster"
-        print(f"{name:<60}{med:>10.3f}{nbytes / 1e9 / med:>8.2f}{ratio:>18}")
+    for name, m in report.items():
+        ratio = "(baseline)" if name.startswith("xm.save") else f"{base / m['median_s']:.2f}x faster"
+        print(f"{name:<60}{m['median_s']:>10.3f}{m['gb_per_s']:>8.2f}{ratio:>18}")
     print(f"ckptio file matches the XLA tensors: {same}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"bytes": nbytes, "tensors": len(state), "results": report, "matches": same,
-                   "machine": {"nproc": os.cpu_count(), "torch": torch.__version__, "torch_xla": torch_xla.__version__,
-                               "pjrt_device": os.environ.get("PJRT_DEVICE")}}, f, indent=2)
+    common.write_json(args.json, {"bytes": nbytes, "tensors": len(state), "results": report, "matches": same,
+                                  "machine": {"nproc": os.cpu_count(), "torch": torch.__version__,
+                                              "torch_xla": torch_xla.__version__,
+                                              "pjrt_device": os.environ.get("PJRT_DEVICE")}})
     return 0 if same else 1
 
 

@@ -180,6 +180,7 @@ def test_the_failure_reaches_the_handle_first(tmp_path):
     run.step(1)
     with inject_fault("copy_error", errno=errno.EIO):
         handle = ckptio.async_save(run.state(), tmp_path / "c.pt", snapshot="lazy")
+        ckptio.wait_snapshots()  # the copy runs while the fault is armed, however late its thread starts
     assert isinstance(handle.exception(timeout=60), CheckpointIOError)
     ckptio.wait()  # seen by its handle: not raised again
     assert not (tmp_path / "c.pt").exists()

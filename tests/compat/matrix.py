@@ -159,6 +159,8 @@ def run_tests(venv: str, files: list[str], junit: str, log, env_extra: dict | No
            f"--junitxml={junit}", *files]
     if deselect:
         cmd += ["-k", " and ".join(f"not {name}" for name in deselect)]
+    if os.path.exists(junit):
+        os.remove(junit)  # a run that dies before writing must not show an earlier run's counts
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
     rc = subprocess.run(cmd, cwd=TESTS, stdout=log, stderr=subprocess.STDOUT, env=env).returncode

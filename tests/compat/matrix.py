@@ -196,7 +196,8 @@ def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool) -> dict
             pip_install(venv, ["--upgrade", "pip"], log)
             wheel, show = build_wheel(venv, sdist, work, log, compiler_only)
             result["wheel"], result["auditwheel_show"] = os.path.basename(wheel), show
-            result["built_with"] = "only a compiler on PATH (CMake, Ninja from PyPI)" if compiler_only else "PATH"
+            result["built_with"] = ("only a compiler on PATH: CMake, Ninja from PyPI" if compiler_only
+                                    else "the machine's PATH")
             pip_install(venv, [wheel, entry.torch, "pytest"], log)
             result["installed"] = installed_from(venv)
             result["base"] = run_tests(venv, BASE_TESTS, os.path.join(work, "logs", f"{entry.name}-base.xml"), log,

@@ -50,9 +50,9 @@ wheels: $(VENV)/.deps
 	PATH=$(abspath $(BIN)):$$PATH auditwheel repair -w dist build/wheels/*.whl
 	for w in dist/*.whl; do PATH=$(abspath $(BIN)):$$PATH auditwheel show $$w; done
 
-# ruff (lint + import order) and mypy over the package ([tool.ruff], [tool.mypy]).
+# ruff (lint + import order) over the package, bench/ and the matrix script; mypy over the package ([tool.ruff], [tool.mypy]).
 lint: $(VENV)/.deps
-	$(BIN)/ruff check ckptio
+	$(BIN)/ruff check ckptio bench tests/compat
 	$(BIN)/mypy
 
 # torch_xla on its CPU device, in a venv of its own (torch_xla pins torch exactly).

@@ -35,7 +35,7 @@ test: install
 
 # The supported Python x torch matrix: per row a fresh venv holding the wheel
 # built from the sdist (auditwheel-repaired), then the base-install CLI tests
-# and the core tests (tests/compat/matrix.py). Needs Python 3.9 and 3.13.
+# and the core tests (tests/compat/matrix.py). Needs CPython 3.9 to 3.13.
 test-compat: $(VENV)/.deps
 	$(BIN)/python tests/compat/matrix.py
 

@@ -33,7 +33,7 @@ def tensor_state_is_instance_dict() -> bool:
 
 def dcp_uses_collectives(storage: Any) -> bool:
     """Whether a DCP FileSystemWriter/Reader runs with collectives (one
-    `.metadata` for all ranks). torch 2.8 added the non-collective mode (each
+    `.metadata` for all ranks). torch 2.9 added the non-collective mode (each
     rank its own `__<rank>.metadata`, `use_collectives=False`); before it every
     save was collective."""
     return getattr(storage, "use_collectives", True)
@@ -41,7 +41,7 @@ def dcp_uses_collectives(storage: Any) -> bool:
 
 def dcp_metadata_path(storage: Any, rank: int | None = None) -> str:
     """The `.metadata` path a DCP FileSystemWriter/Reader uses for `rank`
-    (None: the collective one). torch 2.8 added `_get_metadata_path`; before it
+    (None: the collective one). torch 2.9 added `_get_metadata_path`; before it
     there was only the collective `<path>/.metadata`."""
     get_path = getattr(storage, "_get_metadata_path", None)
     if get_path is not None:

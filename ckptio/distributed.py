@@ -43,7 +43,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.serialization
@@ -59,6 +59,7 @@ from . import _C, archive as _archive
 from ._compat import PATHLIB_MODULES, dcp_metadata_path, dcp_uses_collectives
 from ._engine import get_engine
 from ._paths import fsync_directory, fsync_file, make_directories, temporary_path
+from .allowlist_unpickler import AllowlistUnpickler
 from .api import unpickle_archive
 from .errors import (
     CheckpointIOError,
@@ -66,6 +67,7 @@ from .errors import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     UnsupportedTransformError,
+    globals_refused_in,
 )
 from .load_into import MemoryClaims
 from .pickling import ALIGNMENT, pickle_state
@@ -407,7 +409,9 @@ class StorageReader(FileSystemReader):
         path = dcp_metadata_path(self, kwargs.get("rank"))
         try:
             with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f, path, self.safe_globals).load()
+                data = f.read()
+            metadata = AllowlistUnpickler(data, _metadata_allowlist(self.safe_globals), path=path, record=".metadata",
+                                          why=_METADATA_ALLOWS).load()
         except FileNotFoundError as e:
             raise CheckpointNotFoundError(2, f"{path}: no DCP checkpoint metadata here", path) from e
         except (UnsafeCheckpointError, CheckpointIOError):
@@ -718,9 +722,6 @@ def _join_inside(directory: str, relative_path: object) -> str:
     return os.path.join(directory, rel)
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
-
-
 def _refusal(raw: bytes, e: Exception, path: str, where: str, fqn: str) -> UnsafeCheckpointError:
     """The error for a pickle torch's weights-only unpickler refused, naming
     the globals it needs."""
@@ -730,7 +731,7 @@ def _refusal(raw: bytes, e: Exception, path: str, where: str, fqn: str) -> Unsaf
     except Exception:  # noqa: BLE001, S110 - not a zip archive: name them from the error below
         pass
     if not refused:
-        refused = _UNSUPPORTED_GLOBAL.findall(str(e))
+        refused = globals_refused_in(str(e))
     if refused:
         what = f"refused to unpickle global(s) {', '.join(map(repr, refused))}"
         hint = (" ckptio's DCP reader is weights-only; if you trust this checkpoint, pass "
@@ -739,6 +740,11 @@ def _refusal(raw: bytes, e: Exception, path: str, where: str, fqn: str) -> Unsaf
         what = f"the weights-only unpickler refused it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         hint = ""
     return UnsafeCheckpointError(f"{where}: {what}.{hint}", path=path, record=fqn, refused=refused)
+
+
+_METADATA_ALLOWS = (": ckptio reads DCP metadata weights-only (DCP's metadata types, torch dtypes/sizes, paths and "
+                    "builtin containers only). If you trust this checkpoint, pass StorageReader(..., safe_globals=[...]) "
+                    "or use torch.serialization.add_safe_globals.")
 
 
 def _metadata_allowlist(extra: Iterable[Any]) -> dict[str, Any]:
@@ -783,31 +789,6 @@ def _metadata_allowlist(extra: Iterable[Any]) -> dict[str, Any]:
         else:
             add(entry)
     return allowed
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` allowing only the globals it needs."""
-
-    def __init__(self, f: IO[bytes], path: str, extra: Iterable[Any] = ()) -> None:
-        super().__init__(f)
-        self._path = path
-        self._allowed = _metadata_allowlist(extra)
-
-    def find_class(self, module: str, name: str) -> Any:
-        key = f"{module}.{name}"
-        obj = self._allowed.get(key)
-        if obj is None:
-            raise UnsafeCheckpointError(
-                f"{self._path}: refused to unpickle global {key!r}: ckptio reads DCP metadata weights-only "
-                f"(DCP's metadata types, torch dtypes/sizes, paths and builtin containers only). If you trust "
-                f"this checkpoint, pass StorageReader(..., safe_globals=[...]) or use "
-                f"torch.serialization.add_safe_globals.",
-                path=self._path, record=".metadata", refused=[key])
-        return obj
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeCheckpointError(f"{self._path}: refused a persistent id in DCP metadata",
-                                    path=self._path, record=".metadata")
 
 
 def _rank_of(file_name: str) -> int | str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import pickle as _pickle
+import re
 from collections.abc import Iterable, Mapping
 
 __all__ = [
@@ -99,6 +100,14 @@ class UnsafeCheckpointError(CorruptCheckpointError, _pickle.UnpicklingError):
                  refused: Iterable[str] = ()) -> None:
         super().__init__(message, path=path, record=record)
         self.refused = tuple(refused)
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def globals_refused_in(message: str) -> list[str]:
+    """The globals a refusal of torch's weights-only unpickler names."""
+    return _UNSUPPORTED_GLOBAL.findall(message)
 
 
 class UnsupportedTransformError(CkptioError, ValueError):

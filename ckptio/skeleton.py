@@ -9,8 +9,12 @@ holds one pickle per item). Two ways to get either:
   ``OrderedDict``, storage types and dtypes): CPython's C unpickler with
   those globals, much faster per small pickle than torch's pure-Python
   weights-only unpickler. Its allowlist is a subset of the weights-only one,
-  and storage types and dtypes here are markers that cannot be called, so it
-  accepts nothing torch's weights-only load would refuse;
+  and storage types and dtypes here are markers that cannot be called. The C
+  unpickler would let BUILD/SETITEM/APPEND act on any object, shared ones
+  included, so the engine first checks the opcodes (_C.check_fast_pickle:
+  those act only on containers the pickle made itself) and whatever a pickle
+  can reach is immutable or made for this load: it accepts nothing torch's
+  weights-only load would refuse, and no pickle changes a later load;
 - otherwise torch's own ``_load`` (weights-only unless told) over meta
   storages, which understands everything torch.load does.
 """
@@ -26,7 +30,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from . import archive as _archive
+from . import _C, archive as _archive
 
 # torch's unpickling of an archive: unpickle(zip_reader, map_location, weights_only, path) -> object
 # (ckptio.api.unpickle_archive).
@@ -103,11 +107,30 @@ class _NotFast(Exception):
     """The pickle needs more than the fast path knows: use torch's."""
 
 
-class _StorageType:
-    """Stands for ``torch.FloatStorage`` etc. in a persistent id: its dtype, nothing callable."""
+class _StorageType(NamedTuple):
+    """Stands for ``torch.FloatStorage`` etc. in a persistent id: its dtype,
+    nothing callable, and (a tuple) nothing a pickle's BUILD can write into."""
+    dtype: torch.dtype
 
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+
+class _Call:
+    """A function the fast path lets a pickle call (REDUCE), and nothing more:
+    no __dict__, no attribute or state a pickle could write (a function's
+    __defaults__ or a bound method's __dict__ would outlive this load)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise _NotFast(f"attribute write on {self._fn.__name__}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise _NotFast(f"BUILD on {self._fn.__name__}")
 
 
 # torch.save names a storage by its legacy typed class ("torch FloatStorage"),
@@ -126,12 +149,15 @@ class _FastSkeleton(pickle.Unpickler):
 
     def __init__(self, data: bytes, specs: bool = False) -> None:
         super().__init__(io.BytesIO(data), encoding="utf-8")
+        self._data = data
         self._specs = specs
         self.record_of: dict[int, str] = {}  # storage _cdata -> record name
         self._storages: dict[str, torch.UntypedStorage] = {}  # key -> meta storage
         self._alive: list[torch.UntypedStorage] = []
 
     def load(self) -> Any:
+        if _C.check_fast_pickle(self._data) is not None:
+            return _NOT_FAST  # torch's unpickler judges it (and refuses what weights_only refuses)
         try:
             return super().load()
         except Exception:  # _NotFast, or anything torch's unpickler should judge
@@ -139,11 +165,11 @@ class _FastSkeleton(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return self._rebuild_tensor
+            return _Call(self._rebuild_tensor)
         if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return self._rebuild_tensor_v3
+            return _Call(self._rebuild_tensor_v3)
         if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
+            return _Call(_rebuild_parameter)
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if (module, name) in _STORAGE_TYPES:
@@ -225,7 +251,7 @@ class _FastLoader(_FastSkeleton):
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter"):
-            return getattr(torch._utils, name)
+            return _Call(getattr(torch._utils, name))
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:

@@ -16,6 +16,7 @@
 #include "engine/engine.h"
 #include "engine/crash_recorder.h"
 #include "engine/fault_injection.h"
+#include "engine/pickle_check.h"
 #include "native_pickler.h"
 #include "pickle_fast_path.h"
 
@@ -344,6 +345,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("data"), py::arg("crc") = 0);
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
+  m.def(
+      "check_fast_pickle",
+      [](py::buffer data) -> py::object {
+        py::buffer_info info = data.request();
+        PickleCheck c = CheckFastPickle(static_cast<const uint8_t*>(info.ptr),
+                                        static_cast<size_t>(info.size * info.itemsize));
+        if (c.fast) return py::none();
+        return Text(c.reason);
+      },
+      py::arg("data"),
+      "None if ckptio's fast unpickling path may run this pickle (csrc/engine/pickle_check.h), else why not.");
   DefinePickleFastPath(m);
   DefineNativePickler(m);
   m.def(

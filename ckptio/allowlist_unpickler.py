@@ -26,21 +26,20 @@ import enum
 import io
 import pickle
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .errors import UnsafeCheckpointError
 
 __all__ = ["AllowlistUnpickler"]
 
-_Dispatch = Callable[["AllowlistUnpickler"], None]
-
-
-class AllowlistUnpickler(pickle._Unpickler):  # type: ignore[name-defined]  # the pure-Python unpickler
+class AllowlistUnpickler(pickle._Unpickler):  # the pure-Python unpickler
     """Unpickles `data` allowing the globals in `allowed` ('module.name' ->
     object) and nothing that writes into a shared object. Refusals raise
     UnsafeCheckpointError(path=path, record=record)."""
 
-    dispatch: dict[int, _Dispatch] = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
+    dispatch = dict(pickle._Unpickler.dispatch)  # the guards below replace some entries
+    stack: list[Any]  # the unpickler's own state, read by the guards
+    metastack: list[list[Any]]
 
     def __init__(self, data: bytes, allowed: Mapping[str, Any], *, path: str, record: str, why: str = "") -> None:
         super().__init__(io.BytesIO(data))
@@ -88,10 +87,10 @@ def _describe(obj: Any) -> str:
 def _guard(opcode: str, check: Callable[[AllowlistUnpickler], None]) -> None:
     """Runs check(unpickler) before CPython's own handler of `opcode`."""
     code = getattr(pickle, opcode)[0]
-    handler = pickle._Unpickler.dispatch[code]  # type: ignore[attr-defined]
+    handler = pickle._Unpickler.dispatch[code]
 
-    def guarded(self: AllowlistUnpickler) -> None:
-        check(self)
+    def guarded(self: pickle.Unpickler) -> None:  # typeshed types the dispatch table so
+        check(cast(AllowlistUnpickler, self))
         handler(self)
 
     AllowlistUnpickler.dispatch[code] = guarded

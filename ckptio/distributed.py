@@ -743,8 +743,8 @@ def _refusal(raw: bytes, e: Exception, path: str, where: str, fqn: str) -> Unsaf
 
 
 _METADATA_ALLOWS = (": ckptio reads DCP metadata weights-only (DCP's metadata types, torch dtypes/sizes, paths and "
-                    "builtin containers only). If you trust this checkpoint, pass StorageReader(..., safe_globals=[...]) "
-                    "or use torch.serialization.add_safe_globals.")
+                    "builtin containers only). If you trust this checkpoint, pass "
+                    "StorageReader(..., safe_globals=[...]) or use torch.serialization.add_safe_globals.")
 
 
 def _metadata_allowlist(extra: Iterable[Any]) -> dict[str, Any]:

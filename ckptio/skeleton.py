@@ -119,6 +119,7 @@ class _Call:
     __defaults__ or a bound method's __dict__ would outlive this load)."""
 
     __slots__ = ("_fn",)
+    _fn: Callable[..., Any]
 
     def __init__(self, fn: Callable[..., Any]) -> None:
         object.__setattr__(self, "_fn", fn)

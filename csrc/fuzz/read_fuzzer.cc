@@ -2,7 +2,8 @@
 // parses its directory and, when that succeeds, reads and CRC-checks every
 // record, exactly as ckptio.verify does. Built with AddressSanitizer, so a
 // read outside the file or a buffer overrun stops the fuzzer; the directory
-// parser must also refuse absurd sizes before allocating.
+// parser must also refuse absurd sizes before allocating. The same bytes also
+// go through the pickle opcode check that guards the fast unpickling path.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/pickle_check.h"
 
 using namespace ckptio;
 
@@ -23,6 +25,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     o.direct = DirectIoMode::kOff;  // memfd: no O_DIRECT
     return new Engine(o);
   }();
+  CheckFastPickle(data, size);
   int fd = memfd_create("checkpoint", 0);
   if (fd < 0) return 0;
   size_t written = 0;

@@ -219,10 +219,12 @@ def _load_legacy(path: str, map_location: MapLocation, weights_only: bool) -> An
         )
     try:
         return _torch_load(path, map_location, weights_only, mmap=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e):
-            raise
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UnsafeCheckpointError(str(e), path=path, refused=globals_refused_in(str(e))) from None
         raise CorruptCheckpointError(f"{path}: not a readable checkpoint: {e}", path=path) from e
+    except Exception as e:  # torch's unpickler on a damaged file: EOFError, IndexError, struct.error, ...
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})", path=path) from e
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyResult:

@@ -59,7 +59,9 @@ def _apply(data: bytes, edits) -> bytes:
     return bytes(buf)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 1500 cases every run, so make test cannot pass one run and fail the next.
+@settings(max_examples=1500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(edits=st.lists(edit, min_size=1, max_size=4))
 def test_mutated_checkpoints_load_correctly_or_fail_clearly(tmp_path_factory, edits):
     data = _apply(_clean_bytes(tmp_path_factory), edits)
@@ -78,6 +80,15 @@ def test_mutated_checkpoints_load_correctly_or_fail_clearly(tmp_path_factory, ed
     # the content is intact, which verify must agree with.
     assert _same(out), "load returned altered tensors without an error"
     assert verified
+
+
+@pytest.mark.parametrize("data", [b"\x80", b"\x80\x02", b"\x80\x02]q\x00(", b"\x80\x02X\xff\xff\xff\x7f"])
+def test_a_truncated_legacy_pickle_is_named_damaged(tmp_path, data):
+    """What a random byte flip found once: torch's unpickler raised IndexError on a one-byte file."""
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(data)
+    with pytest.raises(ckptio.CorruptCheckpointError, match="not a readable checkpoint"):
+        ckptio.load(path)
 
 
 def test_declared_sizes_beyond_the_file_are_rejected_before_allocating(tmp_path):

@@ -16,8 +16,10 @@ from .errors import ConfigError
 
 __all__ = [
     "EngineConfig",
+    "RemoteCopyConfig",
     "StagingConfig",
     "engine_config",
+    "remote_copy_config",
     "resolve_snapshot_mode",
     "staging_config",
     "verify_by_default",
@@ -134,4 +136,20 @@ def remote_read_config() -> RemoteReadConfig:
     return RemoteReadConfig(
         range_bytes=_int_var("CKPTIO_REMOTE_RANGE_MB", 64, 1, 4096) << 20,
         ranges_in_flight=_int_var("CKPTIO_REMOTE_RANGES", 4, 1, 256),
+    )
+
+
+@dataclass(frozen=True)
+class RemoteCopyConfig:
+    request_timeout_s: int  # CKPTIO_REMOTE_TIMEOUT_S: connect/read timeout of one request to the object store
+    copy_timeout_s: int     # CKPTIO_REMOTE_COPY_TIMEOUT_S: one whole remote copy (upload, pointer) before abandoned
+
+
+def remote_copy_config() -> RemoteCopyConfig:
+    """Read (and check) the remote-copy variables now. A hung object store
+    answers nothing, so every wait on it needs a bound: the request timeout
+    is the library's own (where it has one: s3fs), the copy timeout ours."""
+    return RemoteCopyConfig(
+        request_timeout_s=_int_var("CKPTIO_REMOTE_TIMEOUT_S", 30, 1, 3600),
+        copy_timeout_s=_int_var("CKPTIO_REMOTE_COPY_TIMEOUT_S", 600, 1, 7 * 24 * 3600),
     )

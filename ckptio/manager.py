@@ -14,10 +14,13 @@ older ones if it finds damage.
 
 With ``remote=`` (an fsspec URL prefix) the manager keeps a second tier:
 every ``remote_every``-th checkpoint, once durable locally, is copied there
-from the same staged bytes on the same queue (see ckptio.tiers), the remote
-``latest`` moves after the copy is whole, and the remote tier keeps its own
-``keep_remote`` newest. ``load_latest`` takes the newest checkpoint that is
-whole in either tier (local first at equal step).
+from the committed file in the tier's own lane (see ckptio.tiers and
+ckptio.remote_lane: a hung object store never delays a local save, a load,
+or ``save()``; when it falls behind, only the newest waiting copy is kept),
+the remote ``latest`` moves after the copy is whole, and the remote tier
+keeps its own ``keep_remote`` newest, pruned in that lane. ``load_latest``
+takes the newest checkpoint that is whole in either tier (local first at
+equal step).
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
+import time
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 from . import api
 from ._paths import committed_file, make_directories, normalize_path
 from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .load_into import load_into
-from .tiers import RemoteTier
+from .tiers import RemoteCopy, RemoteTier, save_with_remote_copy
 
 if TYPE_CHECKING:
     from .background import Staged
@@ -87,7 +91,7 @@ class CheckpointManager:
         self._prefix, self._suffix = prefix, suffix
         self._pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
         make_directories(self.directory)
-        self.remote = RemoteTier(remote) if remote is not None else None
+        self.remote = RemoteTier(remote, on_commit=self._remote_committed) if remote is not None else None
         self.keep_remote = keep_remote
         self.remote_every = remote_every
         self._saves = 0
@@ -118,7 +122,11 @@ class CheckpointManager:
         pointer moves and old checkpoints go only after this one is durable.
         With a remote tier, the result's ``remote`` (a tiers.RemoteCopy, or
         None when this step is not copied) tells how the copy went; the
-        handle completes once it is done."""
+        handle completes once the copy has settled (``handle.local``, once
+        the file is durable). The copy runs in the tier's own lane: this
+        call, the local write and loads of the file never wait for it.
+        Synchronous (async_save=False), the call waits for the copy too,
+        bounded by CKPTIO_REMOTE_COPY_TIMEOUT_S."""
         if self._closed:
             raise CkptioError("CheckpointManager is closed")
         path = self.path_for(step)
@@ -128,17 +136,17 @@ class CheckpointManager:
             result = api.save(state, path)
             self._after_durable(step)
             if copy_remotely:
-                result = self._copy_remotely(step, result, lambda url: api.save(state, url))
+                result = dataclasses.replace(result, remote=self._copy_and_wait(path))
             return result
+        if copy_remotely:
+            assert self.remote is not None  # copy_remotely says there is a tier
+            return save_with_remote_copy(self.remote, state, path, snapshot, lambda: self._after_durable(step))
 
         from .background import stage, write_native
-        from .remote import save_records_to_url
 
         def write(staged: Staged) -> SaveResult:
             result = write_native(staged, path)
             self._after_durable(step)
-            if copy_remotely:  # the same staged bytes: no second snapshot, no re-read
-                result = self._copy_remotely(step, result, lambda url: save_records_to_url(staged.records(), url))
             return result
 
         return stage(state, path, write, snapshot=snapshot)
@@ -154,21 +162,40 @@ class CheckpointManager:
                     except FileNotFoundError:
                         pass
 
-    def _copy_remotely(self, step: int, result: SaveResult, send: Callable[[str], object]) -> SaveResult:
+    def _copy_and_wait(self, path: str) -> RemoteCopy:
+        """A synchronous save's remote copy: queued in the lane like any
+        other, and waited for, but no longer than the copies ahead of it and
+        its own can take (CKPTIO_REMOTE_COPY_TIMEOUT_S each)."""
         assert self.remote is not None  # called for a manager with a remote tier
-        name = os.path.basename(self.path_for(step))
-        copy = self.remote.copy(name, send)
-        if copy.committed:
+        from .config import remote_copy_config
+
+        settled: list[RemoteCopy] = []
+        event = threading.Event()
+        url = self.remote.url_for(os.path.basename(path))
+        start = time.perf_counter()
+
+        def settle(copy: RemoteCopy) -> None:
+            settled.append(copy)
+            event.set()
+
+        self.remote.lane.submit(os.path.basename(path), path, settle)
+        if event.wait(2 * remote_copy_config().copy_timeout_s + 1):
+            return settled[0]
+        return RemoteCopy(url, time.perf_counter() - start,
+                          TimeoutError(f"the copy to {url} is still queued behind a hung one; it goes on in the lane"))
+
+    def _remote_committed(self, name: str, keep: frozenset[str]) -> None:
+        """In the remote lane, after a copy is whole and `latest` names it:
+        record it and prune the tier to its keep_remote newest (never `keep`)."""
+        assert self.remote is not None  # only a remote tier's lane calls this
+        step = self._step_of(name)
+        if step is not None and (self.last_remote_step is None or step > self.last_remote_step):
             self.last_remote_step = step
-            if self.keep_remote is not None:
-                try:
-                    for old in self.remote_steps()[: -self.keep_remote]:
-                        if old != step:
-                            self.remote.remove(os.path.basename(self.path_for(old)))
-                except Exception as e:  # noqa: BLE001 - both copies stand; pruning tries again next time
-                    warnings.warn(f"ckptio: pruning {self.remote.prefix} failed ({type(e).__name__}: {e})",
-                                  RuntimeWarning, stacklevel=2)
-        return dataclasses.replace(result, remote=copy)
+        if self.keep_remote is not None:
+            for old in self.remote_steps()[: -self.keep_remote]:
+                old_name = os.path.basename(self.path_for(old))
+                if old_name not in keep:
+                    self.remote.remove(old_name)
 
     def remote_steps(self) -> list[int]:
         """Steps with a copy in the remote tier, ascending ([] without one)."""
@@ -187,7 +214,7 @@ class CheckpointManager:
         """Checkpoint paths, newest first. Every ``step_<N>`` file is complete
         (writers rename into place only after fsync); ``latest`` names the
         newest one whose pointer update also finished."""
-        self.wait()
+        api.wait()  # local saves only: the remote tier is listed as it stands
         paths = [self.path_for(s) for s in reversed(self.steps())]
         pointed = _read_pointer(self.directory)
         if pointed is not None:
@@ -272,7 +299,7 @@ class CheckpointManager:
         """Every step in either tier, newest first, as (step, local, remote):
         each "whole" (every CRC checked), "damaged" or None (no copy); a
         remote tier that cannot be listed shows as "unreachable"."""
-        self.wait()
+        api.wait()
         local = {s: self.path_for(s) for s in self.steps()}
         try:
             remote_urls = {s: self._remote_url(s) for s in self.remote_steps()}
@@ -287,13 +314,34 @@ class CheckpointManager:
 
     # --- lifetime ------------------------------------------------------------
 
-    def wait(self) -> None:
-        """Block until every save is durable; raise a failure nobody has seen."""
+    def wait(self, timeout: Optional[float] = None) -> list[str]:
+        """Block until every local save is durable (raising a failure nobody
+        has seen), then for the remote tier's copies to settle, up to
+        `timeout` seconds (None: CKPTIO_REMOTE_COPY_TIMEOUT_S, one copy's
+        deadline). Returns the remote work still pending, in words ([] when
+        none): a hung object store never holds this for longer."""
         api.wait()
+        if self.remote is None:
+            return []
+        return self.remote.wait(self._remote_timeout(timeout))
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, timeout: Optional[float] = None) -> list[str]:
+        """wait(timeout), then refuse further saves. Remote work still
+        pending then is warned about and returned; it goes on in the
+        background (and at interpreter exit, for up to one copy's deadline)."""
+        pending = self.wait(timeout)
         self._closed = True
+        if pending:
+            assert self.remote is not None  # only a remote tier has pending work
+            warnings.warn(f"ckptio: closing with remote work still pending after "
+                          f"{self._remote_timeout(timeout):g} s: {'; '.join(pending)}", RuntimeWarning, stacklevel=2)
+        return pending
+
+    @staticmethod
+    def _remote_timeout(timeout: Optional[float]) -> float:
+        from .config import remote_copy_config
+
+        return float(remote_copy_config().copy_timeout_s) if timeout is None else timeout
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _C
 from .errors import CheckpointIOError, CheckpointNotFoundError
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from .pickling import NamedPayload, Payload
 
-__all__ = ["is_url", "save_records_to_url", "download"]
+__all__ = ["is_url", "save_records_to_url", "upload_file", "download"]
 
 PART_BYTES = 16 << 20  # one upload part; memory held by a remote save
 
@@ -40,13 +40,35 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+S3_PROTOCOLS = ("s3", "s3a")
+S3_ATTEMPTS = 3  # botocore's attempts per request (its own default mode makes 5)
+
+
 def fs_for(url: str) -> tuple[AbstractFileSystem, str]:
-    """(fsspec filesystem, path inside it) for `url`."""
+    """(fsspec filesystem, path inside it) for `url`.
+
+    An S3 filesystem gets CKPTIO_REMOTE_TIMEOUT_S as its connect and read
+    timeouts and a few attempts per request, filling in what the user's
+    fsspec config (``fsspec.config.conf["s3"]["config_kwargs"]``) does not
+    say: an endpoint that accepts a connection and never answers then fails
+    a request in bounded time instead of s3fs's and botocore's retries
+    multiplying into many minutes."""
     try:
         import fsspec
     except ImportError:
         raise ImportError("remote checkpoints need fsspec (and s3fs / gcsfs): pip install 'ckptio[fsspec]'") from None
+    protocol, _ = fsspec.core.split_protocol(url)
+    if protocol in S3_PROTOCOLS:
+        return fsspec.core.url_to_fs(url, config_kwargs=_s3_config_kwargs(fsspec.config.conf.get(protocol, {})))
     return fsspec.core.url_to_fs(url)
+
+
+def _s3_config_kwargs(user_conf: dict[str, Any]) -> dict[str, Any]:
+    from .config import remote_copy_config
+
+    timeout = remote_copy_config().request_timeout_s
+    ours = {"connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": S3_ATTEMPTS}}
+    return {**ours, **(user_conf.get("config_kwargs") or {})}
 
 
 def _payload_view(payload: Payload) -> memoryview:
@@ -95,6 +117,44 @@ def save_records_to_url(records: Sequence[NamedPayload], url: str) -> SaveResult
             raise CheckpointIOError(5, f"upload failed: {type(e).__name__}: {e}", url) from e
         raise
     return SaveResult(url, layout.file_size, time.perf_counter() - start, False, PART_BYTES)
+
+
+class UploadCancelled(Exception):
+    """The upload's caller gave up on it (its deadline passed): it was aborted."""
+
+
+def upload_file(source: BinaryIO, url: str, cancelled: Callable[[], bool] = lambda: False) -> SaveResult:
+    """Stream the file `source` (a checkpoint, read from where it is) to
+    `url`, in parts; the object appears whole when the upload completes,
+    never partly. `cancelled()` is asked between parts: once it is true the
+    upload is aborted (so a copy abandoned while a request hung can never
+    complete later, when that request comes back)."""
+    start = time.perf_counter()
+    fs, path = fs_for(url)
+    try:
+        f = fs.open(path, "wb", block_size=PART_BYTES)
+    except OSError as e:
+        raise CheckpointIOError(e.errno or 5, f"cannot open for writing: {e}", url) from e
+    size = 0
+    try:
+        while True:
+            if cancelled():
+                raise UploadCancelled(f"upload to {url} cancelled")
+            chunk = source.read(PART_BYTES)
+            if not chunk:
+                break
+            f.write(chunk)
+            size += len(chunk)
+        if cancelled():  # close() would complete it: the last chance to say no
+            raise UploadCancelled(f"upload to {url} cancelled")
+        f.close()
+    except BaseException as e:
+        _abandon_upload(f)
+        if isinstance(e, Exception) and not isinstance(e, (CheckpointIOError, UploadCancelled)):
+            raise CheckpointIOError(getattr(e, "errno", None) or 5, f"upload failed: {type(e).__name__}: {e}",
+                                    url) from e
+        raise
+    return SaveResult(url, size, time.perf_counter() - start, False, PART_BYTES)
 
 
 ABORT_ATTEMPTS = 3  # a failed abort is retried after 0.2 s, then 1 s

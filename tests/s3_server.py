@@ -168,3 +168,51 @@ def s3_behind_proxy(s3, monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+
+
+# --- a hung endpoint: a relay process the test freezes --------------------------------
+
+class FrozenRelay:
+    """The S3 server behind tcp_relay.py, a process of its own: pause()
+    (SIGSTOP) makes the endpoint hang, accepting connections and never
+    answering, as a wedged load balancer or object store does; resume()
+    (SIGCONT) lets it go on."""
+
+    def __init__(self, upstream_port: int):
+        import os
+        import signal
+
+        self._signal = signal
+        relay = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tcp_relay.py")
+        self.proc = subprocess.Popen([sys.executable, relay, str(upstream_port)], stdout=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{int(self.proc.stdout.readline())}"
+
+    def pause(self):
+        self.proc.send_signal(self._signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(self._signal.SIGCONT)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.resume()  # never leave a stopped process behind, whatever happens next
+            self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def s3_behind_relay(s3, monkeypatch):
+    """(fs straight to the server, FrozenRelay): ckptio's URLs go through the
+    relay, with no timeouts of the test's own (ckptio's CKPTIO_REMOTE_* apply);
+    `fs` sees what the server holds whatever the relay does."""
+    import fsspec
+
+    fs, _ = s3
+    relay = FrozenRelay(int(fsspec.config.conf["s3"]["endpoint_url"].rsplit(":", 1)[1]))
+    monkeypatch.setitem(fsspec.config.conf, "s3", dict(fsspec.config.conf["s3"], endpoint_url=relay.url))
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield fs, relay
+    finally:
+        relay.close()
+        s3fs.S3FileSystem.clear_instance_cache()

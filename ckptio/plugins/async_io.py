@@ -16,10 +16,11 @@ from .registration import stands_for
 
 if TYPE_CHECKING:
     from ..background import Staged
-    from ..results import SaveResult
     from ..tiers import RemoteTier
 
 __all__ = ["AsyncCheckpointIO"]
+
+REMOTE_COPIES_WAITING = 4  # copies behind the running one before the oldest is dropped (each holds an open file)
 
 
 class AsyncCheckpointIO(CheckpointIO):
@@ -63,8 +64,10 @@ class AsyncCheckpointIO(CheckpointIO):
 
         `remote`: an fsspec URL prefix (s3://bucket/run) for a second tier:
         every `remote_every`-th checkpoint, once durable locally, is copied
-        there under its file name from the same staged bytes (see
-        ckptio.tiers); ``remove_checkpoint`` removes both copies, and
+        there under its file name from the committed file, in the tier's own
+        lane (see ckptio.remote_lane: saves, loads and the training loop never
+        wait for the network; ``wait``/``teardown`` do, bounded by
+        CKPTIO_REMOTE_COPY_TIMEOUT_S); ``remove_checkpoint`` removes both copies, and
         ``load_checkpoint`` of a path whose local copy is missing or damaged
         loads the remote one. Needs ckptio's engine as the base plugin."""
         super().__init__()
@@ -72,7 +75,9 @@ class AsyncCheckpointIO(CheckpointIO):
             raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
         from ..tiers import RemoteTier
 
-        self.remote = RemoteTier(remote) if remote is not None else None
+        # Lightning's checkpoints are not a sequence where the newest makes the
+        # others moot (save_top_k keeps the best): a few wait for their copy.
+        self.remote = RemoteTier(remote, max_waiting=REMOTE_COPIES_WAITING) if remote is not None else None
         self.remote_every = remote_every
         self._saves = 0
         if snapshot is not None:
@@ -138,22 +143,38 @@ class AsyncCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> None:
         get_queue().wait_path(normalize_path(path))
         self.checkpoint_io.remove_checkpoint(path, *args, **kwargs)
-        if self.remote is not None:  # Lightning's retention (save_top_k) holds for both tiers
-            self.remote.remove(os.path.basename(normalize_path(path)))
+        if self.remote is not None:  # Lightning's retention (save_top_k) holds for both tiers, in the remote lane
+            self.remote.lane.remove(os.path.basename(normalize_path(path)))
 
-    def wait(self) -> None:
-        """Block until every queued save is durable; raise a pending failure."""
+    def wait(self, timeout: Optional[float] = None) -> list[str]:
+        """Block until every queued save is durable (raising a pending
+        failure), then for remote copies to settle, up to `timeout` s (None:
+        CKPTIO_REMOTE_COPY_TIMEOUT_S); returns the remote work still pending."""
         get_queue().wait_all()
+        return self._wait_remote(timeout)
 
     def teardown(self) -> None:
         """Wait for queued saves (showing progress if that takes a while),
-        raise a pending failure, and tear down the wrapped plugin."""
+        raise a pending failure, let remote copies settle (for up to one
+        copy's deadline: what is left is warned about), and tear down the
+        wrapped plugin."""
         _drain_with_progress()
+        pending = self._wait_remote(None)
+        if pending:
+            warnings.warn(f"ckptio: remote work still pending at teardown: {'; '.join(pending)}", RuntimeWarning,
+                          stacklevel=2)
         get_queue().join_idle_worker()
         from ..background import get_arena
 
         get_arena().join_background()
         self.checkpoint_io.teardown()
+
+    def _wait_remote(self, timeout: Optional[float]) -> list[str]:
+        if self.remote is None:
+            return []
+        from ..config import remote_copy_config
+
+        return self.remote.wait(float(remote_copy_config().copy_timeout_s) if timeout is None else timeout)
 
     def __getstate__(self) -> dict[str, Any]:
         # Lightning pickles the Trainer (ddp_spawn, some loggers); a handle
@@ -178,21 +199,13 @@ def _innermost(plugin: CheckpointIO) -> CheckpointIO:
 
 def _save_with_remote_copy(checkpoint: dict[str, Any], path: str, tier: RemoteTier,
                            snapshot: Optional[str]) -> SaveHandle:
-    """Stage `checkpoint`; on the queue, write it to `path` durably, then copy
-    the same staged bytes to the remote tier under its file name."""
-    import dataclasses
-
-    from .. import remote
-    from ..background import stage, write_native
+    """Stage `checkpoint`; on the queue, write it to `path` durably; then
+    the tier's lane copies the committed file under its name (see
+    ckptio.remote_lane: the network never holds up the queue)."""
+    from ..tiers import save_with_remote_copy
 
     make_parent_directories(path)
-
-    def write(staged: Staged) -> SaveResult:
-        result = write_native(staged, path)
-        copy = tier.copy(os.path.basename(path), lambda url: remote.save_records_to_url(staged.records(), url))
-        return dataclasses.replace(result, remote=copy)
-
-    return stage(checkpoint, path, write, snapshot=snapshot)
+    return save_with_remote_copy(tier, checkpoint, path, snapshot)
 
 
 def _is_xla_plugin(plugin: object) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pickle
-from collections.abc import Callable
+import re
+import struct
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -181,19 +184,51 @@ def _load_remote(url: str, map_location: MapLocation, weights_only: bool, verify
 
 def unpickle_archive(zip_reader: Any, map_location: MapLocation, weights_only: bool, path: str) -> Any:
     """torch's own unpickling of an archive (its weights-only unpickler unless
-    told), with ckptio's wording for a refusal."""
+    told), with ckptio's errors for a refusal or a pickle that does not load."""
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
-    try:
+    with _unpickling(path, weights_only):
         return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")
+
+
+# What torch's unpickler raises on a pickle that does not describe a loadable
+# object (damaged, read with verify=False, or written wrong): a bad opcode
+# argument, a missing record, a rebuild call with impossible arguments.
+_DAMAGE = (EOFError, IndexError, KeyError, ValueError, TypeError, AttributeError, RuntimeError, OverflowError,
+           struct.error)
+
+
+# torch's weights-only unpickler on bytes that are no pickle at all (not a refusal).
+_NOT_A_PICKLE = re.compile(r"Unsupported operand|String is too long|pickle data was truncated")
+
+
+@contextlib.contextmanager
+def _unpickling(path: str, weights_only: bool) -> Iterator[None]:
+    """Turns what torch's unpickler raises into ckptio's errors: a weights-only
+    refusal into UnsafeCheckpointError, damage into CorruptCheckpointError."""
+    try:
+        yield
+    except CkptioError:
+        raise
     except pickle.UnpicklingError as e:
-        if weights_only and not isinstance(e, UnsafeCheckpointError):
+        if weights_only and not _NOT_A_PICKLE.search(str(e)):
             raise UnsafeCheckpointError(
                 f"Weights only load failed for {path}: {e}\nckptio refuses what torch.load(weights_only=True) "
                 "refuses. If you trust this file, pass weights_only=False, or allow the named globals with "
                 "torch.serialization.add_safe_globals.",
                 path=path, record="data.pkl", refused=globals_refused_in(str(e)),
             ) from None
-        raise
+        raise CorruptCheckpointError(f"{path}: data.pkl is not a readable pickle ({e})", path=path,
+                                     record="data.pkl") from e
+    except _DAMAGE as e:
+        if isinstance(e, RuntimeError) and _about_devices(str(e)):
+            raise  # the file is fine; this machine lacks its device (torch.load's own error)
+        raise CorruptCheckpointError(f"{path}: data.pkl does not describe a loadable object "
+                                     f"({type(e).__name__}: {e})", path=path, record="data.pkl") from e
+
+
+def _about_devices(message: str) -> bool:
+    lowered = message.lower()
+    return "device" in lowered or "cuda" in lowered or "map_location" in lowered
 
 
 def with_local_copy(url: str, use: Callable[[str], _T]) -> _T:
@@ -206,7 +241,8 @@ def with_local_copy(url: str, use: Callable[[str], _T]) -> _T:
 
 
 def _torch_load(path: str, map_location: MapLocation, weights_only: bool, mmap: bool) -> Any:
-    return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
+    with _unpickling(path, weights_only):
+        return torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
 
 
 def _load_legacy(path: str, map_location: MapLocation, weights_only: bool) -> Any:
@@ -219,12 +255,11 @@ def _load_legacy(path: str, map_location: MapLocation, weights_only: bool) -> An
         )
     try:
         return _torch_load(path, map_location, weights_only, mmap=False)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            raise UnsafeCheckpointError(str(e), path=path, refused=globals_refused_in(str(e))) from None
-        raise CorruptCheckpointError(f"{path}: not a readable checkpoint: {e}", path=path) from e
-    except Exception as e:  # torch's unpickler on a damaged file: EOFError, IndexError, struct.error, ...
-        raise CorruptCheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})", path=path) from e
+    except CorruptCheckpointError as e:
+        if isinstance(e, UnsafeCheckpointError):
+            raise
+        raise CorruptCheckpointError(f"{path}: not a readable checkpoint (a damaged legacy torch.save file: "
+                                     f"{e.__cause__ or e})", path=path) from e
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyResult:

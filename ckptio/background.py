@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import resolve_snapshot_mode, staging_config
+from .early_reserve import reserve_at_optimizer_steps, stop_reserving
 from .lazy_snapshot import lazily_copyable_storages
 from .pickling import ALIGNMENT, PickledState, gc_paused, pickle_state
 from .preemption import durable_if_signalled
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
     from .pickling import NamedPayload
 
-__all__ = ["Staged", "stage", "get_arena", "reserve_staging", "write_native", "streaming_native_save"]
+__all__ = ["Staged", "stage", "get_arena", "reserve_staging", "reserve_before_saves", "write_native",
+           "streaming_native_save"]
 
 
 @dataclass
@@ -141,6 +143,20 @@ def reserve_staging(size: object, *, wait: bool = False) -> int:
     return nbytes
 
 
+def reserve_before_saves() -> None:
+    """From the next optimizer step on, keep every staging slot as large as
+    the checkpoint the optimizers' parameters and state make (faulted in the
+    background, see ckptio.early_reserve): no save, not even the first,
+    pays first-touch page faults on the training thread. Called by whoever
+    will save asynchronously, as early as it exists."""
+    reserve_at_optimizer_steps(_grow_arena)
+
+
+def _grow_arena(nbytes: int) -> None:
+    if nbytes <= staging_config().budget_bytes:  # larger states stream through chunks, not the arena
+        get_arena().grow_in_background(nbytes)
+
+
 def reset() -> None:
     """Finish queued saves, then forget the queue and arena so the next save
     re-reads CKPTIO_STAGING_SLOTS / CKPTIO_MAX_PENDING (tests use this)."""
@@ -154,6 +170,7 @@ def reset() -> None:
             _arena.join_background()
         _arena = None
     save_queue._queue = None
+    stop_reserving()
 
 
 def _join_background_at_exit() -> None:
@@ -187,6 +204,7 @@ def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | 
     returns), "lazy" (see ckptio.lazy_snapshot) or None (CKPTIO_SNAPSHOT).
     """
     start = time.perf_counter()
+    reserve_before_saves()  # a later, larger state (optimizer moments) is faulted in before it is saved
     lazy = resolve_snapshot_mode(snapshot) == "lazy"
     if local:
         check_destination(path)

@@ -1,0 +1,117 @@
+"""Every ```python block of README.md and docs/*.md runs as written.
+
+Each block runs in a fresh Python process whose working directory is an empty
+temporary directory, so it must be complete (its own imports, data and model)
+and may write only there. Two markers, each an HTML comment on the line right
+before the fence (invisible on GitHub, visible in the source):
+
+    <!-- not-run: needs a GPU -->   the block is not run; the reason is counted and shown
+    <!-- continues -->              the block runs after the file's previous block, in one
+                                    process, as a reader who typed both would run them
+
+A block that fails shows its file and line in the test id and its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(.+?)\s*-->\s*$")
+CONTINUES = re.compile(r"^\s*<!--\s*continues\s*-->\s*$")
+TIMEOUT_S = 180
+
+
+class Block(NamedTuple):
+    file: str      # relative to the repository root
+    line: int      # 1-based line of the opening fence
+    code: str      # the block's code, dedented
+    not_run: Optional[str]  # the reason given by a not-run marker
+    continues: bool
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def python_blocks(path: Path) -> list[Block]:
+    """The ```python blocks of one Markdown file, with their markers."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = FENCE.match(lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, language = opening.groups()
+        end = i + 1
+        while end < len(lines) and not re.match(rf"^{re.escape(indent)}```\s*$", lines[end]):
+            end += 1
+        if end == len(lines):
+            raise AssertionError(f"{path.name}:{i + 1}: a fence that never closes")
+        if language.lower() in ("py", "python3", "pycon", "python-repl", "ipython"):
+            raise AssertionError(f"{path.name}:{i + 1}: write ```python (this runner executes only those), "
+                                 f"not ```{language}")
+        if language == "python":
+            before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            not_run = NOT_RUN.match(before)
+            blocks.append(Block(str(path.relative_to(ROOT)), i + 1,
+                                textwrap.dedent("\n".join(lines[i + 1:end])) + "\n",
+                                not_run.group(1) if not_run else None, bool(CONTINUES.match(before))))
+        i = end + 1
+    return blocks
+
+
+def all_blocks() -> list[Block]:
+    return [block for path in doc_files() for block in python_blocks(path)]
+
+
+BLOCKS = all_blocks()
+
+
+def program(block: Block) -> str:
+    """The block's code, after the blocks it continues (in file order)."""
+    same_file = [b for b in BLOCKS if b.file == block.file]
+    chain = [block]
+    index = same_file.index(block)
+    while chain[0].continues:
+        assert index > 0, f"{block.file}:{block.line}: 'continues' with no block before it"
+        index -= 1
+        chain.insert(0, same_file[index])
+    return "".join(f"# {b.file}:{b.line}\n{b.code}" for b in chain)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"{b.file}:{b.line}" for b in BLOCKS])
+def test_block_runs(block: Block, tmp_path: Path) -> None:
+    if block.not_run:
+        pytest.skip(f"not-run: {block.not_run}")
+    script = tmp_path / "snippet.py"
+    script.write_text(program(block), encoding="utf-8")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", CKPTIO_EXAMPLES=str(ROOT / "examples"))
+    for name in [n for n in env if n.startswith("CKPTIO_") and n != "CKPTIO_EXAMPLES"]:
+        del env[name]  # the defaults the docs describe
+    out = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert out.returncode == 0, (f"{block.file}:{block.line} failed (exit {out.returncode}):\n"
+                                 f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def test_every_block_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
+    """How many blocks this file runs, and which are marked not-run and why."""
+    skipped = [b for b in BLOCKS if b.not_run]
+    with capsys.disabled():
+        print(f"\ntest_docs.py: {len(BLOCKS) - len(skipped)} python blocks of README.md and docs/*.md run, "
+              f"{len(skipped)} marked not-run" + "".join(f"\n  {b.file}:{b.line}: {b.not_run}" for b in skipped))
+    assert len(BLOCKS) - len(skipped) >= 13  # the blocks there were when this was written: none may vanish unseen
+    assert len(skipped) <= 3, "a block that cannot run as written is an exception: make it runnable"

@@ -1,7 +1,15 @@
 """A plain training loop with ckptio.CheckpointManager: async saves every few
-steps, the last three kept, and resume from the newest after a restart."""
+steps, the last three kept, and resume from the newest after a restart.
+
+    python examples/custom_loop.py [DIRECTORY]
+
+With DIRECTORY, the checkpoints are written there and kept; without it, into
+a new temporary directory that is removed at the end. Either way the example
+prints where it wrote.
+"""
 
 import os
+import shutil
 import sys
 import tempfile
 
@@ -35,7 +43,17 @@ def train(directory, until_step):
     print("kept:", sorted(os.listdir(directory)))
 
 
+def main():
+    keep = len(sys.argv) > 1
+    directory = sys.argv[1] if keep else tempfile.mkdtemp(prefix="ckptio-loop-")
+    print(f"checkpoints in {directory}" + ("" if keep else " (removed at the end; pass a directory to keep them)"))
+    try:
+        train(directory, 45)
+        train(directory, 70)  # as if the job restarted
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 if __name__ == "__main__":
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="ckptio-loop-")
-    train(directory, 45)
-    train(directory, 70)  # as if the job restarted
+    main()

@@ -4,13 +4,18 @@ Two CPU processes (gloo) shard a model with FSDP2, save model + optimizer
 with ckptio's StorageWriter (sync, then async), and load it back with
 ckptio's StorageReader, which verifies every CRC-32.
 
-    python examples/dcp_fsdp.py [checkpoint_dir]
+    python examples/dcp_fsdp.py [DIRECTORY]
+
+With DIRECTORY, the checkpoints (step1/, step2/) are written there and kept;
+without it, into a new temporary directory that is removed at the end. Either
+way the example prints where it wrote.
 
 Lightning's FSDPStrategy and ModelParallelStrategy call DCP themselves (they
 bypass CheckpointIO), so this is the way in for them too: see README.
 """
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -72,11 +77,17 @@ def worker(rank, world, port, directory):
 
 
 def main():
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="ckptio-dcp-")
+    keep = len(sys.argv) > 1
+    directory = sys.argv[1] if keep else tempfile.mkdtemp(prefix="ckptio-dcp-")
+    print(f"checkpoints in {directory}" + ("" if keep else " (removed at the end; pass a directory to keep them)"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(worker, args=(2, port, directory), nprocs=2, start_method="spawn")
+    try:
+        mp.start_processes(worker, args=(2, port, directory), nprocs=2, start_method="spawn")
+    finally:
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

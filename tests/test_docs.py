@@ -115,3 +115,62 @@ def test_every_block_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
               f"{len(skipped)} marked not-run" + "".join(f"\n  {b.file}:{b.line}: {b.not_run}" for b in skipped))
     assert len(BLOCKS) - len(skipped) >= 13  # the blocks there were when this was written: none may vanish unseen
     assert len(skipped) <= 3, "a block that cannot run as written is an exception: make it runnable"
+
+
+# The examples: each runs as its docstring says, prints where it wrote, and
+# leaves nothing behind unless asked to keep it. (lightning_async.py is what
+# `make demo` runs; lightning_two_tier.py runs in test_tiers.py.)
+EXAMPLES = ROOT / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path, tmp: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTIO_")}
+    env.update(TMPDIR=str(tmp), PYTHONDONTWRITEBYTECODE="1")
+    out = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=TIMEOUT_S)
+    assert out.returncode == 0, f"{name} failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    return cwd, tmp
+
+
+def leftovers(cwd: Path, tmp: Path) -> list[str]:
+    """What is left in the working directory, and in TMPDIR of ckptio's or an
+    example's making (torch keeps caches of its own there: torchinductor_<user>)."""
+    return sorted([str(p) for p in cwd.iterdir()] + [str(p) for p in tmp.iterdir() if "ckptio" in p.name])
+
+
+def test_save_load_example_prints_each_timing_and_cleans_up(dirs: tuple[Path, Path]) -> None:
+    out = run_example("save_load.py", cwd=dirs[0], tmp=dirs[1])
+    for line in ("ckptio.save: ", "ckptio.load (CRC-32 verified): ", "torch.load (nothing verified): "):
+        assert re.search(rf"^{re.escape(line)}.*\d+\.\d ms", out, re.M), (line, out)
+    assert "plain torch.load reads the same tensors: True" in out
+    assert leftovers(*dirs) == []
+
+
+def test_custom_loop_example_says_where_it_wrote_and_cleans_up(dirs: tuple[Path, Path]) -> None:
+    out = run_example("custom_loop.py", cwd=dirs[0], tmp=dirs[1])
+    where = re.search(r"^checkpoints in (\S+) \(removed at the end", out, re.M)
+    assert where and where.group(1).startswith(str(dirs[1])), out
+    assert "resumed from step_40.pt" in out
+    assert leftovers(*dirs) == []
+
+
+def test_custom_loop_example_keeps_a_directory_it_is_given(dirs: tuple[Path, Path]) -> None:
+    out = run_example("custom_loop.py", "kept", cwd=dirs[0], tmp=dirs[1])
+    assert "checkpoints in kept\n" in out
+    assert sorted(os.listdir(dirs[0] / "kept")) == ["latest", "step_40.pt", "step_50.pt", "step_60.pt"]
+
+
+def test_dcp_example_says_where_it_wrote_and_cleans_up(dirs: tuple[Path, Path]) -> None:
+    out = run_example("dcp_fsdp.py", cwd=dirs[0], tmp=dirs[1])
+    where = re.search(r"^checkpoints in (\S+) \(removed at the end", out, re.M)
+    assert where and where.group(1).startswith(str(dirs[1])), out
+    assert "reloaded and verified on 2 ranks" in out
+    assert leftovers(*dirs) == []

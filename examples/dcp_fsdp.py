@@ -11,7 +11,7 @@ without it, into a new temporary directory that is removed at the end. Either
 way the example prints where it wrote.
 
 Lightning's FSDPStrategy and ModelParallelStrategy call DCP themselves (they
-bypass CheckpointIO), so this is the way in for them too: see README.
+bypass CheckpointIO), so this is the way in for them too: see docs/distributed.md.
 """
 
 import os

@@ -117,6 +117,31 @@ def test_every_block_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(skipped) <= 3, "a block that cannot run as written is an exception: make it runnable"
 
 
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path: Path) -> None:
+    """Every relative link (file, and #heading where given) names something that
+    exists, so moving a section between README.md and docs/ cannot leave one dead."""
+    text = path.read_text(encoding="utf-8")
+    dead = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):
+            continue  # http(s):, mailto:
+        file_part, _, fragment = target.partition("#")
+        linked = (path.parent / file_part).resolve() if file_part else path
+        if not linked.exists():
+            dead.append(target)
+        elif fragment and linked.suffix == ".md":
+            headings = re.findall(r"^#+\s+(.+)$", linked.read_text(encoding="utf-8"), re.M)
+            if fragment not in {anchor(h) for h in headings}:
+                dead.append(target)
+    assert dead == [], f"{path.name}: links to nothing: {dead}"
+
+
 # The examples: each runs as its docstring says, prints where it wrote, and
 # leaves nothing behind unless asked to keep it. (lightning_async.py is what
 # `make demo` runs; lightning_two_tier.py runs in test_tiers.py.)

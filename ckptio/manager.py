@@ -16,7 +16,8 @@ With ``remote=`` (an fsspec URL prefix) the manager keeps a second tier:
 every ``remote_every``-th checkpoint, once durable locally, is copied there
 from the committed file in the tier's own lane (see ckptio.tiers and
 ckptio.remote_lane: a hung object store never delays a local save, a load,
-or ``save()``; when it falls behind, only the newest waiting copy is kept),
+or ``save()``; when it falls behind, a few copies wait and then only the
+newest are kept),
 the remote ``latest`` moves after the copy is whole, and the remote tier
 keeps its own ``keep_remote`` newest, pruned in that lane. ``load_latest``
 takes the newest checkpoint that is whole in either tier (local first at
@@ -37,7 +38,7 @@ from . import api
 from ._paths import committed_file, make_directories, normalize_path
 from .errors import CheckpointIOError, CheckpointNotFoundError, CkptioError, CorruptCheckpointError
 from .load_into import load_into
-from .tiers import RemoteCopy, RemoteTier, save_with_remote_copy
+from .tiers import COPIES_WAITING, RemoteCopy, RemoteTier, save_with_remote_copy
 
 if TYPE_CHECKING:
     from .background import Staged
@@ -91,7 +92,12 @@ class CheckpointManager:
         self._prefix, self._suffix = prefix, suffix
         self._pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
         make_directories(self.directory)
-        self.remote = RemoteTier(remote, on_commit=self._remote_committed) if remote is not None else None
+        # When the remote falls behind, copies that keep_remote would keep may
+        # wait (a few: each holds its file open); past that the oldest waiting
+        # one is dropped, so the tier catches up to the newest checkpoint.
+        waiting = COPIES_WAITING if keep_remote is None else min(keep_remote, COPIES_WAITING)
+        self.remote = (RemoteTier(remote, on_commit=self._remote_committed, max_waiting=waiting)
+                       if remote is not None else None)
         self.keep_remote = keep_remote
         self.remote_every = remote_every
         self._saves = 0

@@ -8,10 +8,11 @@ queue, and nothing local ever waits for them:
   reads that committed file (opened when queued, so local pruning cannot
   take it away). It holds no staging slot, so snapshots never wait for it,
   and memory stays at an upload part.
-- Bounded: one copy runs, at most `max_waiting` wait (a CheckpointManager:
-  1). When the remote falls behind, a newer checkpoint's copy replaces the
-  oldest waiting one (the tier catches up to the newest, not through every
-  step); the first replacement of an episode is warned about, once.
+- Bounded: one copy runs, at most `max_waiting` wait (a few: each holds its
+  file open). When the remote falls behind further, a newer checkpoint's copy
+  replaces the oldest waiting one (the tier catches up to the newest, not
+  through every step); the first replacement of an episode is warned about,
+  once.
 - Timed: each request has the library's own timeout (CKPTIO_REMOTE_TIMEOUT_S,
   see remote.fs_for) and each copy a deadline (CKPTIO_REMOTE_COPY_TIMEOUT_S)
   that holds even when a request hangs in a way the library never times

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["RemoteCopy", "RemoteTier", "TieredSaveHandle", "save_with_remote_copy"]
 
 POINTER = "latest"
+COPIES_WAITING = 4  # copies queued behind the running one before the oldest is dropped (each holds an open file)
 
 
 @dataclass(frozen=True)

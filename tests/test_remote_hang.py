@@ -27,9 +27,11 @@ import ckptio
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from s3_server import s3, s3_behind_relay  # noqa: E402,F401 (fixtures)
+import s3_server  # noqa: E402
 
 from ckptio.remote_lane import CopySkipped  # noqa: E402
+
+s3, s3_behind_relay = s3_server.s3, s3_server.s3_behind_relay  # fixtures
 
 REMOTE = "s3://ckpts/run"
 QUICK_S = 3.0  # a save's stall or a local load: milliseconds here; never the network's timeouts

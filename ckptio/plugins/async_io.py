@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncCheckpointIO"]
 
-REMOTE_COPIES_WAITING = 4  # copies behind the running one before the oldest is dropped (each holds an open file)
-
 
 class AsyncCheckpointIO(CheckpointIO):
     """Wraps a CheckpointIO (default: FastCheckpointIO) so saves return after a snapshot.
@@ -73,11 +71,11 @@ class AsyncCheckpointIO(CheckpointIO):
         super().__init__()
         if not isinstance(remote_every, int) or remote_every < 1:
             raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
-        from ..tiers import RemoteTier
+        from ..tiers import COPIES_WAITING, RemoteTier
 
         # Lightning's checkpoints are not a sequence where the newest makes the
         # others moot (save_top_k keeps the best): a few wait for their copy.
-        self.remote = RemoteTier(remote, max_waiting=REMOTE_COPIES_WAITING) if remote is not None else None
+        self.remote = RemoteTier(remote, max_waiting=COPIES_WAITING) if remote is not None else None
         self.remote_every = remote_every
         self._saves = 0
         if snapshot is not None:

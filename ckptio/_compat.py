@@ -1,7 +1,7 @@
 """What differs between the Python and torch releases ckptio supports, in one
 place. Each helper says which release changed what, and what ckptio does on
 either side. `make test-compat` runs the core tests on the oldest and newest
-releases (README, "Install")."""
+releases (docs/install.md)."""
 
 from __future__ import annotations
 

@@ -227,7 +227,7 @@ def test_simulator_catches_a_missing_fsync(site, tmp_path):
 
 
 def _record_counts(name, report) -> None:
-    """Counts for the README's reliability table (CKPTIO_POWER_LOSS_COUNTS=<file>)."""
+    """Counts for the reliability table in docs/reliability.md (CKPTIO_POWER_LOSS_COUNTS=<file>)."""
     out = os.environ.get("CKPTIO_POWER_LOSS_COUNTS")
     if out:
         with open(out, "a") as f:

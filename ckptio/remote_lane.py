@@ -38,19 +38,41 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Optional, Protocol, TypeVar
 
 from .config import remote_copy_config
 from .remote import UploadCancelled, upload_file
 
-if TYPE_CHECKING:
-    from .tiers import RemoteCopy, RemoteTier
-
-__all__ = ["CopySkipped", "RemoteLane"]
+__all__ = ["CopySkipped", "RemoteCopy", "RemoteLane"]
 
 MAX_ABANDONED = 2  # workers past their deadline still running: each may hold a request, a thread, a file
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class RemoteCopy:
+    """How a checkpoint's remote copy went: committed after `seconds`, or
+    `error` (a CopySkipped when a newer copy took its place)."""
+    url: str
+    seconds: float
+    error: Optional[BaseException] = None
+
+    @property
+    def committed(self) -> bool:
+        return self.error is None
+
+
+class Tier(Protocol):
+    """What the lane needs of a remote tier (ckptio.tiers.RemoteTier)."""
+    prefix: str
+
+    def url_for(self, name: str) -> str: ...
+
+    def write_pointer(self, name: str) -> None: ...
+
+    def remove(self, name: str) -> None: ...
 
 
 class CopySkipped(Exception):
@@ -75,7 +97,7 @@ class _Copy:
 
 
 class RemoteLane:
-    def __init__(self, tier: RemoteTier, on_commit: Optional[Callable[[str, frozenset[str]], object]] = None,
+    def __init__(self, tier: Tier, on_commit: Optional[Callable[[str, frozenset[str]], object]] = None,
                  max_waiting: int = 1) -> None:
         """`on_commit(name, keep)` runs in the lane (within the copy deadline)
         after a copy is committed: e.g. prune the tier, never removing `keep`.
@@ -194,8 +216,6 @@ class RemoteLane:
                 self._cond.notify_all()
 
     def _copy(self, copy: _Copy) -> None:
-        from .tiers import RemoteCopy
-
         url = self.tier.url_for(copy.name)
         start = time.perf_counter()
 
@@ -295,8 +315,6 @@ class RemoteLane:
             self._cond.notify_all()
 
     def _skip(self, copy: _Copy, why: str) -> None:
-        from .tiers import RemoteCopy
-
         copy.source.close()
         _settle(copy, RemoteCopy(self.tier.url_for(copy.name), 0.0, CopySkipped(why)))
 

@@ -17,34 +17,20 @@ import dataclasses
 import os
 import re
 import threading
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import remote as _remote
+from .remote_lane import RemoteCopy, RemoteLane
 from .save_queue import SaveHandle
 
 if TYPE_CHECKING:
     from .background import Staged
-    from .remote_lane import RemoteLane
     from .results import SaveResult
 
 __all__ = ["RemoteCopy", "RemoteTier", "TieredSaveHandle", "save_with_remote_copy"]
 
 POINTER = "latest"
 COPIES_WAITING = 4  # copies queued behind the running one before the oldest is dropped (each holds an open file)
-
-
-@dataclass(frozen=True)
-class RemoteCopy:
-    """How a checkpoint's remote copy went: committed after `seconds`, or
-    `error` (a remote_lane.CopySkipped when a newer copy took its place)."""
-    url: str
-    seconds: float
-    error: Optional[BaseException] = None
-
-    @property
-    def committed(self) -> bool:
-        return self.error is None
 
 
 class RemoteTier:
@@ -71,8 +57,6 @@ class RemoteTier:
         """The lane this tier's copies and removals run in (made at first use)."""
         with self._lane_lock:
             if self._lane is None:
-                from .remote_lane import RemoteLane
-
                 self._lane = RemoteLane(self, self._on_commit, self._max_waiting)
             return self._lane
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401 - see the exit hook at the end
+import io
 import os
 import sys
 import threading
@@ -124,8 +125,16 @@ class RemoteLane:
     # --- what the local lane calls (never blocks on the network) --------------
 
     def submit(self, name: str, path: str, done: Callable[[RemoteCopy], object]) -> None:
-        """Queue a copy of the durable local file `path` as `name`; done(RemoteCopy) when it settles."""
-        copy = _Copy(name, open(path, "rb"), done)  # opened now: pruning may unlink the file before it runs
+        """Queue a copy of the durable local file `path` as `name`; done(RemoteCopy) when it settles.
+        Never raises: a copy that cannot even start fails as a copy, not the local save."""
+        try:
+            source = open(path, "rb")  # now: pruning may unlink the file before the copy runs
+        except OSError as e:
+            _warn(f"ckptio: cannot read {path} to copy it to {self.tier.url_for(name)} ({e}); the next remote "
+                  "copy tries again")
+            _settle(_Copy(name, io.BytesIO(), done), RemoteCopy(self.tier.url_for(name), 0.0, e))
+            return
+        copy = _Copy(name, source, done)
         with self._cond:
             self._waiting.append(copy)
             replaced = self._waiting.popleft() if len(self._waiting) > self.max_waiting else None

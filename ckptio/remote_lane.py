@@ -19,7 +19,7 @@ queue, and nothing local ever waits for them:
   out: the copy runs in a worker thread that is abandoned at the deadline
   (its upload aborts at the next part, and it never moves ``latest``) and
   the copy is reported failed. At most MAX_ABANDONED such workers are left
-  at once; the lane waits for one to end before it starts another copy.
+  at once; past that the lane waits for one to end before it starts more.
 - In order: the object is whole before ``latest`` names it. A pointer PUT
   already sent when its copy was abandoned may still land later, so every
   name such a write carries is never pruned, and the lane writes the
@@ -47,7 +47,7 @@ from .remote import UploadCancelled, upload_file
 
 __all__ = ["CopySkipped", "RemoteCopy", "RemoteLane"]
 
-MAX_ABANDONED = 2  # workers past their deadline still running: each may hold a request, a thread, a file
+MAX_ABANDONED = 4  # workers past their deadline still running: each may hold a request, a thread, a file
 
 _T = TypeVar("_T")
 
@@ -121,6 +121,7 @@ class RemoteLane:
         self._repoint = False  # such a PUT has ended: write the pointer again
         self._committed: Optional[str] = None  # what this lane last pointed `latest` at
         self._behind = False  # this episode of falling behind was reported
+        self._stuck_reported = False  # the lane waited for hung workers (reported once per lane)
 
     # --- what the local lane calls (never blocks on the network) --------------
 
@@ -143,11 +144,12 @@ class RemoteLane:
             running = self._running
             self._ensure_thread_locked()
         if replaced is not None:
-            self._skip(replaced, f"superseded by {name}: the remote tier fell behind and copies only the newest")
+            self._skip(replaced, f"superseded by {name}: the remote tier fell behind, and only the newest "
+                                 f"{self.max_waiting} copies wait")
         if report:
             busy = f"the copy of {running.name} still running" if running is not None else "earlier copies unsettled"
-            _warn(f"ckptio: the remote tier {self.tier.prefix} is falling behind ({busy}); waiting copies "
-                  "are replaced by the newest checkpoint's until it catches up (reported once per episode)")
+            _warn(f"ckptio: the remote tier {self.tier.prefix} is falling behind ({busy}); the oldest waiting "
+                  "copies are dropped for the newest checkpoints' until it catches up (reported once per episode)")
 
     def remove(self, name: str) -> None:
         """Remove `name` from the remote tier, in the lane, after the copy
@@ -195,11 +197,13 @@ class RemoteLane:
         while True:
             with self._cond:
                 removal, copy, repoint = None, None, None
+                busy = self._removals or self._waiting or (self._repoint and self._committed is not None)
+                if busy and len(self._abandoned) >= MAX_ABANDONED:
+                    self._report_stuck_locked()
+                    self._cond.wait(1.0)  # a hung worker ends (or gives up) first: threads and files stay bounded
+                    continue
                 if self._removals:
                     removal = self._removals[0]
-                elif self._waiting and len(self._abandoned) >= MAX_ABANDONED:
-                    self._cond.wait(1.0)  # a hung worker ends (or gives up) first: resources stay bounded
-                    continue
                 elif self._waiting:
                     copy = self._waiting.popleft()
                     copy.started = time.monotonic()
@@ -322,6 +326,13 @@ class RemoteLane:
                 self._repoint = True
                 self._ensure_thread_locked()
             self._cond.notify_all()
+
+    def _report_stuck_locked(self) -> None:
+        if not self._stuck_reported:
+            self._stuck_reported = True
+            _warn(f"ckptio: {len(self._abandoned)} requests to {self.tier.prefix} are still hung past their "
+                  "deadline; remote copies wait for one to end (set a request timeout in your filesystem's "
+                  "config if it has none)")
 
     def _skip(self, copy: _Copy, why: str) -> None:
         copy.source.close()

@@ -17,11 +17,10 @@ every ``remote_every``-th checkpoint, once durable locally, is copied there
 from the committed file in the tier's own lane (see ckptio.tiers and
 ckptio.remote_lane: a hung object store never delays a local save, a load,
 or ``save()``; when it falls behind, a few copies wait and then only the
-newest are kept),
-the remote ``latest`` moves after the copy is whole, and the remote tier
-keeps its own ``keep_remote`` newest, pruned in that lane. ``load_latest``
-takes the newest checkpoint that is whole in either tier (local first at
-equal step).
+newest are kept), the remote ``latest`` moves after the copy is whole, and
+the remote tier keeps its own ``keep_remote`` newest, pruned in that lane.
+``load_latest`` takes the newest checkpoint that is whole in either tier
+(local first at equal step).
 """
 
 from __future__ import annotations

@@ -209,6 +209,17 @@ class CheckpointManager:
         matches = (self._pattern.match(n) for n in self.remote.names(self._pattern))  # names() matched them
         return sorted(int(m.group(1)) for m in matches if m is not None)
 
+    def _remote_steps_in_time(self) -> list[int]:
+        """remote_steps(), or TimeoutError once a few requests' timeouts have
+        passed: a hung object store must not hold up a resume from local disk."""
+        assert self.remote is not None  # asked only with a remote tier
+        from .config import remote_copy_config
+        from .remote import S3_ATTEMPTS
+        from .remote_lane import call_with_deadline
+
+        seconds = remote_copy_config().request_timeout_s * S3_ATTEMPTS
+        return call_with_deadline(seconds, f"listing {self.remote.prefix}", self.remote_steps)
+
     def _remote_url(self, step: int) -> str:
         assert self.remote is not None  # asked about a step found in the remote tier
         return self.remote.url_for(os.path.basename(self.path_for(step)))
@@ -236,7 +247,7 @@ class CheckpointManager:
         found = [(self._step_in(p), "local", p) for p in self._candidates()]
         if self.remote is not None:
             try:
-                found += [(s, "remote", self._remote_url(s)) for s in self.remote_steps()]
+                found += [(s, "remote", self._remote_url(s)) for s in self._remote_steps_in_time()]
             except Exception as e:  # noqa: BLE001 - the local tier still serves
                 warnings.warn(f"ckptio: cannot list the remote tier {self.remote.prefix} ({type(e).__name__}: {e}); "
                               "resuming from local checkpoints only", RuntimeWarning, stacklevel=3)

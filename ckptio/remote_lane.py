@@ -45,7 +45,7 @@ from typing import Any, BinaryIO, Optional, Protocol, TypeVar
 from .config import remote_copy_config
 from .remote import UploadCancelled, upload_file
 
-__all__ = ["CopySkipped", "RemoteCopy", "RemoteLane"]
+__all__ = ["CopySkipped", "RemoteCopy", "RemoteLane", "call_with_deadline"]
 
 MAX_ABANDONED = 4  # workers past their deadline still running: each may hold a request, a thread, a file
 
@@ -337,6 +337,29 @@ class RemoteLane:
     def _skip(self, copy: _Copy, why: str) -> None:
         copy.source.close()
         _settle(copy, RemoteCopy(self.tier.url_for(copy.name), 0.0, CopySkipped(why)))
+
+
+def call_with_deadline(seconds: float, what: str, fn: Callable[[], _T]) -> _T:
+    """fn() in a thread of its own: its result or exception, or TimeoutError
+    after `seconds` (the thread is left to end on its own). For the rare
+    reads of a remote tier outside the lane (listing it to resume)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, or dropped after its deadline
+            outcome.append((False, e))
+
+    worker = threading.Thread(target=run, name="ckptio-remote-read", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        raise TimeoutError(f"{what} took longer than {seconds:g} s")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _warn(message: str) -> None:

@@ -138,6 +138,9 @@ def test_a_hung_remote_never_holds_up_local_checkpoints_and_catches_up_after(s3_
         assert time.monotonic() - start < QUICK_S
         assert any("step_6.pt" in p for p in pending), pending
         assert manager.steps() == [4, 5, 6] and manager.last_durable_step == 6
+        start = time.monotonic()
+        assert manager.latest_step() == 6  # resuming: the remote tier cannot be listed, the local one serves
+        listing_s = time.monotonic() - start
         assert watch.seen == ["step_1.pt"]  # nothing reached the server meanwhile
         hung_s = time.monotonic() - paused_at
 
@@ -150,8 +153,11 @@ def test_a_hung_remote_never_holds_up_local_checkpoints_and_catches_up_after(s3_
     watch.stop()
 
     print(f"\nremote hung {hung_s:.1f} s: manager.save() took at most {max(save_s) * 1e3:.0f} ms, a local load "
-          f"{max(load_s) * 1e3:.0f} ms; caught up to the newest {caught_up_s:.1f} s after the relay resumed")
+          f"{max(load_s) * 1e3:.0f} ms, latest_step() {listing_s:.1f} s; caught up to the newest "
+          f"{caught_up_s:.1f} s after the relay resumed")
     assert max(save_s) < QUICK_S and max(load_s) < QUICK_S
+    assert listing_s < 2 * 3 + 10  # a few request timeouts (CKPTIO_REMOTE_TIMEOUT_S x 3 attempts), not minutes
+    assert any("cannot list the remote tier" in str(w.message) for w in caught)
     assert watch.violations == []
     assert "step_6.pt" in manager.remote.names(manager._pattern) and manager.last_remote_step == 6
     assert len(manager.remote_steps()) <= 2 + 1  # keep_remote=2 (+ an abandoned upload that landed late)

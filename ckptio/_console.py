@@ -1,6 +1,8 @@
 """Terminal output for the command line: rich's tables and progress bars when
-rich is installed (``pip install 'ckptio[cli]'``), plain aligned text when it
-is not, so that every command works with the base install."""
+rich is installed (``pip install 'ckptio[cli]'``) and stdout is a terminal,
+plain aligned text otherwise, so that every command works with the base
+install and output piped into a file or another program is never cut to a
+terminal's width nor holds ANSI escape codes."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["console", "table", "progress"]
+__all__ = ["console", "table", "progress", "escape"]
 
-_MARKUP = re.compile(r"\[/?[a-z ]+\]")  # rich's style tags: [red] ... [/red]
+# The rich style tags the commands use ([red] ... [/red]); other brackets in
+# text (paths, "[rank 0]") are text.
+_MARKUP = re.compile(r"\[/?(red|green|yellow|bold|dim)\]")
 
 
 def _rich_available() -> bool:
@@ -23,8 +27,21 @@ def _rich_available() -> bool:
     return True
 
 
+def _use_rich() -> bool:
+    return _rich_available() and sys.stdout.isatty()
+
+
+def escape(text: str) -> str:
+    """`text` shown as it is, never read as style tags."""
+    if _use_rich():
+        from rich.markup import escape as rich_escape
+
+        return rich_escape(text)
+    return text
+
+
 def console() -> Any:  # rich.console.Console, or a PlainConsole
-    if _rich_available():
+    if _use_rich():
         from rich.console import Console
 
         return Console(highlight=False)
@@ -32,11 +49,22 @@ def console() -> Any:  # rich.console.Console, or a PlainConsole
 
 
 def table(title: str) -> Any:  # rich.table.Table, or a PlainTable
-    if _rich_available():
-        from rich.table import Table
-
-        return Table(title=title)
+    if _use_rich():
+        return _folding_table_class()(title=title)
     return PlainTable(title)
+
+
+def _folding_table_class() -> Any:
+    from rich.table import Table
+
+    class FoldingTable(Table):
+        """Long cells (record names, paths) wrap onto more lines instead of being cut with "…"."""
+
+        def add_column(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("overflow", "fold")
+            super().add_column(*args, **kwargs)
+
+    return FoldingTable
 
 
 @contextmanager

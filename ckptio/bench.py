@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["run_bench"]
+__all__ = ["check_bench_args", "run_bench"]
 
 
 def _state(nbytes: int) -> dict[str, torch.Tensor]:
@@ -57,15 +57,36 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Everything that would make the run fail, checked before minutes of
+    measuring: the directory to measure, where --json and --plot go, and
+    matplotlib for --plot."""
+    from .cli_outcome import CliFailure, Exit
+
+    if not os.path.isdir(args.dir):
+        what = "is not a directory" if os.path.exists(args.dir) else "does not exist"
+        raise CliFailure(Exit.NOT_CHECKED, f"--dir {args.dir}: {what}", path="")
+    if not os.access(args.dir, os.W_OK | os.X_OK):
+        raise CliFailure(Exit.NOT_CHECKED, f"--dir {args.dir}: not writable (permission denied)", path="")
+    for option, target in (("--json", args.json), ("--plot", args.plot)):
+        if target in (None, "-"):
+            continue
+        parent = os.path.dirname(os.path.abspath(target))
+        if os.path.isdir(target):
+            raise CliFailure(Exit.NOT_CHECKED, f"{option} {target}: is a directory; name the file to write", path="")
+        if not os.path.isdir(parent):
+            raise CliFailure(Exit.NOT_CHECKED, f"{option} {target}: the directory {os.path.dirname(target)} does not "
+                                               "exist", path="")
+    if args.plot:
+        _require_matplotlib()
+
+
 def run_bench(args: argparse.Namespace, console: Any) -> int:
     import torch
 
     import ckptio
 
     from ._console import progress, table as Table
-
-    if args.plot:
-        _require_matplotlib()  # before minutes of measuring, not after
 
     state = _state(args.size)
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
@@ -160,10 +181,12 @@ def run_bench(args: argparse.Namespace, console: Any) -> int:
 
 
 def _require_matplotlib() -> None:
+    from .cli_outcome import CliFailure, Exit
+
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'") from None
+        raise CliFailure(Exit.UNSUPPORTED, "--plot needs matplotlib: pip install 'ckptio[cli]'", path="") from None
 
 
 def _plot(report: dict[str, Any], path: str) -> None:

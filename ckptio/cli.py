@@ -1,233 +1,241 @@
-"""The ckptio command line: inspect, verify, convert, bench.
+"""The ckptio command line: inspect, verify, convert, list, bench.
 
-    ckptio inspect PATH            records and tensors of any torch.save file
-    ckptio verify PATH...          every CRC and structure; exit 0 only if all intact
-    ckptio convert SRC DST         torch.save / safetensors -> ckptio's aligned, checksummed layout
+    ckptio inspect PATH            records, tensors and CRC state of a torch.save file (zip or legacy)
+                                   or of a DCP checkpoint directory
+    ckptio verify PATH...          every CRC and the structure; one line per path; exit 0 only if all whole
+    ckptio convert SRC DST         torch.save / safetensors -> ckptio's aligned, checksummed layout,
+                                   or -> DST.safetensors (tensors only)
     ckptio list DIR [--remote URL] a CheckpointManager's checkpoints per tier: whole / damaged / remote-only
     ckptio bench [--dir D] [--size 1GiB] [--json] [--plot out.png]
+    ckptio --version
+
+A script can rely on this: whatever the input, a command never shows a
+traceback (``--debug`` does); on failure it prints exactly one line to
+stderr and exits with one of the codes below (ckptio.cli_outcome):
+
+    0    ok (verify: every checkpoint whole)
+    1    damaged: a CRC-32 mismatch or broken structure (the only code that means damaged)
+    2    not checked / bad input: missing, a directory, unreadable, not a checkpoint, a legacy
+         file (no checksums), a bad argument, an unwritable destination, an unreachable remote
+    3    bad setting: a CKPTIO_* environment variable ckptio cannot use
+    4    unsafe: a pickle names a global that weights-only loading refuses
+    5    unsupported: what safetensors cannot hold, a missing optional package, an unknown DCP
+         stream transform, a TorchScript archive
+    70   internal error (a bug: rerun with --debug and report it)
+    130  interrupted
+
+Output is plain text whenever stdout is not a terminal: nothing cut to a
+terminal's width, no ANSI codes. docs/cli.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+import traceback
+import warnings
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-if TYPE_CHECKING:
-    import torch
-
-    from .archive import Archive
+from .cli_outcome import EXIT_CODES_HELP, CliFailure, Exit, failure_from
 
 __all__ = ["main"]
 
-
-def _console() -> Any:
-    from ._console import console
-
-    return console()
+# torch warns "Failed to initialize NumPy" when it is imported without numpy
+# (ckptio's base install): ckptio never needs numpy, so the warning is noise.
+_NUMPY_WARNING = "Failed to initialize NumPy"
 
 
-# --- inspect -------------------------------------------------------------------
-
-def _writer_of(arc: Archive, offsets_aligned: bool) -> str:
-    align = arc.records.get(".storage_alignment")
-    if offsets_aligned and align is not None:
-        return "ckptio-compatible (4096-byte aligned payloads)"
-    return "torch.save (or another zip writer)"
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import archive as A
-    from ._console import table as Table
-    from .errors import CkptioError
-
-    console = _console()
-    path = args.path
+def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=_NUMPY_WARNING, category=UserWarning)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
-        arc = A.open_archive(path)
-    except (CkptioError, OSError) as e:
-        console.print(f"[red]{path}: {e}[/red]")
-        return 2
-    crc_ok: dict[str, bool] = {}
-    try:
-        A.RecordReader.of(arc, verify=True, keep=False).finish()
-        crc_ok = {name: True for name in arc.records}
-    except CkptioError as e:
-        bad = getattr(e, "record", None)
-        crc_ok = {name: (name != bad) for name in arc.records}
-        console.print(f"[red]damaged: {e}[/red]")
-    offsets = _data_offsets(path, arc)
-
-    records = Table(f"{path}: records")
-    for col in ("record", "bytes", "offset", "alignment", "CRC-32", "CRC status"):
-        records.add_column(col, justify="right" if col in ("bytes", "offset", "alignment") else "left")
-    for name, r in arc.records.items():
-        off = offsets.get(name)
-        align = _alignment(off) if off is not None else "?"
-        status = "unchecked (0)" if (r.crc == 0 and r.size) else ("ok" if crc_ok.get(name) else "[red]BAD[/red]")
-        records.add_row(name, f"{r.size:,}", f"{off:,}" if off is not None else "?", str(align), f"{r.crc:08x}", status)
-    console.print(records)
-
-    tensors = Table("tensors")
-    for col in ("name", "dtype", "shape", "bytes"):
-        tensors.add_column(col, justify="right" if col == "bytes" else "left")
-    total = 0
-    try:
-        obj = torch.load(path, map_location="meta", weights_only=True)
-        for name, t in _tensors(obj):
-            nbytes = t.numel() * t.element_size()
-            total += nbytes
-            tensors.add_row(name, str(t.dtype).replace("torch.", ""), str(tuple(t.shape)), f"{nbytes:,}")
-        console.print(tensors)
-    except Exception as e:  # a pickle outside weights_only's allowlist: records are still shown
-        console.print(f"(tensors not listed: {type(e).__name__}: {str(e).splitlines()[0][:200]})")
-    aligned = all(o % 4096 == 0 for n, o in offsets.items() if n.startswith("data/"))
-    console.print(f"{len(arc.records)} records, {sum(r.size for r in arc.records.values()):,} payload bytes, "
-                  f"{total:,} tensor bytes, file {arc.file_size:,} bytes; writer: {_writer_of(arc, aligned)}")
-    return 0 if all(crc_ok.values()) else 1
+        _check_settings()
+        return int(args.fn(args))
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the one place a command's failure becomes a line and a code
+        failure = failure_from(e, _subject(args))
+        if debug:
+            traceback.print_exc()
+        print(_line(args.command, failure, _subject(args)), file=sys.stderr, flush=True)
+        return int(failure.code)
 
 
-def _data_offsets(path: str, arc: Archive) -> dict[str, int]:
-    out = {}
-    with open(path, "rb") as f:
-        for name, r in arc.records.items():
-            f.seek(r.header_offset + 26)
-            head = f.read(4)
-            if len(head) == 4:
-                name_and_extra = int.from_bytes(head[:2], "little") + int.from_bytes(head[2:], "little")
-                out[name] = r.header_offset + 30 + name_and_extra
-    return out
+def _line(command: str, failure: CliFailure, subject: str | None) -> str:
+    path = failure.path if failure.path is not None else subject
+    return f"ckptio {command}: {path}: {failure.message}" if path else f"ckptio {command}: {failure.message}"
 
 
-def _alignment(offset: int) -> int:
-    a = 1
-    while offset and offset % (a * 2) == 0 and a < 65536:
-        a *= 2
-    return a if offset else 65536
+def _subject(args: argparse.Namespace) -> str | None:
+    """The path a command's failure line names by default."""
+    for name in ("path", "src", "directory"):
+        value = getattr(args, name, None)
+        if value:
+            return str(value)
+    return None
 
 
-def _tensors(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    import torch
+def _check_settings() -> None:
+    """Every CKPTIO_* variable, validated before any work: a bad one is a bad
+    setting (exit 3), never mistaken for a damaged checkpoint."""
+    from . import config
 
-    if isinstance(obj, torch.Tensor):
-        yield prefix or "<root>", obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}[{i}]")
-
-
-# --- verify --------------------------------------------------------------------
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from . import api
-    from .errors import CkptioError
-
-    failed = 0
-    for path in args.paths:  # one line per file, never wrapped: scripts parse it
-        try:
-            r = api.verify(path)
-            print(f"OK       {path}  ({r.records} records, {r.bytes:,} bytes)", flush=True)
-        except (CkptioError, OSError) as e:
-            failed += 1
-            print(f"DAMAGED  {path}  {' '.join(str(e).split())}", flush=True)
-    return 1 if failed else 0
+    for reader in ("engine_config", "verify_by_default", "staging_config", "remote_read_config",
+                   "remote_copy_config"):
+        fn = getattr(config, reader, None)
+        if fn is not None:
+            fn()
+    config.resolve_snapshot_mode(None)
 
 
 # --- list ------------------------------------------------------------------------
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import os
-
     from .manager import CheckpointManager
 
-    if not os.path.isdir(args.directory) and args.remote is None:
-        print(f"ckptio list: {args.directory}: no such directory", file=sys.stderr)
-        return 2
-    manager = CheckpointManager(args.directory, keep_last=None, remote=args.remote, prefix=args.prefix,
-                                suffix=args.suffix)
+    if not os.path.isdir(args.directory):
+        what = "is not a directory" if os.path.exists(args.directory) else "no such directory"
+        raise CliFailure(Exit.NOT_CHECKED, what)
+    if args.remote is not None and "://" not in args.remote:
+        raise CliFailure(Exit.NOT_CHECKED, f"--remote {args.remote!r} is not a URL: give an fsspec URL prefix such as "
+                                           "s3://bucket/run or file:///path/to/dir", path="")
+    try:
+        manager = CheckpointManager(args.directory, keep_last=None, remote=args.remote, prefix=args.prefix,
+                                    suffix=args.suffix)
+    except ValueError as e:
+        raise CliFailure(Exit.NOT_CHECKED, " ".join(str(e).split()), path="") from e
+    unreachable = None
+    if args.remote is not None:
+        try:
+            manager.remote_steps()  # listed here first: inventory() says "unreachable" but not why
+        except Exception as e:  # noqa: BLE001 - any failure to list the remote tier is reported, with its reason
+            unreachable = f"{type(e).__name__}: {' '.join(str(e).split())}" if str(e) else type(e).__name__
     rows = manager.inventory()
     print(f"{'step':>10}  {'local':<8}  {'remote':<11}  note")  # plain columns: scripts parse it
     for step, local, remote in rows:
         note = "remote-only" if local is None else ("local-only" if remote is None and args.remote else "")
         print(f"{step:>10}  {local or '-':<8}  {remote or '-':<11}  {note}".rstrip(), flush=True)
-    return 0 if any("whole" in (local, remote) for _, local, remote in rows) else 1
+    if unreachable is not None:
+        raise CliFailure(Exit.NOT_CHECKED, f"the remote tier {args.remote} is unreachable: {unreachable}", path="")
+    if not rows:
+        raise CliFailure(Exit.NOT_CHECKED, f"no checkpoints named {args.prefix}<step>{args.suffix} here")
+    if not any("whole" in (local, remote) for _, local, remote in rows):
+        raise CliFailure(Exit.DAMAGED, "damaged: no checkpoint here is whole")
+    return Exit.OK
 
 
-# --- convert -------------------------------------------------------------------
+# --- bench -----------------------------------------------------------------------
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    from . import api
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ._console import console
+    from .bench import check_bench_args, run_bench
 
-    console = _console()
-    src = args.src
-    if src.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise SystemExit("converting a .safetensors file needs safetensors: pip install 'ckptio[cli]'") from None
+    check_bench_args(args)
+    return run_bench(args, console())
 
-        obj = load_file(src)
-    else:
-        obj = api.load(src, weights_only=not args.unsafe, verify=True)
-    result = api.save(obj, args.dst)
-    console.print(f"wrote {args.dst}: {result.bytes:,} bytes, 4096-aligned, CRC-32 on every record "
-                  f"(O_DIRECT: {result.direct_io})")
-    return 0
-
-
-# --- bench ---------------------------------------------------------------------
 
 def _parse_size(text: str) -> int:
     units = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
     t = text.strip().lower()
     num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = t[len(num):]
-    if unit not in units:
-        raise argparse.ArgumentTypeError(f"size {text!r}: use e.g. 512MiB or 1GiB")
-    return int(float(num) * units[unit])
+    try:
+        value = int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"size {text!r}: use e.g. 512MiB or 1GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r}: must be more than 0 bytes")
+    return value
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
 
-    return run_bench(args, _console())
+
+# --- the parser ------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors in one line ("ckptio bench: error: ..."), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(Exit.NOT_CHECKED)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ckptio", description="PyTorch checkpoints at the speed of the disk.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="records and tensors of a checkpoint, with CRC status")
+def _version() -> str:
+    from . import __version__
+
+    return f"ckptio {__version__}"
+
+
+class _VersionAction(argparse.Action):
+    """--version without importing anything it does not need to print it."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_version())
+        parser.exit()
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .cli_convert import cmd_convert
+    from .cli_inspect import cmd_inspect
+    from .cli_verify import cmd_verify
+
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, show the traceback as well")
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="ckptio", description="PyTorch checkpoints at the speed of the disk.", epilog=EXIT_CODES_HELP,
+                     formatter_class=fmt, parents=[common])
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=EXIT_CODES_HELP, formatter_class=fmt,
+                              parents=[common])
+
+    p = command("inspect", "records, tensors and CRC state of a torch.save file (zip or legacy) or a DCP checkpoint "
+                           "directory")
     p.add_argument("path")
     p.set_defaults(fn=cmd_inspect)
-    p = sub.add_parser("verify", help="check every CRC and the structure; exit 0 only if all intact")
-    p.add_argument("paths", nargs="+")
+    p = command("verify", "check every CRC and the structure; one line per path; exit 0 only if all are whole")
+    p.add_argument("paths", nargs="+", metavar="path")
     p.set_defaults(fn=cmd_verify)
-    p = sub.add_parser("list", help="a CheckpointManager directory's checkpoints per tier, with their state")
+    p = command("list", "a CheckpointManager directory's checkpoints per tier, with their state")
     p.add_argument("directory")
     p.add_argument("--remote", default=None, help="the manager's remote tier (an fsspec URL prefix)")
     p.add_argument("--prefix", default="step_")
     p.add_argument("--suffix", default=".pt")
     p.set_defaults(fn=cmd_list)
-    p = sub.add_parser("convert", help="rewrite a torch.save or safetensors file in ckptio's layout")
+    p = command("convert", "rewrite a torch.save or safetensors file in ckptio's layout, or export its tensors to "
+                           "DST.safetensors")
     p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("dst", help="NAME.safetensors writes safetensors; any other name ckptio's layout")
     p.add_argument("--unsafe", action="store_true", help="load SRC with weights_only=False (trusted files only)")
+    p.add_argument("--tensors-only", action="store_true",
+                   help="for .safetensors: leave out values that are not tensors (refused otherwise)")
     p.set_defaults(fn=cmd_convert)
-    p = sub.add_parser("bench", help="save/load/stall against torch.save, Lightning and DCP on this disk")
+    p = command("bench", "save/load/stall against torch.save, Lightning and DCP on this disk")
     p.add_argument("--dir", default=".", help="directory on the disk to measure (default: .)")
     p.add_argument("--size", type=_parse_size, default=_parse_size("1GiB"), help="state size, e.g. 512MiB, 1GiB")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=_positive_int, default=3, help="measured runs per case, after one warm-up")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file, or stdout)")
     p.add_argument("--plot", default=None, help="write a bar chart PNG")
     p.set_defaults(fn=cmd_bench)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+    return parser
 
 
 if __name__ == "__main__":

@@ -1,22 +1,61 @@
-"""The `ckptio` command on real files: output, and exit codes on intact and
-damaged files."""
+"""The `ckptio` command on real files: output, and exit codes on intact,
+damaged and bad inputs.
 
+The exit codes (ckptio.cli_outcome): 0 ok, 1 damaged, 2 not checked / bad
+input, 3 bad setting, 4 unsafe, 5 unsupported. On any bad input a command
+prints exactly one line to stderr and no traceback."""
+
+import argparse
+import collections
 import importlib.util
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 import ckptio
+from ckptio.distributed import StorageWriter
+
+OK, DAMAGED, NOT_CHECKED, BAD_SETTING, UNSAFE, UNSUPPORTED = 0, 1, 2, 3, 4, 5
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "ckptio")
+# No credentials for any object store: `list --remote s3://...` fails at once, the same way everywhere.
+NO_CLOUD = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
+            "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def run(*args, **kwargs):
+def _env(extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "CKPTIO_"))}
+    env.update(NO_CLOUD)
+    env.update(extra or {})
+    return env
+
+
+def run(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "ckptio", *args], capture_output=True, text=True, timeout=600,
-                          **kwargs)
+                          env=_env(env), cwd=cwd)
+
+
+def run_script(*args, env=None, cwd=None):
+    """The installed console script, as a user runs it."""
+    return subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=600, env=_env(env), cwd=cwd)
+
+
+def _flip_payload_byte(src, dst, record="data/0"):
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("/" + record))
+    n = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little")
+    m = int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    data[info.header_offset + 30 + n + m + 5] ^= 0x40
+    dst.write_bytes(bytes(data))
 
 
 @pytest.fixture
@@ -26,80 +65,418 @@ def files(tmp_path):
     theirs = tmp_path / "theirs.pt"
     torch.save({"x": torch.arange(10)}, theirs)
     damaged = tmp_path / "damaged.pt"
-    data = bytearray(ours.read_bytes())
-    with zipfile.ZipFile(ours) as z:
-        header = z.getinfo("ours/data/0").header_offset
-    n = int.from_bytes(data[header + 26 : header + 28], "little")
-    m = int.from_bytes(data[header + 28 : header + 30], "little")
-    data[header + 30 + n + m + 5] ^= 0x40
-    damaged.write_bytes(bytes(data))
+    _flip_payload_byte(ours, damaged)
     return ours, theirs, damaged
 
 
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Every kind of bad input, made once: {name: path}."""
+    d = tmp_path_factory.mktemp("bad")
+    p = {name: d / name for name in (
+        "good.pt", "legacy.pt", "missing.pt", "dir", "trunc.pt", "flip.pt", "random.bin", "x80", "empty.pt",
+        "unsafe.pt", "legacy_unsafe.pt", "legacy_trunc.pt", "plain.zip", "missing.safetensors", "bad.safetensors",
+        "dcp", "dcp_flip", "dcp_no_rank_file", "dcp_bad_metadata", "dcp_unsafe", "distcp_only", "nodir",
+        "empty_dir", "damaged_only")}
+    ckptio.save({"w": torch.randn(16, 4), "step": 3}, p["good.pt"])
+    torch.save({"x": torch.arange(5)}, p["legacy.pt"], _use_new_zipfile_serialization=False)
+    p["dir"].mkdir()
+    p["empty_dir"].mkdir()
+    good = p["good.pt"].read_bytes()
+    p["trunc.pt"].write_bytes(good[: len(good) // 2])
+    _flip_payload_byte(p["good.pt"], p["flip.pt"])
+    p["random.bin"].write_bytes(random.Random(25).randbytes(4096))
+    p["x80"].write_bytes(b"\x80")
+    p["empty.pt"].write_bytes(b"")
+    # argparse.Namespace is outside torch's weights-only allowlist.
+    torch.save({"t": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, p["unsafe.pt"])
+    torch.save({"args": argparse.Namespace(lr=0.1)}, p["legacy_unsafe.pt"], _use_new_zipfile_serialization=False)
+    p["legacy_trunc.pt"].write_bytes(p["legacy.pt"].read_bytes()[:-40])
+    with zipfile.ZipFile(p["plain.zip"], "w") as z:
+        z.writestr("readme.txt", "not a checkpoint")
+    p["bad.safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    state = {"w": torch.randn(8, 8), "b": torch.ones(3), "step": 7}
+    dcp.save(state, storage_writer=StorageWriter(p["dcp"]), no_dist=True)
+    for name in ("dcp_flip", "dcp_no_rank_file", "dcp_bad_metadata", "distcp_only"):
+        shutil.copytree(p["dcp"], p[name])
+    rank_file = p["dcp_flip"] / "__0_0.distcp"
+    data = bytearray(rank_file.read_bytes())
+    data[4096 + 10] ^= 1  # inside the first item's pickle
+    rank_file.write_bytes(bytes(data))
+    (p["dcp_no_rank_file"] / "__0_0.distcp").unlink()
+    (p["dcp_bad_metadata"] / ".metadata").write_bytes(b"\x80\x02garbage")
+    (p["distcp_only"] / ".metadata").unlink()
+    dcp.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, storage_writer=StorageWriter(p["dcp_unsafe"]),
+             no_dist=True)
+    p["damaged_only"].mkdir()
+    shutil.copy(p["flip.pt"], p["damaged_only"] / "step_5.pt")
+    return {name: str(path) for name, path in p.items()}
+
+
+def _settings(code=BAD_SETTING):
+    return [({"CKPTIO_BLOCK_MB": "abc"}, code), ({"CKPTIO_NUM_THREADS": "0"}, code)]
+
+
+def _file_cases(bad, command, extra=()):
+    """(argv, env, expected code) of the bad inputs that inspect and verify share."""
+    b = bad
+    cases = [
+        ([b["missing.pt"]], None, NOT_CHECKED),
+        ([b["dir"]], None, NOT_CHECKED),
+        ([b["trunc.pt"]], None, DAMAGED),
+        ([b["flip.pt"]], None, DAMAGED),
+        ([b["random.bin"]], None, NOT_CHECKED),
+        ([b["x80"]], None, NOT_CHECKED),
+        ([b["empty.pt"]], None, NOT_CHECKED),
+        ([b["unsafe.pt"]], None, UNSAFE),
+        ([b["legacy_unsafe.pt"]], None, UNSAFE),
+        ([b["legacy_trunc.pt"]], None, NOT_CHECKED),
+        ([b["plain.zip"]], None, NOT_CHECKED),
+        ([b["missing.safetensors"]], None, NOT_CHECKED),
+        ([b["dcp_flip"]], None, DAMAGED),
+        ([b["dcp_no_rank_file"]], None, DAMAGED),
+        ([b["dcp_bad_metadata"]], None, DAMAGED),
+        ([b["dcp_unsafe"]], None, UNSAFE),
+        ([b["distcp_only"]], None, NOT_CHECKED),
+        ([b["good.pt"]], {"CKPTIO_BLOCK_MB": "abc"}, BAD_SETTING),
+        ([b["dcp"]], {"CKPTIO_NUM_THREADS": "0"}, BAD_SETTING),
+        ([], None, NOT_CHECKED),  # no path: a usage error
+        *extra,
+    ]
+    return [([command, *argv], env, code) for argv, env, code in cases]
+
+
+# Runs many command lines quickly: imports ckptio (and torch, ~2 s) once, then
+# forks a fresh child per command line, which sets its environment and argv
+# and runs the CLI's main() exactly as `python -m ckptio` does, its stdout and
+# stderr in files. Same code, same exit codes, same output; the console script
+# itself is run by test_console_script_*.
+FORKING_RUNNER = r"""
+import json, os, sys, tempfile
+hide, cases = json.load(sys.stdin)
+sys.modules.update(dict.fromkeys(hide, None))  # as if not installed
+import ckptio.cli
+results = []
+for argv, env in cases:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            os.environ.update(env or {})
+            sys.argv = ["ckptio", *argv]
+            try:
+                code = ckptio.cli.main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        out.seek(0)
+        err.seek(0)
+        results.append([os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                        err.read().decode(errors="replace")])
+json.dump(results, sys.__stdout__)
+"""
+
+
+def run_many(cases, hide=()):
+    """[(argv, env)] -> [CompletedProcess-like results], one forked child each
+    (FORKING_RUNNER), in order; `hide`: modules made unimportable."""
+    proc = subprocess.run([sys.executable, "-c", FORKING_RUNNER], input=json.dumps([list(hide), cases]),
+                          capture_output=True,
+                          text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    return [subprocess.CompletedProcess([], code, out, err) for code, out, err in json.loads(proc.stdout)]
+
+
+def _check_cases(cases, runner=None):
+    """Run every case and check each ends in its code, exactly one stderr
+    line and no traceback. Returns the results."""
+    if runner is None:
+        results = run_many([(argv, env) for argv, env, _ in cases])
+    else:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(lambda case: runner(*case[0], env=case[1]), cases))
+    failures = []
+    for (argv, env, code), out in zip(cases, results):
+        lines = out.stderr.strip().splitlines()
+        problems = []
+        if out.returncode != code:
+            problems.append(f"exit {out.returncode}, expected {code}")
+        if len(lines) != 1:
+            problems.append(f"{len(lines)} stderr lines")
+        if "Traceback" in out.stderr + out.stdout:
+            problems.append("a traceback")
+        if code != DAMAGED and "DAMAGED" in out.stdout:
+            problems.append("DAMAGED for what is not damage")
+        if problems:
+            failures.append(f"ckptio {' '.join(argv)} (env {env}): {', '.join(problems)}\n"
+                            f"  stderr: {out.stderr.strip()!r}\n  stdout tail: {out.stdout[-300:]!r}")
+    assert not failures, "\n".join(failures)
+    return results
+
+
+# --- exit codes on bad inputs: every subcommand ------------------------------------
+
+def test_inspect_bad_inputs(bad):
+    cases = _file_cases(bad, "inspect")
+    assert len(cases) >= 12
+    results = _check_cases(cases)
+    for (argv, _, _), out in zip(cases, results):
+        line = out.stderr.strip()
+        if len(argv) > 1:  # the path is named once, not twice
+            assert line.count(argv[1]) == 1, line
+        assert "central directory" not in line and " 1 bytes" not in line and "\x1b[" not in line + out.stdout
+
+
+def test_verify_bad_inputs_and_never_damaged_for_what_is_not_damage(bad):
+    # Not damage, each of them: a missing file, a directory, a valid legacy
+    # file (loads fine, holds no checksums), a healthy checkpoint under a bad
+    # setting, not a checkpoint at all.
+    not_damage = [([bad["legacy.pt"]], None, NOT_CHECKED),
+                  ([bad["good.pt"], bad["legacy.pt"]], None, NOT_CHECKED)]
+    cases = _file_cases(bad, "verify", extra=not_damage)
+    results = _check_cases(cases)
+    for (argv, _, code), out in zip(cases, results):
+        words = [line.split()[0] for line in out.stdout.splitlines()]
+        assert ("DAMAGED" in words) == (code == DAMAGED), (argv, out.stdout)
+
+
+def test_convert_bad_inputs(bad, tmp_path):
+    b, dst = bad, str(tmp_path / "out.pt")
+    cases = [
+        (["convert", b["missing.pt"], dst], None, NOT_CHECKED),
+        (["convert", b["dir"], dst], None, NOT_CHECKED),
+        (["convert", b["trunc.pt"], dst], None, DAMAGED),
+        (["convert", b["flip.pt"], dst], None, DAMAGED),
+        (["convert", b["random.bin"], dst], None, NOT_CHECKED),
+        (["convert", b["x80"], dst], None, NOT_CHECKED),
+        (["convert", b["empty.pt"], dst], None, NOT_CHECKED),
+        (["convert", b["unsafe.pt"], dst], None, UNSAFE),
+        (["convert", b["legacy_trunc.pt"], dst], None, NOT_CHECKED),
+        (["convert", b["missing.safetensors"], dst], None, NOT_CHECKED),
+        (["convert", b["bad.safetensors"], dst], None, NOT_CHECKED),
+        (["convert", b["good.pt"], os.path.join(b["nodir"], "out.pt")], None, NOT_CHECKED),
+        (["convert", b["good.pt"], b["dir"]], None, NOT_CHECKED),
+        (["convert", b["good.pt"], str(tmp_path / "out.safetensors")], None, UNSUPPORTED),  # "step" is an int
+        (["convert", b["dcp"], dst], None, UNSUPPORTED),
+        (["convert", b["good.pt"], dst], {"CKPTIO_BLOCK_MB": "abc"}, BAD_SETTING),
+        (["convert", b["good.pt"]], None, NOT_CHECKED),
+    ]
+    results = _check_cases(cases)
+    assert not os.path.exists(dst) and not os.path.exists(tmp_path / "out.safetensors")
+    unsafe = results[7].stderr
+    assert "argparse.Namespace" in unsafe and "--unsafe" in unsafe
+    assert "--tensors-only" in results[13].stderr
+    assert "nodir" in results[11].stderr and "does not exist" in results[11].stderr
+
+
+def test_list_bad_inputs(bad):
+    b = bad
+    cases = [
+        (["list", b["nodir"]], None, NOT_CHECKED),
+        (["list", b["good.pt"]], None, NOT_CHECKED),
+        (["list", b["x80"]], None, NOT_CHECKED),
+        (["list", b["empty_dir"]], None, NOT_CHECKED),  # no checkpoints at all
+        (["list", b["damaged_only"]], None, DAMAGED),
+        (["list", b["empty_dir"], "--remote", "/tmp/x"], None, NOT_CHECKED),
+        (["list", b["empty_dir"], "--remote", "relative/dir"], None, NOT_CHECKED),
+        (["list", b["empty_dir"], "--remote", "s3://nobucket"], None, NOT_CHECKED),
+        (["list", b["empty_dir"], "--remote", "nosuchprotocol://x"], None, NOT_CHECKED),
+        (["list", b["damaged_only"]], {"CKPTIO_BLOCK_MB": "abc"}, BAD_SETTING),
+        (["list", b["damaged_only"]], {"CKPTIO_VERIFY": "maybe"}, BAD_SETTING),
+        (["list"], None, NOT_CHECKED),
+        (["list", b["empty_dir"], "--no-such-option"], None, NOT_CHECKED),
+    ]
+    results = _check_cases(cases)
+    assert "not a URL" in results[5].stderr
+    unreachable = results[7].stderr.strip()
+    assert "s3://nobucket is unreachable: " in unreachable and len(unreachable.split("unreachable: ", 1)[1]) > 5
+
+
+def test_bench_bad_inputs(bad, tmp_path):
+    b = bad
+    cases = [
+        (["bench", "--dir", "/nonexistent"], None, NOT_CHECKED),
+        (["bench", "--dir", b["good.pt"]], None, NOT_CHECKED),
+        (["bench", "--reps", "0"], None, NOT_CHECKED),
+        (["bench", "--reps", "-1"], None, NOT_CHECKED),
+        (["bench", "--reps", "abc"], None, NOT_CHECKED),
+        (["bench", "--size", "0"], None, NOT_CHECKED),
+        (["bench", "--size", "lots"], None, NOT_CHECKED),
+        (["bench", "--dir", str(tmp_path), "--json", os.path.join(b["nodir"], "b.json")], None, NOT_CHECKED),
+        (["bench", "--dir", str(tmp_path), "--json", b["dir"]], None, NOT_CHECKED),
+        (["bench", "--dir", str(tmp_path), "--plot", os.path.join(b["nodir"], "b.png")], None, NOT_CHECKED),
+        (["bench", "--dir", str(tmp_path), "--plot", b["dir"]], None, NOT_CHECKED),
+        (["bench", "--dir", str(tmp_path)], {"CKPTIO_BLOCK_MB": "abc"}, BAD_SETTING),
+        (["bench", "--dir", str(tmp_path)], {"CKPTIO_STAGING_SLOTS": "many"}, BAD_SETTING),
+        (["bench", "--no-such-option"], None, NOT_CHECKED),
+    ]
+    _check_cases(cases)
+    assert not os.listdir(tmp_path)  # nothing was measured, nothing left behind
+
+
+def test_top_level_usage_errors_and_version():
+    cases = [([], None, NOT_CHECKED), (["nosuchcommand"], None, NOT_CHECKED)]
+    _check_cases(cases)
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"ckptio {ckptio.__version__}", out
+
+
+def test_help_documents_the_exit_codes():
+    for argv, out in zip(*_many([["--help"], ["verify", "--help"], ["convert", "--help"]])):
+        assert out.returncode == 0
+        for text in ("exit codes:", "1    damaged", "2    not checked", "3    bad setting", "4    unsafe"):
+            assert text in out.stdout, (argv, text)
+
+
+def test_debug_shows_the_traceback(bad):
+    inspect, verify = run_many([(["inspect", bad["trunc.pt"], "--debug"], None), (["--debug", "verify", bad["flip.pt"]],
+                                                                                  None)])
+    assert inspect.returncode == DAMAGED and "Traceback" in inspect.stderr
+    assert inspect.stderr.strip().splitlines()[-1].startswith("ckptio inspect: ")
+    assert verify.returncode == DAMAGED
+
+
+def test_console_script_bad_inputs(bad):
+    """The installed script, on a few of the same inputs."""
+    cases = [(["inspect", bad["x80"]], None, NOT_CHECKED), (["verify", bad["dir"]], None, NOT_CHECKED),
+             (["convert", bad["unsafe.pt"], bad["nodir"] + ".pt"], None, UNSAFE),
+             (["bench", "--reps", "0"], None, NOT_CHECKED)]
+    _check_cases(cases, runner=run_script)
+
+
+def _many(argvs, hide=()):
+    """(argvs, results) of command lines run in order by one FORKING_RUNNER."""
+    return argvs, run_many([(argv, None) for argv in argvs], hide=hide)
+
+
+# --- what the commands show ----------------------------------------------------
+
 def test_inspect_lists_records_and_tensors(files):
     ours, theirs, damaged = files
-    out = run("inspect", str(ours))
+    _, (out, other, bad) = _many([["inspect", str(ours)], ["inspect", str(theirs)], ["inspect", str(damaged)]])
     assert out.returncode == 0, out.stderr
     for text in ("data.pkl", "data/0", "4096", "float32", "(64, 8)", "bfloat16", "ckptio-compatible"):
         assert text in out.stdout, text
-    out = run("inspect", str(theirs))
-    assert out.returncode == 0 and "torch.save" in out.stdout and "int64" in out.stdout
-    out = run("inspect", str(damaged))
-    assert out.returncode == 1 and "BAD" in out.stdout
+    assert other.returncode == 0 and "torch.save" in other.stdout and "int64" in other.stdout
+    assert bad.returncode == 1 and "BAD" in bad.stdout
+    assert bad.stderr.count(str(damaged)) == 1 and "data/0" in bad.stderr
 
 
-def test_verify_exit_codes(files):
-    ours, theirs, damaged = files
-    assert run("verify", str(ours), str(theirs)).returncode == 0
-    out = run("verify", str(ours), str(damaged))
-    assert out.returncode == 1
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("OK") and lines[1].startswith("DAMAGED") and "data/0" in lines[1]
-    assert run("verify", str(ours.parent / "missing.pt")).returncode == 1
+def test_inspect_output_piped_is_whole_and_plain(tmp_path, bad):
+    """Piped (not a TTY): long record names and messages are never cut and hold no ANSI codes."""
+    long_name = "layer_" + "x" * 150
+    path = tmp_path / "long.pt"
+    ckptio.save({long_name: torch.ones(3)}, path)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"c": collections.Counter(a=1), "args": argparse.Namespace(a=1)}, unsafe)
+    _, (out, refused, legacy) = _many([["inspect", str(path)], ["inspect", str(unsafe)], ["inspect", bad["legacy.pt"]]])
+    assert out.returncode == 0 and long_name in out.stdout and "…" not in out.stdout and "\x1b[" not in out.stdout
+    assert refused.returncode == UNSAFE and "argparse.Namespace" in refused.stdout
+    assert "\x1b[" not in refused.stdout + refused.stderr
+    # A legacy (pre-zip) file is inspectable, with what to do about its missing checksums.
+    assert legacy.returncode == 0, legacy.stderr
+    assert "legacy" in legacy.stdout and "int64" in legacy.stdout and "(5,)" in legacy.stdout
+    assert "ckptio convert" in legacy.stdout
 
 
-def test_convert_torch_save_files(files, tmp_path):
-    ours, theirs, damaged = files
-    out = run("convert", str(theirs), str(tmp_path / "converted.pt"))
+def test_inspect_and_verify_a_dcp_directory(bad, tmp_path):
+    stock = tmp_path / "stock"
+    dcp.save({"w": torch.randn(4, 4), "n": 3}, storage_writer=dcp.FileSystemWriter(str(stock)), no_dist=True)
+    _, (out, verify, damaged) = _many([["inspect", bad["dcp"]],
+                                       ["verify", bad["dcp"], str(stock), bad["dcp_flip"], bad["dcp_unsafe"]],
+                                       ["inspect", bad["dcp_flip"]]])
     assert out.returncode == 0, out.stderr
-    assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
-    assert run("convert", str(damaged), str(tmp_path / "no.pt")).returncode != 0  # refuses a damaged source
+    for text in ("__0_0.distcp", "w", "float32", "(8, 8)", "step", "bytes", "ok"):
+        assert text in out.stdout, text
+    lines = verify.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["OK", "OK", "DAMAGED", "UNSAFE"], verify.stdout
+    assert "'w'" in lines[2] and "argparse.Namespace" in lines[3]
+    assert verify.returncode == DAMAGED and verify.stderr.strip() == "ckptio verify: 1 damaged, 1 unsafe (of 4)"
+    assert damaged.returncode == DAMAGED and "BAD" in damaged.stdout and "item 'w'" in damaged.stderr
 
 
-def test_convert_safetensors(tmp_path):
+def test_verify_exit_codes(files, bad):
+    ours, theirs, damaged = files
+    _, (whole, one_bad, missing, legacy) = _many([
+        ["verify", str(ours), str(theirs)], ["verify", str(ours), str(damaged)],
+        ["verify", str(ours.parent / "missing.pt")], ["verify", str(ours), bad["legacy.pt"]]])
+    assert whole.returncode == 0 and not whole.stderr
+    assert one_bad.returncode == 1
+    lines = one_bad.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("OK") and lines[1].startswith("DAMAGED") and "data/0" in lines[1]
+    assert missing.returncode == NOT_CHECKED and missing.stdout.startswith("UNCHECKED")
+    assert legacy.returncode == NOT_CHECKED  # a legacy file holds no checksums: not checked, never damaged
+    assert [line.split()[0] for line in legacy.stdout.splitlines()] == ["OK", "UNCHECKED"]
+    assert "no checksums" in legacy.stdout
+
+
+def test_convert_torch_save_legacy_and_safetensors_files(files, bad, tmp_path):
+    ours, theirs, damaged = files
     safetensors_torch = pytest.importorskip("safetensors.torch")
     safetensors_torch.save_file({"a": torch.randn(5, 5)}, str(tmp_path / "m.safetensors"))
-    assert run("convert", str(tmp_path / "m.safetensors"), str(tmp_path / "from_st.pt")).returncode == 0
+    _, results = _many([["convert", str(theirs), str(tmp_path / "converted.pt")],
+                        ["convert", str(damaged), str(tmp_path / "no.pt")],
+                        ["convert", bad["legacy.pt"], str(tmp_path / "new.pt")],
+                        ["convert", str(tmp_path / "m.safetensors"), str(tmp_path / "from_st.pt")]])
+    converted, refused, legacy, from_st = results
+    assert converted.returncode == 0, converted.stderr
+    assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
+    assert refused.returncode == DAMAGED and not (tmp_path / "no.pt").exists()  # refuses a damaged source
+    assert legacy.returncode == 0, legacy.stderr
+    assert torch.equal(ckptio.load(tmp_path / "new.pt")["x"], torch.arange(5))
+    assert from_st.returncode == 0, from_st.stderr
     ckptio.verify(tmp_path / "from_st.pt")
 
 
-def test_bench_writes_json(tmp_path):
-    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"))
+def test_convert_writes_safetensors(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tied = torch.randn(6, 4)
+    state = {"model": {"embed": tied, "head": tied, "t": torch.randn(4, 6).t(), "layers": [torch.ones(2)]},
+             "step": 10, "name": "run"}
+    src = tmp_path / "ck.pt"
+    ckptio.save(state, src)
+    dst, back = tmp_path / "model.safetensors", tmp_path / "back.pt"
+    _, (refused, out, again) = _many([["convert", str(src), str(dst)],
+                                      ["convert", str(src), str(dst), "--tensors-only"],
+                                      ["convert", str(dst), str(back)]])  # and back again, read as before
+    assert refused.returncode == UNSUPPORTED and "'step'" in refused.stderr and "--tensors-only" in refused.stderr
+    assert out.returncode == 0, out.stderr
+    assert "step, name" in out.stdout and "model.head" in out.stdout  # what was left out, and copied
+    loaded = safetensors_torch.load_file(str(dst))
+    assert sorted(loaded) == ["model.embed", "model.head", "model.layers.0", "model.t"]
+    assert torch.equal(loaded["model.embed"], tied) and torch.equal(loaded["model.head"], tied)
+    assert torch.equal(loaded["model.t"], state["model"]["t"])
+    assert again.returncode == 0, again.stderr
+    assert torch.equal(ckptio.load(back)["model.t"], state["model"]["t"])
+
+
+def test_bench_writes_json_and_plot(tmp_path):
+    plot = importlib.util.find_spec("matplotlib") is not None
+    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"),
+              *(["--plot", str(tmp_path / "b.png")] if plot else []))
     assert out.returncode == 0, out.stderr
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["results"]["ckptio.save (durable)"]["median_s"] > 0
-
-
-def test_bench_plot(tmp_path):
-    pytest.importorskip("matplotlib")
-    out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--plot", str(tmp_path / "b.png"))
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if plot:
+        assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # The base install has none of the [cli] extras: the commands run with rich,
 # matplotlib and safetensors unimportable (as in a venv without them).
-NO_EXTRAS = ("import sys; sys.modules.update(dict.fromkeys(['rich', 'matplotlib', 'safetensors'], None)); "
-             "from ckptio.cli import main; sys.exit(main(sys.argv[1:]))")
-
-
-def run_without_extras(*args):
-    return subprocess.run([sys.executable, "-c", NO_EXTRAS, *args], capture_output=True, text=True, timeout=600)
+CLI_EXTRAS = ("rich", "matplotlib", "safetensors")
 
 
 def test_commands_work_without_the_cli_extras(files, tmp_path):
     ours, theirs, damaged = files
-    out = run_without_extras("inspect", str(ours))
+    converted = tmp_path / "converted.pt"
+    _, (out, bad, verify, convert, plot, st) = _many([
+        ["inspect", str(ours)], ["inspect", str(damaged)], ["verify", str(ours), str(theirs)],
+        ["convert", str(theirs), str(converted)], ["bench", "--plot", str(tmp_path / "p.png")],
+        ["convert", str(theirs), str(tmp_path / "x.safetensors")]], hide=CLI_EXTRAS)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     lines = out.stdout.splitlines()
@@ -107,19 +484,30 @@ def test_commands_work_without_the_cli_extras(files, tmp_path):
                                                                    "CRC", "status"]
     assert any(line.split()[:1] == ["data/0"] and line.split()[-1] == "ok" for line in lines)
     assert any(line.split()[:2] == ["w", "float32"] for line in lines)  # the tensors table
-    bad = run_without_extras("inspect", str(damaged))
     assert bad.returncode == 1 and "BAD" in bad.stdout and "[red]" not in bad.stdout
-    assert run_without_extras("verify", str(ours), str(theirs)).returncode == 0
-    converted = tmp_path / "converted.pt"
-    out = run_without_extras("convert", str(theirs), str(converted))
-    assert out.returncode == 0, out.stderr
+    assert verify.returncode == 0
+    assert convert.returncode == 0, convert.stderr
     assert torch.equal(ckptio.load(converted)["x"], torch.arange(10))
-    plot = run_without_extras("bench", "--plot", str(tmp_path / "p.png"))
-    assert plot.returncode == 1 and "ckptio bench --plot needs matplotlib: pip install 'ckptio[cli]'" in plot.stderr
-    assert "Traceback" not in plot.stderr
+    assert plot.returncode == UNSUPPORTED
+    assert plot.stderr.strip() == "ckptio bench: --plot needs matplotlib: pip install 'ckptio[cli]'"
+    assert st.returncode == UNSUPPORTED and "pip install 'ckptio[cli]'" in st.stderr
+    assert len(st.stderr.strip().splitlines()) == 1 and "Traceback" not in st.stderr
 
 
-CLI_EXTRAS = ("rich", "matplotlib", "safetensors")
+@pytest.mark.xfail(strict=True, reason="torch warns on import, and ckptio/__init__.py imports torch before the CLI "
+                                       "runs: needs the warnings filter around that import (issue 25, item 6)")
+def test_no_numpy_warning_without_numpy(files, tmp_path):
+    """A base install has no numpy; torch then warns "Failed to initialize
+    NumPy" on import. No CLI command may show it."""
+    fake = tmp_path / "no_numpy" / "numpy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'numpy'\")\n")
+    ours, _, _ = files
+    env = {"PYTHONPATH": str(fake.parent)}
+    for argv in (["inspect", str(ours)], ["verify", str(ours)], ["--version"]):
+        out = run_script(*argv, env=env)
+        assert out.returncode == 0, out.stderr
+        assert "NumPy" not in out.stderr, out.stderr
 
 
 def test_console_script_on_this_install(files, tmp_path):
@@ -129,21 +517,18 @@ def test_console_script_on_this_install(files, tmp_path):
     absent = [name for name in CLI_EXTRAS if importlib.util.find_spec(name) is None]
     if os.environ.get("CKPTIO_EXPECT_BASE_INSTALL") == "1":
         assert absent == list(CLI_EXTRAS), "a base install should hold none of the [cli] extras"
-    script = os.path.join(os.path.dirname(sys.executable), "ckptio")
-    assert os.access(script, os.X_OK), f"no console script at {script}"
+    assert os.access(SCRIPT, os.X_OK), f"no console script at {SCRIPT}"
     ours, theirs, damaged = files
 
-    def cli(*args):
-        return subprocess.run([script, *args], capture_output=True, text=True, timeout=600)
-
-    out = cli("inspect", str(ours))
+    out = run_script("inspect", str(ours))
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "data/0" in out.stdout and "float32" in out.stdout
-    assert cli("inspect", str(damaged)).returncode == 1
-    assert cli("verify", str(ours), str(theirs)).returncode == 0
-    out = cli("convert", str(theirs), str(tmp_path / "converted.pt"))
+    assert run_script("inspect", str(damaged)).returncode == 1
+    assert run_script("verify", str(ours), str(theirs)).returncode == 0
+    out = run_script("convert", str(theirs), str(tmp_path / "converted.pt"))
     assert out.returncode == 0, out.stderr
     assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
     if "matplotlib" in absent:
-        plot = cli("bench", "--plot", str(tmp_path / "p.png"))
-        assert plot.returncode == 1 and "pip install 'ckptio[cli]'" in plot.stderr and "Traceback" not in plot.stderr
+        plot = run_script("bench", "--plot", str(tmp_path / "p.png"))
+        assert plot.returncode == UNSUPPORTED and "pip install 'ckptio[cli]'" in plot.stderr
+        assert "Traceback" not in plot.stderr

@@ -23,6 +23,7 @@ stderr and exits with one of the codes below (ckptio.cli_outcome):
          stream transform, a TorchScript archive
     70   internal error (a bug: rerun with --debug and report it)
     130  interrupted
+    141  stdout closed early (| head)
 
 Output is plain text whenever stdout is not a terminal: nothing cut to a
 terminal's width, no ANSI codes. docs/cli.md has the details.
@@ -44,6 +45,9 @@ __all__ = ["main"]
 
 # torch warns "Failed to initialize NumPy" when it is imported without numpy
 # (ckptio's base install): ckptio never needs numpy, so the warning is noise.
+# The filter here covers torch imported from a command; the package's own
+# import of torch (ckptio/__init__.py, which runs before this module) needs
+# the same filter there.
 _NUMPY_WARNING = "Failed to initialize NumPy"
 
 
@@ -57,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.fn(args))
     except SystemExit:
         raise
+    except BrokenPipeError:  # stdout closed early (`ckptio inspect big.pt | head`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return Exit.STDOUT_CLOSED
     except BaseException as e:  # noqa: BLE001 - the one place a command's failure becomes a line and a code
         failure = failure_from(e, _subject(args))
         if debug:

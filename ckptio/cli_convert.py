@@ -61,7 +61,7 @@ def _read_checkpoint(src: str, *, unsafe: bool) -> Any:
     from . import api
     from .errors import CorruptCheckpointError, UnsafeCheckpointError
 
-    kind = checkpoint_kind(src)
+    kind = Kind.ZIP if "://" in src else checkpoint_kind(src)  # a URL: ckptio.load fetches it
     if kind is Kind.DCP:
         raise CliFailure(Exit.UNSUPPORTED, "is a DCP checkpoint directory; convert reads one file (torch's "
                                            "torch.distributed.checkpoint.format_utils.dcp_to_torch_save makes one)")

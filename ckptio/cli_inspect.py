@@ -26,6 +26,9 @@ __all__ = ["cmd_inspect", "dcp_failure"]
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = args.path
+    if "://" in path:
+        raise CliFailure(Exit.UNSUPPORTED, "inspect reads local files and DCP directories; `ckptio verify URL` checks "
+                                           "a remote checkpoint")
     kind = checkpoint_kind(path)
     out = make_console()
     if kind is Kind.DCP:

@@ -26,6 +26,8 @@ code  name            meaning
                       stream transform, a TorchScript archive
 70    INTERNAL        a bug in ckptio (rerun with --debug and report it)
 130   INTERRUPTED     Ctrl-C
+141   STDOUT_CLOSED   the reader of stdout went away (``| head``); nothing on
+                      stderr
 ====  ==============  =========================================================
 
 Only 1 ever means damaged: a script may delete or restore checkpoints on 1 and
@@ -51,6 +53,7 @@ class Exit(enum.IntEnum):
     UNSUPPORTED = 5
     INTERNAL = 70
     INTERRUPTED = 130
+    STDOUT_CLOSED = 141  # as a shell reports a command ended by SIGPIPE
 
 
 # The table --help shows (argparse's epilog); docs/cli.md holds the same.
@@ -66,6 +69,7 @@ EXIT_CODES_HELP = """exit codes:
        an unknown DCP stream transform, a TorchScript archive
   70   internal error (a bug: rerun with --debug and report it)
   130  interrupted
+  141  stdout closed early (| head)
 On failure exactly one line goes to stderr; --debug adds the traceback."""
 
 

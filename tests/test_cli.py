@@ -221,7 +221,7 @@ def _check_cases(cases, runner=None):
 # --- exit codes on bad inputs: every subcommand ------------------------------------
 
 def test_inspect_bad_inputs(bad):
-    cases = _file_cases(bad, "inspect")
+    cases = _file_cases(bad, "inspect", extra=[(["s3://nobucket/step_1.pt"], None, UNSUPPORTED)])
     assert len(cases) >= 12
     results = _check_cases(cases)
     for (argv, _, _), out in zip(cases, results):
@@ -236,7 +236,8 @@ def test_verify_bad_inputs_and_never_damaged_for_what_is_not_damage(bad):
     # file (loads fine, holds no checksums), a healthy checkpoint under a bad
     # setting, not a checkpoint at all.
     not_damage = [([bad["legacy.pt"]], None, NOT_CHECKED),
-                  ([bad["good.pt"], bad["legacy.pt"]], None, NOT_CHECKED)]
+                  ([bad["good.pt"], bad["legacy.pt"]], None, NOT_CHECKED),
+                  (["s3://nobucket/step_1.pt"], None, NOT_CHECKED)]
     cases = _file_cases(bad, "verify", extra=not_damage)
     results = _check_cases(cases)
     for (argv, _, code), out in zip(cases, results):

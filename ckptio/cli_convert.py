@@ -4,7 +4,8 @@ ckptio's aligned, checksummed layout and ``.safetensors``.
     SRC: a torch.save file (loaded weights-only unless --unsafe, every CRC
          checked) or a .safetensors file
     DST: NAME.safetensors -> safetensors (ckptio.safetensors_export states
-         what it can hold); any other name -> ckptio's layout
+         what it can hold; written without the safetensors package);
+         any other name -> ckptio's layout
 
 The destination is checked before the source is read (a typo in it fails at
 once, not after minutes of loading) and written durably: on any failure,
@@ -23,7 +24,7 @@ from .cli_outcome import CliFailure, Exit, counted, failure_from, unsafe_message
 
 __all__ = ["cmd_convert"]
 
-_NEEDS_SAFETENSORS = "needs the safetensors package for .safetensors files: pip install 'ckptio[cli]'"
+_NEEDS_SAFETENSORS = "reading a .safetensors file needs the safetensors package: pip install 'ckptio[cli]'"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -95,10 +96,6 @@ def _read_safetensors(src: str) -> Any:
 
 
 def _write_safetensors(obj: Any, dst: str, *, tensors_only: bool, out: Any) -> int:
-    try:
-        import safetensors.torch  # noqa: F401
-    except ImportError:
-        raise CliFailure(Exit.UNSUPPORTED, _NEEDS_SAFETENSORS) from None
     from .safetensors_export import CannotExportError, export_safetensors
 
     try:

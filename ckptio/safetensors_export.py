@@ -13,20 +13,26 @@ export states its policy rather than guessing:
 - tensors that share or overlap storage (tied weights, views of one buffer)
   are each written as their own copy: the values are exact, but loading the
   file gives separate tensors (re-tie them after loading if the model needs
-  it). Non-contiguous tensors are written contiguous. Both are listed in the
-  result.
+  it); they are listed in the result. Non-contiguous tensors are written
+  contiguous.
 - sparse, quantized, nested and other non-dense tensors, and dtypes
   safetensors has no code for, are refused, naming the tensor.
 
 The file is written under a temporary name, fsynced and renamed into place:
-a failed export leaves whatever was at the destination untouched.
+a failed export leaves whatever was at the destination untouched. It is
+written here, in safetensors' documented layout (an 8-byte header length, a
+JSON header, the tensors' bytes), straight from the tensors' memory: neither
+the safetensors package nor numpy is needed, and no second copy of the
+weights is made.
 """
 
 from __future__ import annotations
 
-import os
+import ctypes
+import json
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -74,44 +80,63 @@ def tensors_for_safetensors(obj: object, *, tensors_only: bool = False) -> tuple
     for name, t in flat.items():
         t = t.detach().cpu()
         storage = t.untyped_storage()
-        shares = storage.data_ptr() in seen_storages and storage.nbytes() > 0
+        if storage.nbytes() and storage.data_ptr() in seen_storages:
+            copied.append(name)  # its bytes are written again for it: safetensors entries never share
         seen_storages.add(storage.data_ptr())
-        whole = t.is_contiguous() and t.storage_offset() == 0 and t.nbytes == storage.nbytes()
-        if shares or not whole:
-            # safetensors refuses tensors that share memory: each is written as its own copy.
-            if shares:
-                copied.append(name)
-            t = t.contiguous().clone()
-        out[name] = t
+        out[name] = t.contiguous()  # a copy only for a non-contiguous view
     nbytes = sum(t.nbytes for t in out.values())
     return out, ExportResult("", len(out), nbytes, left_out, copied)
 
 
 def export_safetensors(obj: object, path: str, *, tensors_only: bool = False) -> ExportResult:
     """Write `obj`'s tensors to `path` (.safetensors), durably; see the module docstring."""
-    from safetensors.torch import save_file
-
-    from ._paths import fsync_directory, temporary_path
+    from ._paths import committed_file
 
     tensors, result = tensors_for_safetensors(obj, tensors_only=tensors_only)
-    tmp = temporary_path(path)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_directory(os.path.dirname(path) or ".")
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    if sys.byteorder != "little":
+        raise CannotExportError("safetensors files are little-endian; exporting on a big-endian machine is not "
+                                "supported")
+    header, order = _layout(tensors)
+    with committed_file(path, site="safetensors") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in order:
+            _write_tensor_bytes(f, tensors[name])
     result.path = path
     return result
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The JSON header (padded with spaces so the data starts 8-byte aligned)
+    and the order the tensors' bytes follow it in: largest element size first,
+    then by name, as safetensors itself writes them, so every tensor starts
+    aligned to its element size."""
+    order = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    entries: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        entries[name] = {"dtype": _DTYPES[str(t.dtype).replace("torch.", "")], "shape": list(t.shape),
+                         "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8), order
+
+
+def _write_tensor_bytes(f: IO[bytes], t: torch.Tensor) -> None:
+    """A contiguous CPU tensor's bytes, written from its memory (no copy, no numpy)."""
+    if t.nbytes:
+        f.write(memoryview((ctypes.c_char * t.nbytes).from_address(t.data_ptr())))
+
+
+# torch dtype name -> safetensors dtype name (safetensors' own table, safetensors.torch._TYPES).
+_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2": "F8_E5M2",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ", "complex64": "C64",
+}
 
 
 def _a(noun: str) -> str:
@@ -141,9 +166,6 @@ def _check_dense(name: str, t: torch.Tensor) -> None:
     if t.layout != torch.strided or t.is_quantized or getattr(t, "is_nested", False):
         raise CannotExportError(f"safetensors holds only dense tensors, and {name!r} is {t.layout} "
                                 f"{'quantized ' if t.is_quantized else ''}{type(t).__name__}")
-    try:
-        from safetensors.torch import _SIZE as supported  # dtype -> size: what safetensors can name
-    except ImportError:  # an older/newer layout of the module: save_file will say
-        return
-    if t.dtype not in supported:
-        raise CannotExportError(f"safetensors has no dtype for {name!r} ({str(t.dtype).replace('torch.', '')})")
+    dtype = str(t.dtype).replace("torch.", "")
+    if dtype not in _DTYPES:
+        raise CannotExportError(f"safetensors has no dtype for {name!r} ({dtype})")

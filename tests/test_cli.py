@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -229,6 +230,7 @@ def test_inspect_bad_inputs(bad):
         if len(argv) > 1:  # the path is named once, not twice
             assert line.count(argv[1]) == 1, line
         assert "central directory" not in line and " 1 bytes" not in line and "\x1b[" not in line + out.stdout
+        assert "[Errno" not in line and not re.search(r"(\b[\w ]{6,}) \[\1\]", line), line  # errno text once
 
 
 def test_verify_bad_inputs_and_never_damaged_for_what_is_not_damage(bad):
@@ -317,6 +319,46 @@ def test_bench_bad_inputs(bad, tmp_path):
     ]
     _check_cases(cases)
     assert not os.listdir(tmp_path)  # nothing was measured, nothing left behind
+
+
+def test_inspect_and_verify_on_cut_and_flipped_files(tmp_path):
+    """A checkpoint cut at every structural boundary and flipped in every
+    region, and one-byte files: inspect and verify end in a documented code
+    with one stderr line, every time. A cut zip checkpoint is damaged; a file
+    too short to start like one is not a checkpoint."""
+    good = tmp_path / "good.pt"
+    ckptio.save({"w": torch.randn(16, 4), "step": 3}, good)
+    data = good.read_bytes()
+    with zipfile.ZipFile(good) as z:
+        headers = [i.header_offset for i in z.infolist()]
+    n = len(data)
+    # the local headers, a payload, the directory, the zip64 end record and locator, the classic end record
+    boundaries = sorted({0, 1, 3, 4, 30, *headers[1:4], headers[-1] + 40, n - 98, n - 42, n - 22, n - 1})
+    cases, expected = [], []
+    for cut in boundaries:
+        (tmp_path / f"cut{cut}").write_bytes(data[:cut])
+        cases.append(str(tmp_path / f"cut{cut}"))
+        expected.append(DAMAGED if cut >= 4 else NOT_CHECKED)
+    rng = random.Random(25)
+    for at in sorted({0, 2, 8, 26, headers[1] + 3, headers[1] + 31, 4096 + 1, n - 90, n - 60, n - 30, n - 10,
+                      *(rng.randrange(n) for _ in range(6))}):
+        flipped = bytearray(data)
+        flipped[at] ^= 0xFF
+        (tmp_path / f"flip{at}").write_bytes(bytes(flipped))
+        cases.append(str(tmp_path / f"flip{at}"))
+        expected.append(None)  # damaged, not a checkpoint, or (a flip in padding) whole
+    for byte in (0x00, 0x50, 0x80, 0xFF):
+        (tmp_path / f"byte{byte}").write_bytes(bytes([byte]))
+        cases.append(str(tmp_path / f"byte{byte}"))
+        expected.append(NOT_CHECKED)
+    argvs = [[command, path] for command in ("inspect", "verify") for path in cases]
+    _, results = _many(argvs)
+    for argv, code, out in zip(argvs, expected * 2, results):
+        assert out.returncode in ((OK, DAMAGED, NOT_CHECKED, UNSAFE) if code is None else (code,)), (argv, out)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == (out.returncode != OK), (
+            argv, out.stderr)
+        if argv[0] == "verify":
+            assert out.stdout.startswith("DAMAGED") == (out.returncode == DAMAGED), (argv, out.stdout)
 
 
 def test_top_level_usage_errors_and_version():
@@ -455,6 +497,32 @@ def test_convert_writes_safetensors(tmp_path):
     assert torch.equal(ckptio.load(back)["model.t"], state["model"]["t"])
 
 
+def test_safetensors_export_every_dtype_exact(tmp_path):
+    """Every dtype safetensors names, views, non-contiguous, 0-dim and empty
+    tensors: bit-exact through safetensors' own reader."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    base = torch.arange(100.0)
+    state = {"f64": torch.randn(3, dtype=torch.float64), "f16": torch.randn(4).half(),
+             "bf16": torch.randn(7).bfloat16(), "bool": torch.rand(5) > 0.5, "u8": torch.arange(6, dtype=torch.uint8),
+             "i8": torch.arange(3, dtype=torch.int8),
+             "i16": torch.arange(3, dtype=torch.int16), "i32": torch.arange(3, dtype=torch.int32),
+             "u16": torch.arange(9).to(torch.uint16), "u32": torch.arange(9).to(torch.uint32),
+             "u64": torch.arange(9).to(torch.uint64), "c64": torch.randn(3, dtype=torch.complex64),
+             "f8": torch.randn(3).to(torch.float8_e4m3fn), "f8b": torch.randn(3).to(torch.float8_e5m2),
+             "scalar": torch.tensor(2.0), "empty": torch.empty(0, 3), "t": torch.randn(5, 6).t(),
+             "view": base[10:20], "view2": base[50:], "strided": base[::7]}
+    from ckptio.safetensors_export import export_safetensors
+
+    result = export_safetensors(state, str(tmp_path / "all.safetensors"))
+    assert sorted(result.copied_shared) == ["strided", "view2"]  # views of "view"'s storage
+    loaded = safetensors_torch.load_file(str(tmp_path / "all.safetensors"))
+    assert sorted(loaded) == sorted(state)
+    for name, t in state.items():
+        got = loaded[name]
+        assert got.dtype == t.dtype and got.shape == t.shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), t.contiguous().reshape(-1).view(torch.uint8)), name
+
+
 def test_bench_writes_json_and_plot(tmp_path):
     plot = importlib.util.find_spec("matplotlib") is not None
     out = run("bench", "--dir", str(tmp_path), "--size", "16MiB", "--reps", "1", "--json", str(tmp_path / "b.json"),
@@ -473,11 +541,12 @@ CLI_EXTRAS = ("rich", "matplotlib", "safetensors")
 
 def test_commands_work_without_the_cli_extras(files, tmp_path):
     ours, theirs, damaged = files
-    converted = tmp_path / "converted.pt"
-    _, (out, bad, verify, convert, plot, st) = _many([
+    converted, exported = tmp_path / "converted.pt", tmp_path / "x.safetensors"
+    _, (out, bad, verify, convert, plot, export, read_st) = _many([
         ["inspect", str(ours)], ["inspect", str(damaged)], ["verify", str(ours), str(theirs)],
         ["convert", str(theirs), str(converted)], ["bench", "--plot", str(tmp_path / "p.png")],
-        ["convert", str(theirs), str(tmp_path / "x.safetensors")]], hide=CLI_EXTRAS)
+        ["convert", str(theirs), str(exported)], ["convert", str(exported), str(tmp_path / "back.pt")]],
+        hide=CLI_EXTRAS)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
     lines = out.stdout.splitlines()
@@ -491,8 +560,13 @@ def test_commands_work_without_the_cli_extras(files, tmp_path):
     assert torch.equal(ckptio.load(converted)["x"], torch.arange(10))
     assert plot.returncode == UNSUPPORTED
     assert plot.stderr.strip() == "ckptio bench: --plot needs matplotlib: pip install 'ckptio[cli]'"
-    assert st.returncode == UNSUPPORTED and "pip install 'ckptio[cli]'" in st.stderr
-    assert len(st.stderr.strip().splitlines()) == 1 and "Traceback" not in st.stderr
+    assert export.returncode == 0, export.stderr  # writing .safetensors needs neither safetensors nor numpy
+    assert read_st.returncode == UNSUPPORTED and "pip install 'ckptio[cli]'" in read_st.stderr
+    assert len(read_st.stderr.strip().splitlines()) == 1 and "Traceback" not in read_st.stderr
+    if importlib.util.find_spec("safetensors") is not None:
+        from safetensors.torch import load_file
+
+        assert torch.equal(load_file(str(exported))["x"], torch.arange(10))
 
 
 @pytest.mark.xfail(strict=True, reason="torch warns on import, and ckptio/__init__.py imports torch before the CLI "
@@ -502,7 +576,7 @@ def test_no_numpy_warning_without_numpy(files, tmp_path):
     NumPy" on import. No CLI command may show it."""
     fake = tmp_path / "no_numpy" / "numpy"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'numpy'\")\n")
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\", name='numpy')\n")
     ours, _, _ = files
     env = {"PYTHONPATH": str(fake.parent)}
     for argv in (["inspect", str(ours)], ["verify", str(ours)], ["--version"]):

@@ -28,8 +28,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import threading
-import time
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
@@ -130,8 +128,9 @@ class CheckpointManager:
         handle completes once the copy has settled (``handle.local``, once
         the file is durable). The copy runs in the tier's own lane: this
         call, the local write and loads of the file never wait for it.
-        Synchronous (async_save=False), the call waits for the copy too,
-        bounded by CKPTIO_REMOTE_COPY_TIMEOUT_S."""
+        Synchronous (async_save=False), the call returns once the file is
+        durable; its ``remote`` is then ``pending`` (``wait()`` settles it,
+        ``last_remote_step`` says what the remote tier holds)."""
         if self._closed:
             raise CkptioError("CheckpointManager is closed")
         path = self.path_for(step)
@@ -141,7 +140,7 @@ class CheckpointManager:
             result = api.save(state, path)
             self._after_durable(step)
             if copy_remotely:
-                result = dataclasses.replace(result, remote=self._copy_and_wait(path))
+                result = dataclasses.replace(result, remote=self._copy_in_the_lane(path))
             return result
         if copy_remotely:
             assert self.remote is not None  # copy_remotely says there is a tier
@@ -167,27 +166,13 @@ class CheckpointManager:
                     except FileNotFoundError:
                         pass
 
-    def _copy_and_wait(self, path: str) -> RemoteCopy:
+    def _copy_in_the_lane(self, path: str) -> RemoteCopy:
         """A synchronous save's remote copy: queued in the lane like any
-        other, and waited for, but no longer than the copies ahead of it and
-        its own can take (CKPTIO_REMOTE_COPY_TIMEOUT_S each)."""
+        other (it warns if it fails); the save does not wait for it."""
         assert self.remote is not None  # called for a manager with a remote tier
-        from .config import remote_copy_config
-
-        settled: list[RemoteCopy] = []
-        event = threading.Event()
-        url = self.remote.url_for(os.path.basename(path))
-        start = time.perf_counter()
-
-        def settle(copy: RemoteCopy) -> None:
-            settled.append(copy)
-            event.set()
-
-        self.remote.lane.submit(os.path.basename(path), path, settle)
-        if event.wait(2 * remote_copy_config().copy_timeout_s + 1):
-            return settled[0]
-        return RemoteCopy(url, time.perf_counter() - start,
-                          TimeoutError(f"the copy to {url} is still queued behind a hung one; it goes on in the lane"))
+        name = os.path.basename(path)
+        self.remote.lane.submit(name, path, lambda copy: None)
+        return RemoteCopy(self.remote.url_for(name), 0.0, pending=True)
 
     def _remote_committed(self, name: str, keep: frozenset[str]) -> None:
         """In the remote lane, after a copy is whole and `latest` names it:

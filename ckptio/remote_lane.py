@@ -55,14 +55,17 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class RemoteCopy:
     """How a checkpoint's remote copy went: committed after `seconds`, or
-    `error` (a CopySkipped when a newer copy took its place)."""
+    `error` (a CopySkipped when a newer copy took its place), or still
+    `pending` in the lane (a synchronous save reports before its copy
+    settles: see CheckpointManager.save)."""
     url: str
     seconds: float
     error: Optional[BaseException] = None
+    pending: bool = False
 
     @property
     def committed(self) -> bool:
-        return self.error is None
+        return self.error is None and not self.pending
 
 
 class Tier(Protocol):

@@ -207,6 +207,33 @@ def test_the_copy_deadline_holds_when_a_request_never_times_out(s3_behind_relay,
     assert_state(ckptio.load(f"{REMOTE}/{named}"), int(named[5:-3]))
 
 
+def test_synchronous_saves_do_not_wait_for_a_hung_remote(s3_behind_relay, tmp_path, monkeypatch):
+    """async_save=False: durable locally when save() returns, the copy left
+    pending in the lane, never the network's timeouts on the caller."""
+    fs, relay = s3_behind_relay
+    monkeypatch.setenv("CKPTIO_REMOTE_TIMEOUT_S", "3600")
+    manager = ckptio.CheckpointManager(tmp_path / "run", keep_last=3, remote=REMOTE, async_save=False)
+    relay.pause()
+    try:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            for step in (1, 2, 3):
+                start = time.monotonic()
+                result = manager.save(step, make_state(step))
+                assert time.monotonic() - start < QUICK_S
+                assert result.remote.pending and not result.remote.committed
+                assert_state(ckptio.load(manager.path_for(step)), step)
+            assert manager.wait(timeout=0.5)  # the copies are still pending, and wait() says so
+    finally:
+        relay.resume()
+    assert manager.wait(timeout=60) == []
+    assert manager.last_remote_step == 3
+    fs.invalidate_cache()
+    assert fs.cat_file("ckpts/run/latest").decode().strip() == "step_3.pt"
+    assert_state(ckptio.load(f"{REMOTE}/step_3.pt"), 3)
+    manager.close()
+
+
 EXIT_RIGHT_AFTER_A_SAVE = """
 import sys, time, fsspec, ckptio
 fsspec.config.conf["s3"] = {"endpoint_url": sys.argv[2], "key": "testing", "secret": "testing"}

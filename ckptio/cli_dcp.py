@@ -207,10 +207,16 @@ def _check_transformed(path: str, c: Chunk, reader: Any) -> None:
     with open(path, "rb") as f:
         f.seek(c.offset)
         raw = f.read(c.length)
+    names = ", ".join(c.transforms)
     try:
-        data = reader.transforms.transform_load_stream(None, c.transforms, io.BytesIO(raw)).read(-1)
+        stream = reader.transforms.transform_load_stream(None, c.transforms, io.BytesIO(raw))
     except Exception as e:  # noqa: BLE001 - an unknown extension, or its module missing
-        _mark([c], UNCHECKED, f"cannot undo stream transform {', '.join(c.transforms)}: {plain(str(e))}")
+        _mark([c], UNCHECKED, f"cannot undo stream transform {names}: {plain(str(e))}")
+        return
+    try:
+        data = stream.read(-1)
+    except Exception as e:  # noqa: BLE001 - a known transform that cannot decode these bytes
+        _mark([c], DAMAGED, f"stream transform {names} cannot decode the item: {plain(str(e))}")
         return
     try:
         with zipfile.ZipFile(io.BytesIO(bytes(data))) as z:
@@ -218,11 +224,10 @@ def _check_transformed(path: str, c: Chunk, reader: Any) -> None:
             pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
             pickle_bytes = z.read(pkl) if pkl and bad is None else None
     except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        _mark([c], DAMAGED, f"decoded with {', '.join(c.transforms)}, it is not a torch.save archive ({e})")
+        _mark([c], DAMAGED, f"decoded with {names}, it is not a torch.save archive ({e})")
         return
     if bad is not None:
-        _mark([c], DAMAGED, f"CRC-32 mismatch in record {bad.split('/', 1)[-1]!r} (decoded with "
-                            f"{', '.join(c.transforms)})")
+        _mark([c], DAMAGED, f"CRC-32 mismatch in record {bad.split('/', 1)[-1]!r} (decoded with {names})")
     elif pickle_bytes is not None:
         _mark_pickle(c, pickle_bytes)
 

@@ -442,6 +442,24 @@ def test_inspect_and_verify_a_dcp_directory(bad, tmp_path):
     assert damaged.returncode == DAMAGED and "BAD" in damaged.stdout and "item 'w'" in damaged.stderr
 
 
+def test_verify_a_compressed_dcp_directory(tmp_path):
+    """Items written through a stream transform (ZStandard) are decoded and
+    their CRCs checked; bytes the codec cannot decode are damage."""
+    ZStandard = pytest.importorskip("torch.distributed.checkpoint._extension").ZStandard
+    if not ZStandard.is_available():
+        pytest.skip("no zstd module")
+    whole, flipped = tmp_path / "z", tmp_path / "z_flipped"
+    dcp.save({"w": torch.randn(8, 8), "step": 3}, storage_writer=StorageWriter(whole, _extensions=[ZStandard()]),
+             no_dist=True)
+    shutil.copytree(whole, flipped)
+    data = bytearray((flipped / "__0_0.distcp").read_bytes())
+    data[60] ^= 1  # inside the first item's compressed bytes
+    (flipped / "__0_0.distcp").write_bytes(bytes(data))
+    _, (ok, damaged) = _many([["verify", str(whole)], ["verify", str(flipped)]])
+    assert ok.returncode == 0 and ok.stdout.startswith("OK"), ok
+    assert damaged.returncode == DAMAGED and "'w'" in damaged.stdout and "stream.zstd" in damaged.stdout, damaged
+
+
 def test_verify_exit_codes(files, bad):
     ours, theirs, damaged = files
     _, (whole, one_bad, missing, legacy) = _many([

@@ -67,32 +67,21 @@ class DcpCheck:
 
 
 def check_dcp(directory: str) -> DcpCheck:
-    """Read and check the DCP checkpoint in `directory`. A ``.metadata`` that
+    """Read and check the DCP checkpoint in `directory`. A metadata file that
     cannot be read raises CliFailure (DAMAGED, UNSAFE, ...)."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
+    from .cli_files import dcp_metadata_files
     from .distributed import StorageReader, _rank_of
 
     reader = StorageReader(directory)
-    try:
-        metadata = reader.read_metadata()
-    except Exception as e:
-        raise _metadata_failure(e, directory) from e
-    entries: dict[str, Entry] = {}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            entries[fqn] = Entry(fqn, "bytes")
-        else:
-            entries[fqn] = Entry(fqn, "tensor", str(md.properties.dtype).replace("torch.", ""), tuple(md.size))
+    entries: dict[tuple[str, str], Entry] = {}
     by_file: dict[str, list[Chunk]] = {}
-    for index, info in (metadata.storage_data or {}).items():
-        rel = os.fspath(info.relative_path) if isinstance(info.relative_path, (str, os.PathLike)) else str(
-            info.relative_path)
-        entry = entries.setdefault(index.fqn, Entry(index.fqn, "?"))
-        chunk = Chunk(index.fqn, rel, _rank_of(rel), int(info.offset), int(info.length),
-                      tuple(getattr(info, "transform_descriptors", None) or ()), entry.kind)
-        entry.chunks.append(chunk)
-        by_file.setdefault(rel, []).append(chunk)
+    for name in dcp_metadata_files(directory):
+        rank = None if name == ".metadata" else int(name[2:].split(".")[0])
+        try:
+            metadata = reader.read_metadata(rank=rank)
+        except Exception as e:
+            raise _metadata_failure(e, directory, name) from e
+        _add_items(metadata, name, entries, by_file, _rank_of)
     files: dict[str, tuple[int | str, int | None]] = {}
     for rel, chunks in sorted(by_file.items()):
         chunks.sort(key=lambda c: c.offset)
@@ -100,14 +89,35 @@ def check_dcp(directory: str) -> DcpCheck:
     return DcpCheck(directory, files, list(entries.values()))
 
 
-def _metadata_failure(e: Exception, directory: str) -> CliFailure:
-    """A .metadata that cannot be read, named as the part of the checkpoint it is."""
-    failure = failure_from(e, os.path.join(directory, ".metadata"))
+def _add_items(metadata: Any, source: str, entries: dict[tuple[str, str], Entry], by_file: dict[str, list[Chunk]],
+               rank_of: Any) -> None:
+    """The items one metadata file describes, and the chunks of each rank file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, BytesStorageMetadata):
+            entries[(source, fqn)] = Entry(fqn, "bytes")
+        else:
+            entries[(source, fqn)] = Entry(fqn, "tensor", str(md.properties.dtype).replace("torch.", ""),
+                                           tuple(md.size))
+    for index, info in (metadata.storage_data or {}).items():
+        rel = os.fspath(info.relative_path) if isinstance(info.relative_path, (str, os.PathLike)) else str(
+            info.relative_path)
+        entry = entries.setdefault((source, index.fqn), Entry(index.fqn, "?"))
+        chunk = Chunk(index.fqn, rel, rank_of(rel), int(info.offset), int(info.length),
+                      tuple(getattr(info, "transform_descriptors", None) or ()), entry.kind)
+        entry.chunks.append(chunk)
+        by_file.setdefault(rel, []).append(chunk)
+
+
+def _metadata_failure(e: Exception, directory: str, name: str) -> CliFailure:
+    """A metadata file that cannot be read, named as the part of the checkpoint it is."""
+    failure = failure_from(e, os.path.join(directory, name))
     word, rest = "", failure.message
     for prefix in ("damaged: ", "unsafe: ", "bad setting: "):
         if rest.startswith(prefix):
             word, rest = prefix, rest[len(prefix):]
-    return CliFailure(failure.code, f"{word}.metadata: {rest}")
+    return CliFailure(failure.code, f"{word}{name}: {rest}")
 
 
 def _check_file(directory: str, rel: str, chunks: list[Chunk], reader: Any) -> int | None:

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 
 from .cli_outcome import CliFailure, Exit, counted, os_error_message
 
-__all__ = ["Kind", "checkpoint_kind", "is_dcp_directory", "convert_hint"]
+__all__ = ["Kind", "checkpoint_kind", "is_dcp_directory", "dcp_metadata_files", "convert_hint"]
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # torch's legacy format opens with a pickled magic number: PROTO n, then
 # LONG1 0x1950a86a20f9469cfc6c (torch.serialization.MAGIC_NUMBER).
 _LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 _FRAME = 0x95  # pickle protocol 4+ may frame the stream first: FRAME + 8-byte length
+# A DCP save without collectives (torch >= 2.9) writes one metadata file per rank.
+_RANK_METADATA = re.compile(r"__(\d+)\.metadata")
+
 
 def convert_hint(path: str) -> str:
     """What to do with a legacy file, which holds no checksums."""
@@ -32,7 +36,17 @@ class Kind(enum.Enum):
 
 
 def is_dcp_directory(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+    """A directory holding DCP's ``.metadata``, or the per-rank
+    ``__<rank>.metadata`` files of a save without collectives (torch >= 2.9)."""
+    return os.path.isdir(path) and bool(dcp_metadata_files(path))
+
+
+def dcp_metadata_files(path: str) -> list[str]:
+    """``[".metadata"]``, or the per-rank metadata files by rank; [] if none."""
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return [".metadata"]
+    per_rank = [(int(m.group(1)), name) for name in _listing(path) if (m := _RANK_METADATA.fullmatch(name))]
+    return [name for _, name in sorted(per_rank)]
 
 
 def checkpoint_kind(path: str) -> Kind:

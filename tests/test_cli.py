@@ -460,6 +460,20 @@ def test_verify_a_compressed_dcp_directory(tmp_path):
     assert damaged.returncode == DAMAGED and "'w'" in damaged.stdout and "stream.zstd" in damaged.stdout, damaged
 
 
+def test_verify_a_dcp_directory_saved_without_collectives(tmp_path):
+    """torch >= 2.9 saves without collectives as one __<rank>.metadata per rank, no .metadata."""
+    import inspect
+
+    if "use_collectives" not in inspect.signature(dcp.save).parameters:
+        pytest.skip("this torch has no saves without collectives")
+    dcp.save({"w": torch.randn(4, 4), "s": 3}, storage_writer=StorageWriter(tmp_path / "ck"), no_dist=True,
+             use_collectives=False)
+    assert not (tmp_path / "ck" / ".metadata").exists() and (tmp_path / "ck" / "__0.metadata").exists()
+    _, (verify, out) = _many([["verify", str(tmp_path / "ck")], ["inspect", str(tmp_path / "ck")]])
+    assert verify.returncode == 0 and verify.stdout.startswith("OK"), verify
+    assert out.returncode == 0 and "__0_0.distcp" in out.stdout and "(4, 4)" in out.stdout, out
+
+
 def test_verify_exit_codes(files, bad):
     ours, theirs, damaged = files
     _, (whole, one_bad, missing, legacy) = _many([

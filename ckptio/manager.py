@@ -86,6 +86,10 @@ class CheckpointManager:
         self.directory = normalize_path(directory)
         self.keep_last = keep_last
         self.async_save = async_save
+        if async_save:  # staging memory faulted in at the first optimizer step, not at the first save
+            from .background import reserve_before_saves
+
+            reserve_before_saves()
         self._prefix, self._suffix = prefix, suffix
         self._pattern = re.compile(rf"^{re.escape(prefix)}(\d+){re.escape(suffix)}$")
         make_directories(self.directory)

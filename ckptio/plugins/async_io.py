@@ -55,7 +55,10 @@ class AsyncCheckpointIO(CheckpointIO):
                  snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1) -> None:
         """`reserve`: a state like the checkpoints to come (or their tensor
         bytes) to fault the staging memory in for, in the background, now
-        (see ckptio.reserve_staging); by default the first save sizes it.
+        (see ckptio.reserve_staging); by default the first optimizer step
+        sizes it from the optimizers' parameters and state, also in the
+        background (see ckptio.early_reserve): no save pays for first-touch
+        page faults on the training thread.
 
         `snapshot`: "eager" or "lazy" (see ckptio.async_save); None reads
         CKPTIO_SNAPSHOT at each save (default "eager").
@@ -81,10 +84,11 @@ class AsyncCheckpointIO(CheckpointIO):
         if snapshot is not None:
             resolve_snapshot_mode(snapshot)  # a bad value fails here, not at the first save
         self.snapshot = snapshot
-        if reserve is not None:
-            from ..background import reserve_staging
+        from ..background import reserve_before_saves, reserve_staging
 
+        if reserve is not None:
             reserve_staging(reserve)
+        reserve_before_saves()
         if checkpoint_io is None:
             from .fast_io import FastCheckpointIO
 

@@ -15,7 +15,7 @@ from .cli_outcome import CliFailure, Exit, failure_from, plain
 if TYPE_CHECKING:
     from .archive import Archive
 
-__all__ = ["ZipCheck", "check_zip", "LegacyCheck", "check_legacy", "refused_globals"]
+__all__ = ["ZipCheck", "check_zip", "LegacyCheck", "check_legacy", "refused_globals", "unreadable_zip"]
 
 
 @dataclass
@@ -46,10 +46,7 @@ def check_zip(path: str, *, every_record: bool = False) -> ZipCheck:
     try:
         arc = A.open_archive(path)
     except CorruptCheckpointError as e:
-        if not _is_torch_zip(path):
-            raise CliFailure(Exit.NOT_CHECKED, "a zip archive, but not a torch.save checkpoint (it has no data.pkl "
-                                               "record)") from e
-        raise failure_from(e, path) from e
+        raise unreadable_zip(path, e) from e
     check = ZipCheck(arc)
     try:
         A.RecordReader.of(arc, verify=True, keep=False).finish()
@@ -68,17 +65,30 @@ def check_zip(path: str, *, every_record: bool = False) -> ZipCheck:
     return check
 
 
-def _is_torch_zip(path: str) -> bool:
-    """Whether a zip archive that ckptio's reader rejected lists a data.pkl
-    (a torch checkpoint, damaged) or none (some other zip file). A zip
-    Python cannot even open counts as a damaged checkpoint."""
+def unreadable_zip(path: str, e: Exception) -> CliFailure:
+    """What a zip archive that ckptio's reader rejected is: a damaged
+    checkpoint (DAMAGED), or an intact zip that is no torch.save checkpoint:
+    a TorchScript archive, compressed records (zipped by another tool), no
+    data.pkl at all (UNSUPPORTED / NOT_CHECKED). A zip that Python's zipfile
+    cannot open either counts as a damaged checkpoint."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as z:
-            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in z.namelist())
+            infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return True
+        return failure_from(e, path)
+    names = [i.filename for i in infos]
+    if any(n.endswith("/constants.pkl") for n in names):
+        return CliFailure(Exit.UNSUPPORTED, "a TorchScript archive (torch.jit.save): load it with torch.jit.load; "
+                                            "ckptio reads torch.save checkpoints")
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
+        return CliFailure(Exit.NOT_CHECKED, "a zip archive, but not a torch.save checkpoint (it has no data.pkl "
+                                            "record)")
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+        return CliFailure(Exit.UNSUPPORTED, "a zip archive with compressed records (torch.save stores them "
+                                            "uncompressed: was it re-zipped by another tool?)")
+    return failure_from(e, path)
 
 
 def refused_globals(pickle_bytes: bytes) -> list[str]:

@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from ._console import console as make_console, escape
-from .cli_checks import check_legacy
+from .cli_checks import check_legacy, unreadable_zip
 from .cli_files import Kind, checkpoint_kind
 from .cli_outcome import CliFailure, Exit, counted, failure_from, unsafe_message
 
@@ -72,6 +72,8 @@ def _read_checkpoint(src: str, *, unsafe: bool) -> Any:
         raise CliFailure(Exit.UNSAFE, unsafe_message(
             e.refused, str(e), hint="if you trust the file, pass --unsafe to load it with weights_only=False")) from e
     except CorruptCheckpointError as e:
+        if kind is Kind.ZIP:
+            raise unreadable_zip(src, e) from e
         if kind is Kind.LEGACY:  # no checksums: torch's reader failing is no proof of damage
             problem = check_legacy(src).problem or failure_from(e, src).message
             raise CliFailure(Exit.NOT_CHECKED, f"a legacy torch.save file that torch.load cannot read: {problem}"

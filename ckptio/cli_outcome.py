@@ -89,6 +89,7 @@ def failure_from(exc: BaseException, path: str | None = None) -> CliFailure:
     """The exit code and plain one-line message for any exception a command
     met while working on `path` (None: no particular path)."""
     from .errors import (
+        CkptioError,
         ConfigError,
         CorruptCheckpointError,
         SaveCancelledError,
@@ -111,7 +112,10 @@ def failure_from(exc: BaseException, path: str | None = None) -> CliFailure:
     if isinstance(exc, OSError):  # CheckpointIOError included
         return CliFailure(Exit.NOT_CHECKED, os_error_message(exc, path))
     if isinstance(exc, ImportError) and exc.name:
-        return CliFailure(Exit.UNSUPPORTED, f"needs the Python package {exc.name!r}, which is not installed")
+        return CliFailure(Exit.UNSUPPORTED, f"needs the Python package {exc.name!r}, which is not installed "
+                                            f"(pip install {exc.name.split('.')[0]})")
+    if isinstance(exc, CkptioError):  # what ckptio does not read, e.g. a TorchScript archive
+        return CliFailure(Exit.UNSUPPORTED, plain(str(exc), path))
     return CliFailure(Exit.INTERNAL, f"internal error: {type(exc).__name__}: {plain(str(exc), path)} "
                                      "(a bug in ckptio: rerun with --debug and report the traceback)")
 
@@ -137,8 +141,14 @@ _OS_WORDS = {
 
 
 def os_error_message(exc: OSError, path: str | None) -> str:
-    """An OSError in words, without "[Errno N]" or the strerror said twice."""
-    words = _OS_WORDS.get(exc.errno or 0) or (exc.strerror or "").strip() or plain(str(exc), path)
+    """An OSError in words, without "[Errno N]" or the strerror said twice:
+    ckptio's own text when it wrote one (it says more), else the errno's."""
+    from .errors import CkptioError
+
+    if isinstance(exc, CkptioError) and exc.strerror:
+        words = plain(exc.strerror, path)
+    else:
+        words = _OS_WORDS.get(exc.errno or 0) or plain(exc.strerror or str(exc), path)
     where = exc.filename if exc.filename is not None else None
     if where is not None and os.fspath(where) != path:
         return f"{os.fspath(where)}: {words}"

@@ -78,7 +78,7 @@ def bad(tmp_path_factory):
         "good.pt", "legacy.pt", "missing.pt", "dir", "trunc.pt", "flip.pt", "random.bin", "x80", "empty.pt",
         "unsafe.pt", "legacy_unsafe.pt", "legacy_trunc.pt", "plain.zip", "missing.safetensors", "bad.safetensors",
         "dcp", "dcp_flip", "dcp_no_rank_file", "dcp_bad_metadata", "dcp_unsafe", "distcp_only", "nodir",
-        "empty_dir", "damaged_only")}
+        "empty_dir", "damaged_only", "script.pt")}
     ckptio.save({"w": torch.randn(16, 4), "step": 3}, p["good.pt"])
     torch.save({"x": torch.arange(5)}, p["legacy.pt"], _use_new_zipfile_serialization=False)
     p["dir"].mkdir()
@@ -95,6 +95,7 @@ def bad(tmp_path_factory):
     p["legacy_trunc.pt"].write_bytes(p["legacy.pt"].read_bytes()[:-40])
     with zipfile.ZipFile(p["plain.zip"], "w") as z:
         z.writestr("readme.txt", "not a checkpoint")
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(p["script.pt"]))
     p["bad.safetensors"].write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
     state = {"w": torch.randn(8, 8), "b": torch.ones(3), "step": 7}
     dcp.save(state, storage_writer=StorageWriter(p["dcp"]), no_dist=True)
@@ -133,6 +134,7 @@ def _file_cases(bad, command, extra=()):
         ([b["legacy_unsafe.pt"]], None, UNSAFE),
         ([b["legacy_trunc.pt"]], None, NOT_CHECKED),
         ([b["plain.zip"]], None, NOT_CHECKED),
+        ([b["script.pt"]], None, UNSUPPORTED),  # TorchScript: compressed records, yet not damaged
         ([b["missing.safetensors"]], None, NOT_CHECKED),
         ([b["dcp_flip"]], None, DAMAGED),
         ([b["dcp_no_rank_file"]], None, DAMAGED),
@@ -259,6 +261,8 @@ def test_convert_bad_inputs(bad, tmp_path):
         (["convert", b["empty.pt"], dst], None, NOT_CHECKED),
         (["convert", b["unsafe.pt"], dst], None, UNSAFE),
         (["convert", b["legacy_trunc.pt"], dst], None, NOT_CHECKED),
+        (["convert", b["plain.zip"], dst], None, NOT_CHECKED),
+        (["convert", b["script.pt"], dst], None, UNSUPPORTED),
         (["convert", b["missing.safetensors"], dst], None, NOT_CHECKED),
         (["convert", b["bad.safetensors"], dst], None, NOT_CHECKED),
         (["convert", b["good.pt"], os.path.join(b["nodir"], "out.pt")], None, NOT_CHECKED),
@@ -270,10 +274,13 @@ def test_convert_bad_inputs(bad, tmp_path):
     ]
     results = _check_cases(cases)
     assert not os.path.exists(dst) and not os.path.exists(tmp_path / "out.safetensors")
-    unsafe = results[7].stderr
+    by_argv = {tuple(argv[1:]): out.stderr for (argv, _, _), out in zip(cases, results)}
+    unsafe = by_argv[(b["unsafe.pt"], dst)]
     assert "argparse.Namespace" in unsafe and "--unsafe" in unsafe
-    assert "--tensors-only" in results[13].stderr
-    assert "nodir" in results[11].stderr and "does not exist" in results[11].stderr
+    assert "--tensors-only" in by_argv[(b["good.pt"], str(tmp_path / "out.safetensors"))]
+    nodir = by_argv[(b["good.pt"], os.path.join(b["nodir"], "out.pt"))]
+    assert "nodir" in nodir and "does not exist" in nodir
+    assert "TorchScript" in by_argv[(b["script.pt"], dst)]
 
 
 def test_list_bad_inputs(bad):

@@ -90,7 +90,8 @@ test-sanitize: $(VENV)/.deps
 	    UBSAN_OPTIONS=print_stacktrace=1:log_path=../.sanitize/ubsan.log \
 	    PYTHONPATH=../.sanitize/asan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
 	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py test_faults.py \
-	    test_hostile.py test_native_pickler.py test_load_into.py test_power_loss.py || (cat ../.sanitize/*.log* 2>/dev/null; exit 1)
+	    test_hostile.py test_hostile_corpus.py test_unsafe_pickles.py test_native_pickler.py test_load_into.py \
+	    test_power_loss.py || (cat ../.sanitize/*.log* 2>/dev/null; exit 1)
 	$(call SANITIZE_BUILD,tsan,-fsanitize=thread)
 	cd tests && OMP_NUM_THREADS=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
 	    TSAN_OPTIONS="halt_on_error=1 suppressions=$$PWD/tsan.supp log_path=../.sanitize/tsan.log" \

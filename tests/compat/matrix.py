@@ -66,7 +66,8 @@ MATRIX = [
 
 BASE_TESTS = ["test_cli.py"]
 CORE_TESTS = ["test_roundtrip.py", "test_native_pickler.py", "test_corruption.py", "test_async.py",
-              "test_load_into.py", "test_dcp.py", "test_lightning.py"]
+              "test_load_into.py", "test_dcp.py", "test_lightning.py", "test_unsafe_pickles.py",
+              "test_hostile_corpus.py"]
 # Left to `make test` (Python 3.11): the slowest multi-process tests, whose
 # code paths the rest of the subset already crosses on every row (~3 of ~5
 # minutes a row, most of it starting interpreters that import torch).

@@ -78,7 +78,7 @@ def bad(tmp_path_factory):
         "good.pt", "legacy.pt", "missing.pt", "dir", "trunc.pt", "flip.pt", "random.bin", "x80", "empty.pt",
         "unsafe.pt", "legacy_unsafe.pt", "legacy_trunc.pt", "plain.zip", "missing.safetensors", "bad.safetensors",
         "dcp", "dcp_flip", "dcp_no_rank_file", "dcp_bad_metadata", "dcp_unsafe", "distcp_only", "nodir",
-        "empty_dir", "damaged_only", "script.pt")}
+        "empty_dir", "damaged_only", "script.pt", "dcp_evil_metadata")}
     ckptio.save({"w": torch.randn(16, 4), "step": 3}, p["good.pt"])
     torch.save({"x": torch.arange(5)}, p["legacy.pt"], _use_new_zipfile_serialization=False)
     p["dir"].mkdir()
@@ -108,6 +108,8 @@ def bad(tmp_path_factory):
     (p["dcp_no_rank_file"] / "__0_0.distcp").unlink()
     (p["dcp_bad_metadata"] / ".metadata").write_bytes(b"\x80\x02garbage")
     (p["distcp_only"] / ".metadata").unlink()
+    shutil.copytree(p["dcp"], p["dcp_evil_metadata"])
+    (p["dcp_evil_metadata"] / ".metadata").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # never run
     dcp.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1)}, storage_writer=StorageWriter(p["dcp_unsafe"]),
              no_dist=True)
     p["damaged_only"].mkdir()
@@ -140,6 +142,7 @@ def _file_cases(bad, command, extra=()):
         ([b["dcp_no_rank_file"]], None, DAMAGED),
         ([b["dcp_bad_metadata"]], None, DAMAGED),
         ([b["dcp_unsafe"]], None, UNSAFE),
+        ([b["dcp_evil_metadata"]], None, UNSAFE),
         ([b["distcp_only"]], None, NOT_CHECKED),
         ([b["good.pt"]], {"CKPTIO_BLOCK_MB": "abc"}, BAD_SETTING),
         ([b["dcp"]], {"CKPTIO_NUM_THREADS": "0"}, BAD_SETTING),

@@ -218,7 +218,7 @@ def _check_transformed(path: str, c: Chunk, reader: Any) -> None:
         f.seek(c.offset)
         raw = f.read(c.length)
     names = ", ".join(c.transforms)
-    try:
+    try:  # (reader.transforms: DCP's decoder of stream transforms, absent before torch 2.7)
         stream = reader.transforms.transform_load_stream(None, c.transforms, io.BytesIO(raw))
     except Exception as e:  # noqa: BLE001 - an unknown extension, or its module missing
         _mark([c], UNCHECKED, f"cannot undo stream transform {names}: {plain(str(e))}")

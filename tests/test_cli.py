@@ -372,10 +372,9 @@ def test_inspect_and_verify_on_cut_and_flipped_files(tmp_path):
 
 
 def test_top_level_usage_errors_and_version():
-    cases = [([], None, NOT_CHECKED), (["nosuchcommand"], None, NOT_CHECKED)]
-    _check_cases(cases)
-    out = run("--version")
-    assert out.returncode == 0 and out.stdout.strip() == f"ckptio {ckptio.__version__}", out
+    _check_cases([([], None, NOT_CHECKED), (["nosuchcommand"], None, NOT_CHECKED)])
+    _, (out,) = _many([["--version"]])
+    assert out.returncode == 0 and out.stdout.strip() == f"ckptio {ckptio.__version__}" and not out.stderr, out
 
 
 def test_help_documents_the_exit_codes():
@@ -456,7 +455,7 @@ def test_verify_a_compressed_dcp_directory(tmp_path):
     """Items written through a stream transform (ZStandard) are decoded and
     their CRCs checked; bytes the codec cannot decode are damage."""
     ZStandard = pytest.importorskip("torch.distributed.checkpoint._extension").ZStandard
-    if not ZStandard.is_available():
+    if not getattr(ZStandard, "is_available", lambda: True)():
         pytest.skip("no zstd module")
     whole, flipped = tmp_path / "z", tmp_path / "z_flipped"
     dcp.save({"w": torch.randn(8, 8), "step": 3}, storage_writer=StorageWriter(whole, _extensions=[ZStandard()]),
@@ -637,15 +636,20 @@ def test_console_script_on_this_install(files, tmp_path):
     assert os.access(SCRIPT, os.X_OK), f"no console script at {SCRIPT}"
     ours, theirs, damaged = files
 
-    out = run_script("inspect", str(ours))
+    commands = [("inspect", str(ours)), ("inspect", str(damaged)), ("verify", str(ours), str(theirs)),
+                ("convert", str(theirs), str(tmp_path / "converted.pt"))]
+    if "matplotlib" in absent:
+        commands.append(("bench", "--plot", str(tmp_path / "p.png")))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda argv: run_script(*argv), commands))
+    out, damaged_out, verify, convert = results[:4]
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "data/0" in out.stdout and "float32" in out.stdout
-    assert run_script("inspect", str(damaged)).returncode == 1
-    assert run_script("verify", str(ours), str(theirs)).returncode == 0
-    out = run_script("convert", str(theirs), str(tmp_path / "converted.pt"))
-    assert out.returncode == 0, out.stderr
+    assert damaged_out.returncode == 1
+    assert verify.returncode == 0
+    assert convert.returncode == 0, convert.stderr
     assert torch.equal(ckptio.load(tmp_path / "converted.pt")["x"], torch.arange(10))
     if "matplotlib" in absent:
-        plot = run_script("bench", "--plot", str(tmp_path / "p.png"))
+        plot = results[4]
         assert plot.returncode == UNSUPPORTED and "pip install 'ckptio[cli]'" in plot.stderr
         assert "Traceback" not in plot.stderr

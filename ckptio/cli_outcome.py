@@ -23,7 +23,8 @@ code  name            meaning
                       weights-only loading refuses
 5     UNSUPPORTED     valid input this command cannot handle: what safetensors
                       cannot hold, a missing optional package, an unknown DCP
-                      stream transform, a TorchScript archive
+                      stream transform, a TorchScript archive, a re-zipped
+                      (compressed) archive
 70    INTERNAL        a bug in ckptio (rerun with --debug and report it)
 130   INTERRUPTED     Ctrl-C
 141   STDOUT_CLOSED   the reader of stdout went away (``| head``); nothing on

@@ -6,7 +6,16 @@ fsynced commit, so a checkpoint is either the old one or the new one, never
 half of each.
 """
 
-from ._engine import engine_info
+import warnings as _warnings
+
+# Without numpy (a base install), torch warns "Failed to initialize NumPy" on
+# import; nothing ckptio does needs numpy, so that line is only noise, and on
+# every CLI command. torch is imported here first, with that one warning off.
+with _warnings.catch_warnings():
+    _warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch as _torch  # noqa: F401
+
+from ._engine import engine_info  # noqa: E402 - after torch's quiet import above
 from .api import SaveResult, VerifyResult, async_save, load, save, verify, wait, wait_snapshots
 from .background import reserve_staging
 from .errors import (

@@ -610,8 +610,6 @@ def test_commands_work_without_the_cli_extras(files, tmp_path):
         assert torch.equal(load_file(str(exported))["x"], torch.arange(10))
 
 
-@pytest.mark.xfail(strict=True, reason="torch warns on import, and ckptio/__init__.py imports torch before the CLI "
-                                       "runs: needs the warnings filter around that import (issue 25, item 6)")
 def test_no_numpy_warning_without_numpy(files, tmp_path):
     """A base install has no numpy; torch then warns "Failed to initialize
     NumPy" on import. No CLI command may show it."""

@@ -117,11 +117,22 @@ class StorageWriter(FileSystemWriter):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = True,
-                 _extensions: Sequence[StreamTransformExtension] | None = None) -> None:
+                 _extensions: Sequence[StreamTransformExtension] | None = None,
+                 single_file_per_rank: bool = True, sync_files: bool = True, thread_count: int = 1,
+                 per_thread_copy_ahead: int = 10_000_000, cache_staged_state_dict: bool = False,
+                 serialization_format: Any = None) -> None:
         """``_extensions``: DCP stream transforms (EXPERIMENTAL in DCP), e.g.
         ``[ZStandard()]``, applied to every item as FileSystemWriter applies
         them; such items are encoded in memory and written as they come out
-        (readers of either kind undo them from the metadata)."""
+        (readers of either kind undo them from the metadata).
+
+        FileSystemWriter's other arguments are taken so that this class
+        replaces it by name, and mean nothing here: every rank writes one
+        file, always fsynced (``sync_files=False`` would lose the commit
+        order), with the engine's own threads (CKPTIO_NUM_THREADS) from its
+        own staging buffer. Only torch.save's format is written."""
+        if serialization_format is not None and getattr(serialization_format, "value", "torch_save") != "torch_save":
+            raise ValueError(f"ckptio's StorageWriter writes torch.save archives, not {serialization_format}")
         super().__init__(os.fspath(path), single_file_per_rank=True, sync_files=True, thread_count=1,
                          cache_staged_state_dict=False, overwrite=overwrite, _extensions=_extensions)
         self.fs = _DurableFileSystem()  # .metadata's bytes reach the disk before its rename

@@ -122,3 +122,28 @@ def test_checkpoint_written_by_torch_2_9_loads_weights_only(tmp_path):
     want = {k: dcp_cases._plain(v) for k, v in dcp_cases.fixture_state().items()}
     for rank in (0, 1):
         assert (out / f"torch29.{rank}.txt").read_text() == "OK " + repr(want)
+
+
+def test_the_writer_takes_file_system_writers_arguments_and_a_registered_transform(tmp_path):
+    """StorageWriter replaces FileSystemWriter by name (DCP's own tests pass
+    thread_count and friends), and a user-registered stream transform
+    (torch's Rot13 test extension) round-trips through both readers."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+    from torch.testing._internal.distributed.checkpoint_utils import Rot13Example, get_test_extension_registry
+
+    from ckptio.distributed import StorageReader, StorageWriter
+
+    state = {"w": torch.arange(64.0), "blob": b"SomeBlobForTesting", "n": 3}
+    ckpt = str(tmp_path / "ckpt")
+    writer = StorageWriter(ckpt, thread_count=2, sync_files=True, single_file_per_rank=True,
+                           per_thread_copy_ahead=1 << 20, cache_staged_state_dict=False,
+                           serialization_format=SerializationFormat.TORCH_SAVE, _extensions=[Rot13Example()])
+    dcp.save(state, storage_writer=writer, no_dist=True)
+    for reader in (StorageReader, dcp.FileSystemReader):
+        target = {"w": torch.zeros(64), "blob": b"", "n": 0}
+        dcp.load(target, storage_reader=reader(ckpt, _extension_registry=get_test_extension_registry()),
+                 no_dist=True)
+        assert torch.equal(target["w"], state["w"]) and target["blob"] == state["blob"] and target["n"] == 3
+    with pytest.raises(ValueError, match="torch.save archives"):
+        StorageWriter(ckpt, serialization_format=SerializationFormat.SAFETENSORS)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ._engine import get_engine
 from ._paths import check_destination, remove_stale_temporaries
 from .config import resolve_snapshot_mode, staging_config
-from .early_reserve import reserve_at_optimizer_steps, stop_reserving
+from .early_reserve import available_memory_bytes, reserve_at_optimizer_steps, stop_reserving
 from .lazy_snapshot import lazily_copyable_storages
 from .pickling import ALIGNMENT, PickledState, gc_paused, pickle_state
 from .preemption import durable_if_signalled
@@ -144,17 +144,24 @@ def reserve_staging(size: object, *, wait: bool = False) -> int:
 
 
 def reserve_before_saves() -> None:
-    """From the next optimizer step on, keep every staging slot as large as
+    """From the next optimizer step on, keep the staging slots as large as
     the checkpoint the optimizers' parameters and state make (faulted in the
-    background, see ckptio.early_reserve): no save, not even the first,
-    pays first-touch page faults on the training thread. Called by whoever
-    will save asynchronously, as early as it exists."""
+    background, see ckptio.early_reserve): no save, not even the first, pays
+    first-touch page faults on the training thread. Called by what saves
+    whole training states asynchronously (AsyncCheckpointIO, an async
+    CheckpointManager) when it is built."""
     reserve_at_optimizer_steps(_grow_arena)
 
 
 def _grow_arena(nbytes: int) -> None:
-    if nbytes <= staging_config().budget_bytes:  # larger states stream through chunks, not the arena
-        get_arena().grow_in_background(nbytes)
+    if nbytes > staging_config().budget_bytes:
+        return  # larger states stream through chunks, not the arena
+    # An estimate may be larger than what is saved (weights-only checkpoints):
+    # reserve only as many slots as half of the memory available now holds.
+    available = available_memory_bytes()
+    slots = get_arena().num_slots if available is None else min(get_arena().num_slots, available // 2 // nbytes)
+    if slots > 0:
+        get_arena().grow_in_background(nbytes, at_most=slots)
 
 
 def reset() -> None:
@@ -204,7 +211,6 @@ def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | 
     returns), "lazy" (see ckptio.lazy_snapshot) or None (CKPTIO_SNAPSHOT).
     """
     start = time.perf_counter()
-    reserve_before_saves()  # a later, larger state (optimizer moments) is faulted in before it is saved
     lazy = resolve_snapshot_mode(snapshot) == "lazy"
     if local:
         check_destination(path)

@@ -6,12 +6,15 @@ times the copy itself (`make demo` measured the first save at 3x the steady
 stall and the second, which finds the other slot still faulting, at 6x).
 The size of a training checkpoint is known long before the first save: once
 an optimizer has stepped, its parameters and state (Adam's moments exist
-only after the first step) are most of it. So whoever will save
-asynchronously (the Lightning plugins and CheckpointManager when built,
-every async save when made) asks for a hook on every optimizer's step: the
-first step of each optimizer it has not measured yet grows every free slot
-to the estimate on a background thread. The training thread pays a set
-lookup per step.
+only after the first step) are most of it. So what saves whole training
+states asynchronously (AsyncCheckpointIO and an async CheckpointManager,
+when built; not a bare async_save, which may save anything) asks for a hook
+on every optimizer's step: the first step of each optimizer it has not
+measured yet grows the free slots to the estimate on a background thread,
+as many as half of the memory available then holds (a weights-only
+checkpoint is smaller than the estimate). The training thread pays a set
+lookup per step. An explicit ``reserve=`` (ckptio.reserve_staging) is
+exact and replaces the hook.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["reserve_at_optimizer_steps", "estimated_checkpoint_bytes"]
+__all__ = ["available_memory_bytes", "estimated_checkpoint_bytes", "reserve_at_optimizer_steps", "stop_reserving"]
 
 _PAGE = 4096
 _lock = threading.Lock()
@@ -64,12 +67,16 @@ def estimated_checkpoint_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
 
     def add(t: Any) -> None:
         nonlocal total
-        if isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor):
+            return
+        try:
             storage = t.untyped_storage()
-            key = storage.data_ptr() if storage.data_ptr() else id(storage)
-            if key not in seen:
-                seen.add(key)
-                total += -(-storage.nbytes() // _PAGE) * _PAGE
+            key, nbytes = (storage.data_ptr() or id(storage)), storage.nbytes()
+        except Exception:  # noqa: BLE001 - a DTensor, an XLA or a sparse tensor: no storage to ask
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += -(-nbytes // _PAGE) * _PAGE
 
     for opt in optimizers:
         for group in opt.param_groups:
@@ -86,5 +93,21 @@ def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
         return
     _measured.add(optimizer)
     grow = _grow
-    if grow is not None:
+    if grow is None:
+        return
+    try:
         grow(estimated_checkpoint_bytes(list(_measured)))
+    except Exception:  # noqa: BLE001 - a reservation is an optimization: it never fails a training step
+        pass
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is none to read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -109,14 +109,14 @@ class StagingArena:
             self._free.append(slot)
             self._cond.notify_all()
 
-    def grow_in_background(self, nbytes: int) -> None:
-        """Fault in every free slot smaller than `nbytes` on a background
-        thread, so that a later snapshot finds warm memory instead of paying
-        first-touch page faults on the caller's thread. A slot being grown is
-        not handed out until it is ready (acquire() then waits for it only if
-        no other slot is free)."""
+    def grow_in_background(self, nbytes: int, at_most: int | None = None) -> None:
+        """Fault in every free slot smaller than `nbytes` (at most `at_most`
+        of them) on a background thread, so that a later snapshot finds warm
+        memory instead of paying first-touch page faults on the caller's
+        thread. A slot being grown is not handed out until it is ready
+        (acquire() then waits for it only if no other slot is free)."""
         with self._cond:
-            targets = [slot for slot in self._free if slot.capacity < nbytes]
+            targets = [slot for slot in self._free if slot.capacity < nbytes][:at_most]
             if not targets:
                 return
             for slot in targets:

@@ -52,8 +52,32 @@ def test_the_first_step_faults_every_slot_in_so_the_first_saves_do_not(tmp_path)
         reset()
 
 
-def test_without_an_async_saver_no_memory_is_reserved():
+def test_a_bare_async_save_reserves_only_what_it_saved(tmp_path):
+    """async_save may save anything (a metrics dict beside a large model):
+    it never reserves the optimizers' size, only the first save's own."""
     reset()
-    _train_one_step()
-    assert _capacities() == [0, 0]
+    try:
+        _train_one_step()
+        assert _capacities() == [0, 0]  # nothing asked for a reservation
+        ckptio.async_save({"loss": torch.ones(10)}, tmp_path / "small.pt").wait()
+        _train_one_step()
+        get_arena().join_background()
+        assert max(_capacities()) < (1 << 20)
+    finally:
+        reset()
+
+
+def test_an_async_checkpoint_io_reserves_at_the_first_step_and_an_explicit_size_replaces_it():
     reset()
+    try:
+        ckptio.AsyncCheckpointIO(reserve=1 << 20)
+        _train_one_step()
+        get_arena().join_background()
+        assert max(_capacities()) < (4 << 20)  # the explicit size, not the optimizers' estimate
+        reset()
+        ckptio.AsyncCheckpointIO()
+        model, opt = _train_one_step()
+        get_arena().join_background()
+        assert min(_capacities()) >= estimated_checkpoint_bytes([opt])
+    finally:
+        reset()

@@ -58,7 +58,9 @@ class AsyncCheckpointIO(CheckpointIO):
         (see ckptio.reserve_staging); by default the first optimizer step
         sizes it from the optimizers' parameters and state, also in the
         background (see ckptio.early_reserve): no save pays for first-touch
-        page faults on the training thread.
+        page faults on the training thread. Pass the real size (e.g. the
+        model's state_dict() for weights-only checkpoints) where that
+        estimate would be too large.
 
         `snapshot`: "eager" or "lazy" (see ckptio.async_save); None reads
         CKPTIO_SNAPSHOT at each save (default "eager").
@@ -87,8 +89,9 @@ class AsyncCheckpointIO(CheckpointIO):
         from ..background import reserve_before_saves, reserve_staging
 
         if reserve is not None:
-            reserve_staging(reserve)
-        reserve_before_saves()
+            reserve_staging(reserve)  # exact: no estimate needed
+        else:
+            reserve_before_saves()
         if checkpoint_io is None:
             from .fast_io import FastCheckpointIO
 

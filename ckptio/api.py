@@ -187,7 +187,22 @@ def unpickle_archive(zip_reader: Any, map_location: MapLocation, weights_only: b
     told), with ckptio's errors for a refusal or a pickle that does not load."""
     unpickler_module = torch._weights_only_unpickler if weights_only else pickle
     with _unpickling(path, weights_only):
+        if weights_only:
+            _refuse_writes_into_globals(zip_reader.get_record("data.pkl"), path)
         return torch.serialization._load(zip_reader, map_location, unpickler_module, encoding="utf-8")
+
+
+def _refuse_writes_into_globals(data_pkl: bytes, path: str) -> None:
+    """A pickle that BUILDs, SETITEMs or APPENDs into an object a GLOBAL
+    gave it would change that object for every later load in the process.
+    torch.save never writes one; torch's weights-only unpickler refuses BUILD
+    on one but, before torch 2.9, lets SETITEM/APPEND reach the object
+    itself. Refused here, the same on every torch release."""
+    verdict, reason = _C.check_pickle(data_pkl)
+    if verdict == "unsafe":
+        raise UnsafeCheckpointError(
+            f"Weights only load failed for {path}: data.pkl writes into a shared object ({reason}); "
+            "torch.load(weights_only=True) refuses it too.", path=path, record="data.pkl")
 
 
 # What torch's unpickler raises on a pickle that does not describe a loadable

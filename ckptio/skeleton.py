@@ -11,7 +11,7 @@ holds one pickle per item). Two ways to get either:
   weights-only unpickler. Its allowlist is a subset of the weights-only one,
   and storage types and dtypes here are markers that cannot be called. The C
   unpickler would let BUILD/SETITEM/APPEND act on any object, shared ones
-  included, so the engine first checks the opcodes (_C.check_fast_pickle:
+  included, so the engine first checks the opcodes (_C.check_pickle:
   those act only on containers the pickle made itself) and whatever a pickle
   can reach is immutable or made for this load: it accepts nothing torch's
   weights-only load would refuse, and no pickle changes a later load;
@@ -157,8 +157,8 @@ class _FastSkeleton(pickle.Unpickler):
         self._alive: list[torch.UntypedStorage] = []
 
     def load(self) -> Any:
-        if _C.check_fast_pickle(self._data) is not None:
-            return _NOT_FAST  # torch's unpickler judges it (and refuses what weights_only refuses)
+        if _C.check_pickle(self._data)[0] != "fast":
+            return _NOT_FAST  # ckptio.api.unpickle_archive refuses it or torch's unpickler judges it
         try:
             return super().load()
         except Exception:  # _NotFast, or anything torch's unpickler should judge

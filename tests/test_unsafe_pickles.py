@@ -19,7 +19,6 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from hostile_pickles import (
     archive_bytes_with_pickle,
     archive_with_pickle,
@@ -28,6 +27,7 @@ from hostile_pickles import (
     hostile_pickles_on_made_objects,
     text,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 
 import ckptio
 from ckptio import UnsafeCheckpointError
@@ -121,9 +121,13 @@ def test_the_fast_path_still_serves_what_torch_save_writes():
                 "steps": [1, 2], "nested": {"t": (torch.ones(1), 2.5, None, True, "x" * 300, 2**70)}}, buf)
     with zipfile.ZipFile(buf) as z:
         data_pkl = next(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
-    assert _C.check_fast_pickle(data_pkl) is None
-    reason = _C.check_fast_pickle(hostile_pickles(["torch.FloatStorage"])["BUILD dict state on torch.FloatStorage"])
-    assert reason is not None and "BUILD on a global" in reason
+    assert _C.check_pickle(data_pkl) == ("fast", "")
+    hostile = hostile_pickles(["torch.FloatStorage"])
+    verdict, reason = _C.check_pickle(hostile["BUILD dict state on torch.FloatStorage"])
+    assert verdict == "unsafe" and "BUILD on a global" in reason
+    assert _C.check_pickle(hostile["APPEND on torch.FloatStorage"])[0] == "unsafe"
+    assert _C.check_pickle(b"\x80\x02]q\x00.")[0] == "fast"
+    assert _C.check_pickle(b"\x80\x04\x95")[0] == "slow"  # protocol 4 framing: torch's unpickler judges it
 
 
 # --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class Checker {
       if (!Step(op)) return Refuse();
       if (stopped_) {
         if (stack_.size() != 1 || !marks_.empty()) return Refuse("STOP with a malformed stack");
-        return PickleCheck{true, ""};
+        return PickleCheck{true, false, ""};
       }
     }
     return Refuse("the pickle ends before STOP");
@@ -100,7 +100,7 @@ class Checker {
   }
   PickleCheck Refuse(std::string why = "") {
     if (!why.empty()) why_ = std::move(why);
-    return PickleCheck{false, why_ + " at byte " + std::to_string(op_at_)};
+    return PickleCheck{false, unsafe_, why_ + " at byte " + std::to_string(op_at_)};
   }
 
   bool Skip(size_t n) {
@@ -148,8 +148,11 @@ class Checker {
   bool Target(const char* op, Kind a, Kind b) {
     if (stack_.size() == Floor()) return Fail(std::string(op) + " with no object to act on");
     const Kind k = stack_.back();
-    if (k != a && k != b) return Fail(std::string(op) + " on " + KindName(k));
-    return true;
+    if (k == a || k == b) return true;
+    // Only what a call returned (a tensor, a Counter) may take writes this
+    // check cannot judge; into anything else a write is never torch.save's.
+    unsafe_ = k != Kind::kCalled;
+    return Fail(std::string(op) + " on " + KindName(k));
   }
 
   bool Global() {
@@ -204,6 +207,7 @@ class Checker {
   const uint8_t* const end_;
   size_t op_at_ = 0;
   bool stopped_ = false;
+  bool unsafe_ = false;  // the refusal is a write into a global
   std::string why_;
   std::vector<Kind> stack_;
   std::vector<size_t> marks_;  // stack sizes at each MARK

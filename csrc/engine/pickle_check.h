@@ -21,8 +21,13 @@
 //   - BUILD only on an OrderedDict made by this pickle (a state_dict's
 //     _metadata), SETITEM(S) only on a dict or such an OrderedDict,
 //     APPEND(S) only on a list made by this pickle.
-// Anything else is not refused outright: the caller falls back to torch's
-// own unpickler, which judges it (and refuses what weights_only refuses).
+// A write into a global, or into a container the pickle made but of the
+// wrong kind, is flagged `unsafe`: torch.save never writes one and torch's
+// weights-only unpickler refuses it (before torch 2.9 only BUILD was checked:
+// SETITEM/APPEND then reached the object itself), so the caller refuses it
+// outright on every torch release. Anything else is not refused outright: the caller
+// falls back to torch's own unpickler, which judges it (and refuses what
+// weights_only refuses).
 // Which globals may be named is the caller's find_class's job.
 #pragma once
 
@@ -33,8 +38,11 @@
 namespace ckptio {
 
 struct PickleCheck {
-  bool fast = false;   // the fast path may run this pickle
-  std::string reason;  // when not: the first opcode it may not run, and where
+  bool fast = false;    // the fast path may run this pickle
+  bool unsafe = false;  // a BUILD/SETITEM/APPEND that torch's weights-only unpickler refuses
+                        // whatever its release: into a global (shared with every later load) or
+                        // into a container of the wrong kind; no unpickler may run it
+  std::string reason;   // when not fast: the first opcode it may not run, and where
 };
 
 // Thread-safe; reads data[0, size) only.

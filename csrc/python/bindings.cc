@@ -346,16 +346,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("crc32_combine", &Crc32Combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"));
   m.def("crc32_backend", &Crc32Backend);
   m.def(
-      "check_fast_pickle",
-      [](py::buffer data) -> py::object {
+      "check_pickle",
+      [](py::buffer data) {
         py::buffer_info info = data.request();
         PickleCheck c = CheckFastPickle(static_cast<const uint8_t*>(info.ptr),
                                         static_cast<size_t>(info.size * info.itemsize));
-        if (c.fast) return py::none();
-        return Text(c.reason);
+        return py::make_tuple(c.fast ? "fast" : c.unsafe ? "unsafe" : "slow", Text(c.reason));
       },
       py::arg("data"),
-      "None if ckptio's fast unpickling path may run this pickle (csrc/engine/pickle_check.h), else why not.");
+      "(verdict, reason) of a pickle (csrc/engine/pickle_check.h): 'fast' (ckptio's fast unpickling path may\n"
+      "run it), 'unsafe' (it writes into a global: refuse it) or 'slow' (torch's unpickler must judge it).");
   DefinePickleFastPath(m);
   DefineNativePickler(m);
   m.def(

@@ -325,6 +325,24 @@ def test_nested_async_plugins_keep_their_structure_and_save_once(tmp_path):
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)
+def test_a_nested_default_async_plugin_has_a_torch_checkpoint_io_base_on_a_trainer(tmp_path, ns):
+    """Lightning's test_multi_wrapped_checkpoint_io_initialization: the inner
+    plugin's base is a TorchCheckpointIO once a Trainer holds it (ckptio's
+    default base, its engine, writes the same files and counts as one)."""
+    pl = lightning_namespace(ns)
+    torch_io = importlib.import_module(FABRIC_IO[ns]).TorchCheckpointIO
+    inner = AsyncCheckpointIO()
+    outer = AsyncCheckpointIO(inner)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1), plugins=[outer])
+    assert trainer.strategy.checkpoint_io is outer and outer.checkpoint_io is inner
+    assert isinstance(inner.checkpoint_io, torch_io) and isinstance(TorchCheckpointIO(), torch_io)
+    assert outer._base_checkpoint_io_configured and inner._base_checkpoint_io_configured
+    trainer.fit(make_model_class(pl)())
+    (saved,) = list(tmp_path.rglob("*.ckpt"))
+    assert torch.load(saved, weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.parametrize("ns", NAMESPACES)
 def test_storage_options_error_names_the_plugin_the_user_passed(tmp_path, ns):
     pl = lightning_namespace(ns)
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, enable_checkpointing=False,

@@ -12,6 +12,7 @@ from ..background import stage, streaming_native_save, write_native
 from ..load_into import load_into
 from ..save_queue import get_queue
 from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
+from .registration import stands_for
 
 if TYPE_CHECKING:
     from ..save_queue import SaveHandle
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
 __all__ = ["FastCheckpointIO"]
 
 
+# Lightning's TorchCheckpointIO is "the plugin that writes torch.save files";
+# this one writes the same files, so Lightning's checks (e.g. that a nested
+# AsyncCheckpointIO got a TorchCheckpointIO base) hold for it.
+@stands_for("TorchCheckpointIO")
 class FastCheckpointIO(CheckpointIO):
     """Checkpoints in torch.save's format, written by ckptio's engine.
 

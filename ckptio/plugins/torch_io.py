@@ -18,6 +18,7 @@ from .._paths import make_parent_directories, normalize_path
 from ..errors import CheckpointIOError, CheckpointNotFoundError
 from ..save_queue import get_queue
 from .checkpoint_io import _PATH, CheckpointIO, _reject_storage_options, _to_cpu
+from .registration import stands_for
 
 if TYPE_CHECKING:
     from ..background import Staged
@@ -39,6 +40,7 @@ def _fsspec() -> ModuleType:
     return fsspec
 
 
+@stands_for("TorchCheckpointIO")
 class TorchCheckpointIO(CheckpointIO):
     """torch.save and torch.load, with the durable commit ckptio uses everywhere.
 

@@ -72,8 +72,9 @@ class CheckpointManager:
     def __init__(self, directory: Union[str, os.PathLike[str]], keep_last: Optional[int] = 3, *,
                  async_save: bool = True, prefix: str = "step_", suffix: str = ".pt",
                  remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1) -> None:
-        """`remote`: an fsspec URL prefix (s3://bucket/run) for the second
-        tier; every `remote_every`-th save is copied there and the newest
+        """`remote`: an fsspec URL prefix (s3://bucket/run), or a file://
+        directory on another disk or a shared mount, for the second tier;
+        every `remote_every`-th save is copied there and the newest
         `keep_remote` copies are kept (None: all)."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
@@ -84,6 +85,9 @@ class CheckpointManager:
         if not re.fullmatch(r"[\w.-]*", prefix) or not re.fullmatch(r"[\w.-]*", suffix):
             raise ValueError("prefix and suffix may contain only letters, digits, '_', '.' and '-'")
         self.directory = normalize_path(directory)
+        if remote is not None and os.path.abspath(normalize_path(str(remote)).rstrip("/")) == \
+                os.path.abspath(self.directory):
+            raise ValueError(f"remote {remote!r} is the manager's own directory: a second tier must be another one")
         self.keep_last = keep_last
         self.async_save = async_save
         if async_save:  # staging memory faulted in at the first optimizer step, not at the first save

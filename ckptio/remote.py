@@ -11,6 +11,10 @@ partial object and the previous one, if any, stays.
 
 A load downloads to a temporary local file and reads it like any local
 checkpoint (CRC-verified).
+
+A remote tier may also be a ``file://`` directory (another disk, an NFS or
+Lustre mount): its copies are committed like local checkpoints (temporary
+file, fsync, rename), so they too appear whole or not at all.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _C
+from ._paths import committed_file, make_parent_directories, normalize_path
 from .errors import CheckpointIOError, CheckpointNotFoundError
 from .pickling import ALIGNMENT
 from .results import SaveResult
@@ -38,6 +43,11 @@ PART_BYTES = 16 << 20  # one upload part; memory held by a remote save
 
 def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
+
+
+def is_directory_url(url: str) -> bool:
+    """A file:// URL: a remote tier that is a directory of the local filesystem."""
+    return url.startswith("file://")
 
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -130,6 +140,8 @@ def upload_file(source: BinaryIO, url: str, cancelled: Callable[[], bool] = lamb
     upload is aborted (so a copy abandoned while a request hung can never
     complete later, when that request comes back)."""
     start = time.perf_counter()
+    if is_directory_url(url):
+        return _copy_into_directory(source, url, cancelled, start)
     fs, path = fs_for(url)
     try:
         f = fs.open(path, "wb", block_size=PART_BYTES)
@@ -155,6 +167,41 @@ def upload_file(source: BinaryIO, url: str, cancelled: Callable[[], bool] = lamb
                                     url) from e
         raise
     return SaveResult(url, size, time.perf_counter() - start, False, PART_BYTES)
+
+
+def _copy_into_directory(source: BinaryIO, url: str, cancelled: Callable[[], bool], start: float) -> SaveResult:
+    """upload_file for a file:// URL: a committed local file (a cancelled
+    or failed copy leaves only the previous file, if any)."""
+    path = normalize_path(url)
+    size = 0
+    try:
+        make_parent_directories(path)
+        with committed_file(path, site="remote") as f:
+            while chunk := source.read(PART_BYTES):
+                if cancelled():
+                    raise UploadCancelled(f"copy to {url} cancelled")
+                f.write(chunk)
+                size += len(chunk)
+            if cancelled():  # the rename would publish it: the last chance to say no
+                raise UploadCancelled(f"copy to {url} cancelled")
+    except OSError as e:
+        if isinstance(e, CheckpointIOError):
+            raise
+        raise CheckpointIOError(e.errno or 5, f"copy failed: {e.strerror or e}", url) from e
+    return SaveResult(url, size, time.perf_counter() - start, False, PART_BYTES)
+
+
+def write_small_file(url: str, data: bytes) -> None:
+    """Replace the small object `url` (a pointer) whole: one PUT for an
+    object store, a committed file for a file:// directory."""
+    if is_directory_url(url):
+        path = normalize_path(url)
+        make_parent_directories(path)
+        with committed_file(path, site="remote") as f:
+            f.write(data)
+        return
+    fs, path = fs_for(url)
+    fs.pipe_file(path, data)
 
 
 ABORT_ATTEMPTS = 3  # a failed abort is retried after 0.2 s, then 1 s

@@ -41,8 +41,9 @@ class RemoteTier:
         `max_waiting`: copies queued behind the running one; past that the
         oldest is dropped (1: only the newest checkpoint's copy waits)."""
         prefix = str(prefix).rstrip("/")
-        if not _remote.is_url(prefix):
-            raise ValueError(f"remote must be an fsspec URL prefix such as 's3://bucket/run', not {prefix!r}")
+        if not (_remote.is_url(prefix) or _remote.is_directory_url(prefix)):
+            raise ValueError(f"remote must be an fsspec URL prefix such as 's3://bucket/run' (or a file:// "
+                             f"directory: another disk, a shared mount), not {prefix!r}")
         self.prefix = prefix
         from .config import remote_copy_config
 
@@ -82,8 +83,7 @@ class RemoteTier:
         return f"{self.prefix}/{name}"
 
     def write_pointer(self, name: str) -> None:
-        fs, path = _remote.fs_for(self.url_for(POINTER))
-        fs.pipe_file(path, (name + "\n").encode())  # one PUT: the pointer is old or new
+        _remote.write_small_file(self.url_for(POINTER), (name + "\n").encode())  # the pointer is old or new
 
     def names(self, pattern: re.Pattern[str]) -> list[str]:
         """Names under the prefix matching `pattern` (none if the prefix does not exist yet)."""

@@ -106,6 +106,39 @@ def _flip_a_byte(path):
     path.write_bytes(bytes(data))
 
 
+def test_a_file_url_tier_keeps_whole_committed_copies_in_another_directory(tmp_path):
+    """A second tier on another disk or a shared mount (file://): copies are
+    committed like local files, pruned to keep_remote, and serve a restart."""
+    shared = tmp_path / "shared" / "run"
+    url = f"file://{shared}"
+    manager = ckptio.CheckpointManager(tmp_path / "run", keep_last=2, remote=url, keep_remote=2)
+    for step in range(1, 5):
+        result = manager.save(step, make_state(step)).result()
+        assert result.remote.committed and result.remote.url == f"{url}/step_{step}.pt"
+        assert (shared / "latest").read_text() == f"step_{step}.pt\n"  # moved once the copy was whole
+        assert (shared / f"step_{step}.pt").read_bytes() == (tmp_path / "run" / f"step_{step}.pt").read_bytes()
+    manager.close()
+    assert sorted(os.listdir(shared)) == ["latest", "step_3.pt", "step_4.pt"]  # keep_remote=2, no temporaries
+
+    shutil.rmtree(tmp_path / "run")  # the local disk is gone
+    restarted = ckptio.CheckpointManager(tmp_path / "run", remote=url)
+    assert_state(restarted.load_latest(), 4)
+    assert restarted.last_loaded == (4, "remote", f"{url}/step_4.pt")
+
+
+def test_a_file_url_tier_that_cannot_be_written_never_fails_the_local_save(tmp_path):
+    (tmp_path / "not-a-directory").write_text("a file where the tier's directory should be")
+    url = f"file://{tmp_path}/not-a-directory/run"
+    manager = ckptio.CheckpointManager(tmp_path / "run", remote=url)
+    with pytest.warns(RuntimeWarning, match="not-a-directory"):
+        result = manager.save(1, make_state(1)).result()
+        manager.wait()
+    assert isinstance(result.remote.error, ckptio.CheckpointIOError) and url in str(result.remote.error)
+    assert_state(ckptio.load(tmp_path / "run" / "step_1.pt"), 1)  # the local save stands
+    with pytest.raises(ValueError, match="own directory"):
+        ckptio.CheckpointManager(tmp_path / "run", remote=f"file://{tmp_path}/run/")
+
+
 def test_a_remote_outage_mid_upload_leaves_local_saves_going_and_heals(s3_behind_proxy, tmp_path):
     fs, proxy = s3_behind_proxy
     n = 10 << 20  # 40 MiB: a multipart upload of three parts

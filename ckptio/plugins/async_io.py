@@ -65,7 +65,8 @@ class AsyncCheckpointIO(CheckpointIO):
         `snapshot`: "eager" or "lazy" (see ckptio.async_save); None reads
         CKPTIO_SNAPSHOT at each save (default "eager").
 
-        `remote`: an fsspec URL prefix (s3://bucket/run) for a second tier:
+        `remote`: an fsspec URL prefix (s3://bucket/run), or a file:// directory
+        on another disk or a shared mount, for a second tier:
         every `remote_every`-th checkpoint, once durable locally, is copied
         there under its file name from the committed file, in the tier's own
         lane (see ckptio.remote_lane: saves, loads and the training loop never

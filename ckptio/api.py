@@ -86,14 +86,14 @@ def async_save(obj: object, path: str | os.PathLike[str], *, snapshot: str | Non
     by the handle, or else once by the next ckptio call (save, load,
     async_save, wait).
     """
-    from .background import stage, streaming_native_save, write_native
+    from .background import NativeWrite, stage, streaming_native_save, write_native
 
     path = normalize_path(path)
     if remote.is_url(path):
         return stage(obj, path, lambda staged: remote.save_records_to_url(staged.records(), path), local=False,
                      snapshot=snapshot)
     return stage(obj, path, lambda staged: write_native(staged, path), stream=streaming_native_save,
-                 snapshot=snapshot)
+                 snapshot=snapshot, native=NativeWrite())
 
 
 def wait() -> None:

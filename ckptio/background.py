@@ -36,9 +36,19 @@ if TYPE_CHECKING:
     import torch
 
     from .pickling import NamedPayload
+    from .service.client import Handover
 
-__all__ = ["Staged", "stage", "get_arena", "reserve_staging", "reserve_before_saves", "write_native",
+__all__ = ["NativeWrite", "Staged", "stage", "get_arena", "reserve_staging", "reserve_before_saves", "write_native",
            "streaming_native_save"]
+
+
+@dataclass
+class NativeWrite:
+    """A save the engine writes, which the checkpoint service may therefore
+    finish without the trainer (see ckptio.service): what else it does then."""
+
+    after: dict[str, Any] | None = None   # a CheckpointManager's pointer and pruning (service.server._prune)
+    memory: dict[str, Any] | None = None  # the memory-tier image to keep (service.memory_tier.store)
 
 
 @dataclass
@@ -48,6 +58,8 @@ class Staged:
     state: PickledState
     payloads: list[tuple[int, int]]  # (address, size) of each storage's bytes
     slot: Slot | None = None
+    native: NativeWrite | None = None  # the engine writes it (where the service may)
+    handover: Handover | None = None   # the service has it
 
     def records(self) -> list[NamedPayload]:
         return self.state.records_for(self.payloads)
@@ -178,6 +190,9 @@ def reset() -> None:
         _arena = None
     save_queue._queue = None
     stop_reserving()
+    from . import service
+
+    service.forget()
 
 
 def _join_background_at_exit() -> None:
@@ -202,13 +217,18 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | None], *,
           stream: Callable[[PickledState, str, SaveHandle, float], None] | None = None, local: bool = True,
-          snapshot: str | None = None) -> SaveHandle:
+          snapshot: str | None = None, native: NativeWrite | None = None) -> SaveHandle:
     """Snapshot `obj` and queue ``write_staged(staged) -> SaveResult``.
 
     `stream(state, path, handle)` handles states over the staging budget; if
     None, such states are staged anyway (the budget only bounds backends that
     can stream). `snapshot` is "eager" (every storage copied before this
     returns), "lazy" (see ckptio.lazy_snapshot) or None (CKPTIO_SNAPSHOT).
+
+    `native`: `write_staged` writes with write_native. While saves go through
+    the checkpoint service, an eager snapshot is handed over to it before
+    this returns (a lazy one once its copy is done): from then on the
+    trainer's death loses nothing.
     """
     start = time.perf_counter()
     lazy = resolve_snapshot_mode(snapshot) == "lazy"
@@ -233,7 +253,9 @@ def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | 
         except BaseException:
             arena.release(slot)
             raise
-        staged = Staged(state, payloads, slot)
+        staged = Staged(state, payloads, slot, native)
+        if copying is None:
+            _hand_over_if_wanted(staged, path)
         state.storages = []  # the caller's tensors are no longer needed (a lazy copy holds its own)
     handle = SaveHandle(path, "staged", copying)
     handle.stall_seconds = time.perf_counter() - start
@@ -242,19 +264,43 @@ def stage(obj: object, path: str, write_staged: Callable[[Staged], SaveResult | 
         if copying is not None:
             copying.wait()
             copying.check()  # a failed copy fails the save: nothing is written
+            _hand_over_if_wanted(staged, path)
         return write_staged(staged)
 
     handle = queue.submit(handle, write, cleanup=lambda: arena.release(slot))
     return durable_if_signalled(handle)  # a save from a signal handler: the process may end next
 
 
+def _hand_over_if_wanted(staged: Staged, path: str) -> None:
+    from . import service
+
+    if staged.native is not None and service.wanted():
+        from .service.client import hand_over
+
+        staged.handover = hand_over(staged, path, ALIGNMENT, after=staged.native.after, memory=staged.native.memory)
+
+
 def write_native(staged: Staged, path: str) -> SaveResult:
-    """Write a staged checkpoint with the engine: whole blocks straight from the slot."""
+    """Write a staged checkpoint with the engine: whole blocks straight from
+    the slot; or wait for the service to, where it was handed over (if the
+    service dies first, write it here, from the same memory)."""
+    if staged.handover is not None:
+        from .service.client import finish_handover
+
+        done = finish_handover(staged.handover)
+        if done is not None:
+            return done
     remove_stale_temporaries(os.path.dirname(path))
-    ticket = get_engine().save(path, staged.records(), ALIGNMENT, staged)
+    records = staged.records()
+    ticket = get_engine().save(path, records, ALIGNMENT, staged)
     ticket.wait()
     ticket.check()
-    return SaveResult.from_stats(ticket.stats())
+    result = SaveResult.from_stats(ticket.stats())
+    if staged.native is not None and staged.native.memory is not None:  # no service: keep the image from here
+        from .service.memory_tier import engine_writer, keep_here
+
+        keep_here(staged.native.memory, path, result.bytes, engine_writer(records, ALIGNMENT, staged))
+    return result
 
 
 def streaming_native_save(state: PickledState, path: str, handle: SaveHandle, start: float) -> None:

@@ -19,8 +19,10 @@ __all__ = [
     "RemoteCopyConfig",
     "StagingConfig",
     "engine_config",
+    "ServiceConfig",
     "remote_copy_config",
     "resolve_snapshot_mode",
+    "service_config",
     "staging_config",
     "verify_by_default",
 ]
@@ -152,4 +154,34 @@ def remote_copy_config() -> RemoteCopyConfig:
     return RemoteCopyConfig(
         request_timeout_s=_int_var("CKPTIO_REMOTE_TIMEOUT_S", 30, 1, 3600),
         copy_timeout_s=_int_var("CKPTIO_REMOTE_COPY_TIMEOUT_S", 600, 1, 7 * 24 * 3600),
+    )
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    enabled: bool        # CKPTIO_SERVICE: route async saves through the per-node service
+    directory: str       # CKPTIO_SERVICE_DIR: its socket, lock, log and memory tier (0700)
+    idle_s: int          # CKPTIO_SERVICE_IDLE_S: how long it waits, with no client and no work, before exiting
+    keep_s: int          # CKPTIO_MEMORY_KEEP_S: how long it keeps memory-tier checkpoints with no client
+    memory_bytes: int    # CKPTIO_MEMORY_BYTES: the memory tier's budget, across every trainer of the node
+
+
+def _quarter_of_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+def service_config() -> ServiceConfig:
+    """Read (and check) the service's variables now. The default directory
+    is on /dev/shm (a tmpfs: the memory tier's checkpoints are RAM), one per
+    user."""
+    directory = os.environ.get("CKPTIO_SERVICE_DIR", "").strip() or f"/dev/shm/ckptio-{os.getuid()}"
+    return ServiceConfig(
+        enabled=bool(_choice_var("CKPTIO_SERVICE", "0", _BOOLEAN)),
+        directory=os.path.abspath(directory),
+        idle_s=_int_var("CKPTIO_SERVICE_IDLE_S", 30, 1, 7 * 24 * 3600),
+        keep_s=_int_var("CKPTIO_MEMORY_KEEP_S", 900, 1, 7 * 24 * 3600),
+        memory_bytes=_int_var("CKPTIO_MEMORY_BYTES", _quarter_of_ram_bytes(), 0, 1 << 60),
     )

@@ -19,8 +19,13 @@ ckptio.remote_lane: a hung object store never delays a local save, a load,
 or ``save()``; when it falls behind, a few copies wait and then only the
 newest are kept), the remote ``latest`` moves after the copy is whole, and
 the remote tier keeps its own ``keep_remote`` newest, pruned in that lane.
-``load_latest`` takes the newest checkpoint that is whole in either tier
-(local first at equal step).
+
+With ``memory=K`` the checkpoint service (ckptio.service) writes the saves
+and keeps the newest K of them, once durable, as whole images in RAM that
+outlive the trainer: a restarted process resumes from there.
+
+``load_latest`` takes the newest checkpoint that is whole in any tier
+(memory first, then local, then remote at an equal step).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .load_into import load_into
 from .tiers import COPIES_WAITING, RemoteCopy, RemoteTier, save_with_remote_copy
 
 if TYPE_CHECKING:
-    from .background import Staged
+    from .background import NativeWrite, Staged
     from .results import SaveResult
     from .save_queue import SaveHandle
 
@@ -46,12 +51,13 @@ __all__ = ["CheckpointManager", "LoadedCheckpoint"]
 
 
 class LoadedCheckpoint(NamedTuple):
-    """Which checkpoint load_latest returned: its step, "local" or "remote", and path or URL."""
+    """Which checkpoint load_latest returned: its step, "memory", "local" or "remote", and path or URL."""
     step: int
     tier: str
     path: str
 
 _POINTER = "latest"
+_TIER_ORDER = {"memory": 0, "local": 1, "remote": 2}  # at an equal step, the fastest to read first
 
 
 class CheckpointManager:
@@ -71,17 +77,24 @@ class CheckpointManager:
 
     def __init__(self, directory: Union[str, os.PathLike[str]], keep_last: Optional[int] = 3, *,
                  async_save: bool = True, prefix: str = "step_", suffix: str = ".pt",
-                 remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1) -> None:
+                 remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1,
+                 memory: int = 0) -> None:
         """`remote`: an fsspec URL prefix (s3://bucket/run), or a file://
         directory on another disk or a shared mount, for the second tier;
         every `remote_every`-th save is copied there and the newest
-        `keep_remote` copies are kept (None: all)."""
+        `keep_remote` copies are kept (None: all).
+
+        `memory`: keep the newest `memory` checkpoints in the checkpoint
+        service's memory tier too (implies the service for async saves; see
+        ckptio.service), within CKPTIO_MEMORY_BYTES for the whole node."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_remote is not None and keep_remote < 1:
             raise ValueError(f"keep_remote must be >= 1 or None (keep all), not {keep_remote}")
         if not isinstance(remote_every, int) or remote_every < 1:
             raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
+            raise ValueError(f"memory must be an int >= 0 (checkpoints kept in RAM), not {memory!r}")
         if not re.fullmatch(r"[\w.-]*", prefix) or not re.fullmatch(r"[\w.-]*", suffix):
             raise ValueError("prefix and suffix may contain only letters, digits, '_', '.' and '-'")
         self.directory = normalize_path(directory)
@@ -105,6 +118,15 @@ class CheckpointManager:
                        if remote is not None else None)
         self.keep_remote = keep_remote
         self.remote_every = remote_every
+        self.memory = memory
+        from .config import service_config
+        from .service.memory_tier import folder_for
+
+        self._memory_folder = folder_for(service_config().directory, self.directory, prefix, suffix)
+        if memory and async_save:
+            from . import service
+
+            service.want()
         self._saves = 0
         self.last_durable_step: Optional[int] = None  # newest step durable locally (set on the queue)
         self.last_remote_step: Optional[int] = None   # newest step committed remotely
@@ -147,21 +169,49 @@ class CheckpointManager:
         if not self.async_save:
             result = api.save(state, path)
             self._after_durable(step)
+            memory = self._native_write(step).memory
+            if memory is not None:
+                from .service.memory_tier import file_copier, keep_here
+
+                keep_here(memory, path, result.bytes, file_copier(path))
             if copy_remotely:
                 result = dataclasses.replace(result, remote=self._copy_in_the_lane(path))
             return result
+        native = self._native_write(step)
         if copy_remotely:
             assert self.remote is not None  # copy_remotely says there is a tier
-            return save_with_remote_copy(self.remote, state, path, snapshot, lambda: self._after_durable(step))
+            return save_with_remote_copy(self.remote, state, path, snapshot, lambda: self._after_durable(step), native)
 
         from .background import stage, write_native
 
         def write(staged: Staged) -> SaveResult:
             result = write_native(staged, path)
-            self._after_durable(step)
+            self._after_durable(step)  # again, where the service did it: the same pointer, nothing left to prune
             return result
 
-        return stage(state, path, write, snapshot=snapshot)
+        return stage(state, path, write, snapshot=snapshot, native=native)
+
+    def _native_write(self, step: int) -> NativeWrite:
+        """What the checkpoint service does after writing `step`, should this
+        process be gone by then: the pointer, pruning, the memory tier."""
+        from .background import NativeWrite
+
+        name = os.path.basename(self.path_for(step))
+        after: dict[str, Any] = {"pointer": [self.directory, name]}
+        if self.keep_last is not None:
+            after["prune"] = {"directory": self.directory, "pattern": self._pattern.pattern, "step": step,
+                              "keep_last": self.keep_last, "prefix": self._prefix, "suffix": self._suffix}
+        memory = None
+        if self.memory:
+            memory = {"folder": self._memory_folder, "name": name, "pattern": self._pattern.pattern,
+                      "keep": self.memory, "source": os.path.join(self.directory, self._prefix + "<N>" + self._suffix)}
+        return NativeWrite(after, memory)
+
+    def memory_steps(self) -> list[int]:
+        """Steps the memory tier holds for this directory, ascending."""
+        from .service.memory_tier import images
+
+        return sorted(images(self._memory_folder, self._pattern))
 
     def _after_durable(self, step: int) -> None:
         _write_pointer(self.directory, os.path.basename(self.path_for(step)))
@@ -235,16 +285,20 @@ class CheckpointManager:
         return paths
 
     def _tiered_candidates(self) -> list[tuple[int, str, str]]:
-        """(step, tier, path or URL), newest first, local before remote at an
-        equal step; an unreachable remote tier is warned about and skipped."""
+        """(step, tier, path or URL), newest first, memory before local before
+        remote at an equal step; an unreachable remote tier is warned about
+        and skipped."""
         found = [(self._step_in(p), "local", p) for p in self._candidates()]
+        from .service.memory_tier import images
+
+        found += [(s, "memory", p) for s, p in images(self._memory_folder, self._pattern).items()]
         if self.remote is not None:
             try:
                 found += [(s, "remote", self._remote_url(s)) for s in self._remote_steps_in_time()]
             except Exception as e:  # noqa: BLE001 - the local tier still serves
                 warnings.warn(f"ckptio: cannot list the remote tier {self.remote.prefix} ({type(e).__name__}: {e}); "
                               "resuming from local checkpoints only", RuntimeWarning, stacklevel=3)
-        return sorted(found, key=lambda c: (-c[0], c[1] != "local"))
+        return sorted(found, key=lambda c: (-c[0], _TIER_ORDER[c[1]]))
 
     def latest(self) -> Optional[str]:
         """Path (or, with a remote tier, URL) of the newest checkpoint, or None."""
@@ -275,7 +329,7 @@ class CheckpointManager:
                     def load_into_target(p: str) -> Any:
                         return load_into(into, p, strict=strict, map_location=map_location, weights_only=weights_only)
 
-                    state = load_into_target(path) if tier == "local" else api.with_local_copy(path, load_into_target)
+                    state = load_into_target(path) if tier != "remote" else api.with_local_copy(path, load_into_target)
                 else:
                     state = api.load(path, map_location=map_location, weights_only=weights_only)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
@@ -285,6 +339,8 @@ class CheckpointManager:
             except CheckpointIOError as e:
                 if tier == "local":
                     raise
+                if tier == "memory":  # the service pruned it meanwhile, or its RAM is gone: the disk serves
+                    continue
                 damaged.append(e)
                 warnings.warn(f"ckptio: cannot read remote checkpoint {path}: {e}", stacklevel=2)
                 continue

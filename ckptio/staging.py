@@ -30,6 +30,7 @@ import torch
 from . import _C
 from ._engine import get_engine
 from .lazy_snapshot import LazyCopy
+from .service.segments import SharedSegment
 
 __all__ = ["StagingArena", "Slot", "page_round"]
 
@@ -47,7 +48,7 @@ class Slot:
 
     def __init__(self, index: int) -> None:
         self.index = index
-        self.buffer: _C.AlignedBuffer | None = None
+        self.buffer: _C.AlignedBuffer | SharedSegment | None = None
         self.tensor: torch.Tensor | None = None  # uint8 view of the whole buffer, no copy
         self.pinned = False  # registered with cudaHostRegister
 
@@ -56,12 +57,19 @@ class Slot:
         return 0 if self.buffer is None else self.buffer.capacity
 
     def ensure_capacity(self, nbytes: int) -> None:
-        """Grow to hold `nbytes` (pre-faulted, GIL released while faulting)."""
-        if nbytes <= self.capacity:
+        """Grow to hold `nbytes` (pre-faulted, GIL released while faulting).
+        While saves go through the service the memory is a shared segment
+        (ckptio.service.segments), so that handing a save over copies nothing."""
+        from .service import wanted
+        from .service.segments import create_segment
+
+        shared = wanted()
+        if nbytes <= self.capacity and (not shared or isinstance(self.buffer, SharedSegment)):
             return
+        nbytes = max(nbytes, self.capacity)
         self._unpin()
         self.buffer = self.tensor = None  # free the old one before taking more
-        self.buffer = _C.AlignedBuffer(nbytes, nbytes, True)
+        self.buffer = create_segment(nbytes) if shared else _C.AlignedBuffer(nbytes, nbytes, True)
         self.tensor = torch.frombuffer(self.buffer, dtype=torch.uint8)
 
     def pin(self) -> None:

@@ -24,7 +24,7 @@ from .remote_lane import RemoteCopy, RemoteLane
 from .save_queue import SaveHandle
 
 if TYPE_CHECKING:
-    from .background import Staged
+    from .background import NativeWrite, Staged
     from .results import SaveResult
 
 __all__ = ["RemoteCopy", "RemoteTier", "TieredSaveHandle", "save_with_remote_copy"]
@@ -164,11 +164,12 @@ class TieredSaveHandle(SaveHandle):
 
 
 def save_with_remote_copy(tier: RemoteTier, state: Any, path: str, snapshot: Optional[str],
-                          after_durable: Callable[[], object] = lambda: None) -> TieredSaveHandle:
+                          after_durable: Callable[[], object] = lambda: None,
+                          native: Optional[NativeWrite] = None) -> TieredSaveHandle:
     """Stage `state`; on the save queue write it to `path` durably, run
     after_durable(), then queue its copy in the tier's lane (which reads the
     committed file): the local job ends there, whatever the network does."""
-    from .background import stage, write_native
+    from .background import NativeWrite, stage, write_native
 
     handle = TieredSaveHandle(path)
 
@@ -178,5 +179,5 @@ def save_with_remote_copy(tier: RemoteTier, state: Any, path: str, snapshot: Opt
         tier.lane.submit(os.path.basename(path), path, handle._copy_settled)
         return result
 
-    handle._follow(stage(state, path, write, snapshot=snapshot))
+    handle._follow(stage(state, path, write, snapshot=snapshot, native=native or NativeWrite()))
     return handle

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .. import api, remote
 from .._paths import make_parent_directories, normalize_path
-from ..background import stage, streaming_native_save, write_native
+from ..background import NativeWrite, stage, streaming_native_save, write_native
 from ..load_into import load_into
 from ..save_queue import get_queue
 from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
@@ -82,7 +82,7 @@ class FastCheckpointIO(CheckpointIO):
                          local=False, snapshot=snapshot)
         make_parent_directories(path)
         return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save,
-                     snapshot=snapshot)
+                     snapshot=snapshot, native=NativeWrite())
 
 
 def _remove(path: str) -> None:

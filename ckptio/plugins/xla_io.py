@@ -85,7 +85,7 @@ class XLACheckpointIO(CheckpointIO):
 
     def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
                     snapshot: Optional[str] = None) -> SaveHandle:
-        from ..background import stage, write_native
+        from ..background import NativeWrite, stage, write_native
 
         _reject_storage_options(self, storage_options)
         writer = self._is_writer()
@@ -98,4 +98,4 @@ class XLACheckpointIO(CheckpointIO):
             return handle
         make_parent_directories(path)
         # The host copies are ours alone: a lazy snapshot finds nothing to leave for later.
-        return stage(host, path, lambda staged: write_native(staged, path), snapshot=snapshot)
+        return stage(host, path, lambda staged: write_native(staged, path), snapshot=snapshot, native=NativeWrite())

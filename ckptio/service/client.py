@@ -1,0 +1,281 @@
+"""The trainer's side of the service: start it, hand saves over, hear back.
+
+``hand_over(staged, path, ...)`` sends one write request (the staging
+segment's descriptor rides along) and returns a ``Handover`` at once: from
+then on the checkpoint is the service's to finish, whatever happens to this
+process. The save's queued job waits on ``Handover.result()``. If the
+service goes away before it answers, ``result()`` raises ``ServiceGone`` and
+the job writes the checkpoint itself from the same memory (this process
+still maps it): nothing handed over is lost either way.
+
+The first save starts the service, detached (its own session, reparented to
+init), with no torch in it: the boot code below makes ``ckptio`` a bare
+namespace so that importing ``ckptio.service.server`` runs only the engine's
+modules. A dead service's socket is replaced by the next one (it holds the
+directory's lock while it lives).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from ..config import service_config
+from . import wire
+from .segments import SharedSegment
+from .server import SOCKET_NAME
+
+if TYPE_CHECKING:
+    from ..background import Staged
+    from ..results import SaveResult
+
+__all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "status", "boot_command", "reset_client"]
+
+START_TIMEOUT_S = 20.0
+
+_BOOT = """import sys, types
+package = types.ModuleType("ckptio")
+package.__path__ = [{package_dir!r}]
+sys.modules["ckptio"] = package
+from ckptio.service.server import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class ServiceGone(ConnectionError):
+    """The service went away (or refused us) before answering."""
+
+
+def boot_command(directory: str, *, detach: bool) -> list[str]:
+    package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [sys.executable, "-c", _BOOT.format(package_dir=package_dir), directory] + (["--detach"] if detach else [])
+
+
+class Handover:
+    """A write the service has taken on."""
+
+    def __init__(self, request_id: int, path: str) -> None:
+        self.id = request_id
+        self.path = path
+        self._done = threading.Event()
+        self._reply: dict[str, Any] | None = None
+        self._gone: str | None = None
+
+    def _settle(self, reply: dict[str, Any] | None, gone: str | None = None) -> None:
+        self._reply, self._gone = reply, gone
+        self._done.set()
+
+    def result(self) -> dict[str, Any]:
+        """The service's reply (``ok``, ``stats`` or ``error``, ``memory``);
+        ServiceGone if it died first."""
+        self._done.wait()
+        if self._reply is None:
+            raise ServiceGone(f"the ckptio service went away before {self.path} was durable: {self._gone}")
+        return self._reply
+
+
+class _Connection:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.sock = _connect_or_start(directory)
+        self.lock = threading.Lock()
+        self.pending: dict[int, Handover] = {}
+        self.next_id = 1
+        self.alive = True
+        self.service_pid = 0
+        wire.send(self.sock, {"op": "hello", "pid": os.getpid()})
+        hello = wire.receive(self.sock)
+        if hello is None or hello[0].get("op") != "hello":
+            why = "closed the connection" if hello is None else hello[0].get("error", hello[0].get("op"))
+            self.sock.close()
+            raise ServiceGone(f"the ckptio service at {directory} refused this process: {why}")
+        self.service_pid = int(hello[0].get("pid", 0))
+        threading.Thread(target=self._read_replies, name="ckptio-service-replies", daemon=True).start()
+
+    def submit(self, message: dict[str, Any], fds: tuple[int, ...], path: str) -> Handover:
+        with self.lock:
+            if not self.alive:
+                raise ServiceGone("the ckptio service connection is closed")
+            handover = Handover(self.next_id, path)
+            message["id"] = self.next_id
+            self.next_id += 1
+            self.pending[handover.id] = handover
+            try:
+                wire.send(self.sock, message, fds)
+            except OSError as e:
+                del self.pending[handover.id]
+                self.alive = False
+                raise ServiceGone(f"cannot reach the ckptio service: {e}") from e
+        return handover
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A one-off question (status), on a connection of its own."""
+        sock = _connect(self.directory)
+        try:
+            wire.send(sock, message)
+            reply = wire.receive(sock)
+        finally:
+            sock.close()
+        if reply is None:
+            raise ServiceGone("the ckptio service closed the connection")
+        return reply[0]
+
+    def _read_replies(self) -> None:
+        why = "connection closed"
+        try:
+            while True:
+                received = wire.receive(self.sock)
+                if received is None:
+                    break
+                reply, fds = received
+                for fd in fds:
+                    os.close(fd)
+                with self.lock:
+                    rid = reply.get("id")
+                    handover = self.pending.pop(rid, None) if reply.get("op") == "done" and isinstance(rid, int) \
+                        else None
+                if handover is not None:
+                    handover._settle(reply)
+        except (OSError, wire.WireError) as e:
+            why = f"{type(e).__name__}: {e}"
+        with self.lock:
+            self.alive = False
+            stranded, self.pending = list(self.pending.values()), {}
+        for handover in stranded:
+            handover._settle(None, why)
+        self.sock.close()
+
+
+_connection: _Connection | None = None
+_connection_lock = threading.Lock()
+
+
+def _current() -> _Connection:
+    global _connection
+    with _connection_lock:
+        if _connection is None or not _connection.alive:
+            _connection = _Connection(service_config().directory)
+        return _connection
+
+
+def hand_over(staged: Staged, path: str, alignment: int, *, after: dict[str, Any] | None = None,
+              memory: dict[str, Any] | None = None) -> Handover | None:
+    """Give the service the write of `staged` to `path`; None when it cannot
+    take it (no shared segment, or no service: the caller writes itself)."""
+    segment = staged.slot.buffer if staged.slot is not None else None
+    if segment is not None and not isinstance(segment, SharedSegment):
+        return None  # staged in private memory (allocated before the service was wanted)
+    records = []
+    for name, payload in staged.records():
+        if isinstance(payload, tuple):
+            assert segment is not None  # a payload in the slot: the slot has memory
+            records.append([name, "seg", payload[0] - segment.address, payload[1]])
+        else:
+            records.append([name, "bytes", wire.encode_bytes(bytes(payload))])
+    message: dict[str, Any] = {"op": "write", "path": os.path.abspath(path), "alignment": alignment,
+                               "records": records, "after": after, "memory": memory}
+    try:
+        return _current().submit(message, (segment.fd,) if segment is not None else (), path)
+    except (ServiceGone, OSError) as e:
+        _warn_once(f"ckptio: the checkpoint service is not available ({e}); saving in this process")
+        return None
+
+
+def finish_handover(handover: Handover) -> SaveResult | None:
+    """The handed-over write's result once durable; None if the service died
+    first (the caller then writes it itself); raises the write's error."""
+    from ..errors import CheckpointIOError
+    from ..results import SaveResult
+
+    try:
+        reply = handover.result()
+    except ServiceGone as e:
+        _warn_once(f"ckptio: {e}; writing it in this process")
+        return None
+    if not reply.get("ok"):
+        code = reply.get("errno")
+        raise CheckpointIOError(code if isinstance(code, int) else 5, f"the ckptio service could not write it: "
+                                f"{reply.get('error')}", handover.path)
+    memory = reply.get("memory")
+    if isinstance(memory, dict) and "error" in memory:
+        warnings.warn(f"ckptio: {handover.path} is durable but not kept in the memory tier: {memory['error']}",
+                      RuntimeWarning, stacklevel=2)
+    return SaveResult.from_stats(reply["stats"])
+
+
+def status() -> dict[str, Any]:
+    """The running service's status (ServiceGone if none runs)."""
+    return _current().request({"op": "status"})
+
+
+def _connect(directory: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(os.path.join(directory, SOCKET_NAME))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_or_start(directory: str) -> socket.socket:
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        return _connect(directory)
+    except (FileNotFoundError, ConnectionRefusedError):
+        pass
+    subprocess.run(boot_command(directory, detach=True), check=False, stdin=subprocess.DEVNULL,
+                   start_new_session=True, timeout=START_TIMEOUT_S)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            return _connect(directory)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            if time.monotonic() > deadline:
+                raise ServiceGone(f"the ckptio service did not start in {START_TIMEOUT_S:g} s "
+                                  f"(see {os.path.join(directory, 'service.log')})") from e
+            time.sleep(0.02)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    key = message.split("(")[0]
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def reset_client() -> None:
+    """Close the connection (saves still waiting on it are written here);
+    the next save connects again. Tests use this as a trainer's exit."""
+    global _connection
+    with _connection_lock:
+        connection, _connection = _connection, None
+    if connection is not None:
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the reply reader, which closes it
+        except OSError:
+            pass
+
+
+def _forget_after_fork() -> None:
+    # The child shares the parent's socket: close its copy, never shut the parent's down.
+    global _connection, _connection_lock
+    if _connection is not None:
+        try:
+            os.close(_connection.sock.detach())
+        except OSError:
+            pass
+    _connection = None
+    _connection_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

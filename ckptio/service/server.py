@@ -1,0 +1,342 @@
+"""``ckptio serve``: the per-node, per-user writer process that outlives trainers.
+
+It imports the engine and the standard library, never torch. Trainers of
+the same uid connect over a Unix socket in the service directory (0700;
+peer credentials checked too), hand over write requests naming a shared
+segment (its descriptor comes with the message) and its records, and get
+back "durable" (or the error). Once a request is received, the checkpoint is
+the service's to finish: a trainer that dies after handing it over loses
+nothing. Requests are written one at a time, taken round-robin from the
+clients that have any (one trainer cannot starve another), with the same
+engine and commit protocol as in-process saves; then the manager's
+``latest`` pointer and pruning, then the memory-tier image (see
+ckptio.service.memory_tier).
+
+One service per directory: it holds ``service.lock`` (flock) for its
+lifetime. It exits once nothing is connected and nothing is pending for
+CKPTIO_SERVICE_IDLE_S, or, while it keeps memory-tier images, for
+CKPTIO_MEMORY_KEEP_S (and then removes them).
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._engine import get_engine
+from .._paths import committed_file, fsync_directory, remove_stale_temporaries
+from ..config import service_config
+from . import memory_tier, wire
+from .segments import map_segment
+
+__all__ = ["main", "SOCKET_NAME", "LOCK_NAME", "LOG_NAME"]
+
+SOCKET_NAME, LOCK_NAME, LOG_NAME = "service.sock", "service.lock", "service.log"
+PROTOCOL = 1
+
+
+@dataclass
+class _Job:
+    client: _Client
+    request: dict[str, Any]
+    mapping: Any  # the segment's mmap (or None: every record inline)
+    base: int
+
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    pid: int
+    jobs: collections.deque[_Job] = field(default_factory=collections.deque)
+    alive: bool = True
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reply(self, message: dict[str, Any]) -> None:
+        if not self.alive:
+            return
+        try:
+            with self.send_lock:
+                wire.send(self.sock, message)
+        except OSError:
+            self.alive = False  # the trainer died: its checkpoint is still finished
+
+
+class Service:
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.config = service_config()
+        self.clients: list[_Client] = []
+        self.cond = threading.Condition()
+        self.pending = 0
+        self.last_activity = time.monotonic()
+        self.stopping = False
+        self.segments: dict[tuple[int, int], tuple[Any, int]] = {}  # (dev, inode) -> (mapping, base)
+        self.orphans: list[_Client] = []  # gone, with writes still to finish
+        self.served = 0
+
+    # --- connections ---------------------------------------------------------
+
+    def accept_forever(self, listener: socket.socket) -> None:
+        while not self.stopping:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                               struct.calcsize("3i")))
+            if uid != os.getuid():
+                try:
+                    wire.send(sock, {"op": "refused", "error": f"uid {uid} is not this service's ({os.getuid()})"})
+                finally:
+                    sock.close()
+                log(f"refused pid {pid} of uid {uid}")
+                continue
+            client = _Client(sock, pid)
+            with self.cond:
+                self.clients.append(client)
+                self.last_activity = time.monotonic()
+            threading.Thread(target=self.serve_client, args=(client,), daemon=True).start()
+
+    def serve_client(self, client: _Client) -> None:
+        try:
+            while True:
+                try:
+                    received = wire.receive(client.sock)
+                except wire.BadMessage as e:
+                    client.reply({"op": "error", "error": str(e)})
+                    continue
+                if received is None:
+                    break
+                message, fds = received
+                try:
+                    self.handle(client, message, fds)
+                except wire.WireError as e:
+                    client.reply({"op": "error", "error": str(e)})
+                finally:
+                    for fd in fds:
+                        os.close(fd)
+        except (OSError, wire.WireError):
+            pass
+        finally:
+            client.alive = False
+            with self.cond:
+                self.clients.remove(client)
+                if client.jobs:
+                    self.orphans.append(client)  # its checkpoints are finished all the same
+                self.last_activity = time.monotonic()
+                self.cond.notify_all()
+            client.sock.close()
+
+    def handle(self, client: _Client, message: dict[str, Any], fds: list[int]) -> None:
+        op = message.get("op")
+        if op == "hello":
+            client.reply({"op": "hello", "pid": os.getpid(), "protocol": PROTOCOL})
+        elif op == "status":
+            with self.cond:
+                status = {"op": "status", "pid": os.getpid(), "clients": len(self.clients), "pending": self.pending,
+                          "served": self.served, "memory": [p for _, _, p, _ in
+                                                            memory_tier.node_usage(self.directory)]}
+            client.reply(status)
+        elif op == "write":
+            _check_write(message)
+            mapping, base = self.segment(fds[0]) if fds else (None, 0)
+            job = _Job(client, message, mapping, base)
+            with self.cond:
+                client.jobs.append(job)
+                self.pending += 1
+                self.last_activity = time.monotonic()
+                self.cond.notify_all()
+        else:
+            raise wire.WireError(f"unknown op {op!r}")
+
+    def segment(self, fd: int) -> tuple[Any, int]:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        known = self.segments.get(key)
+        if known is not None and len(known[0]) == st.st_size:
+            return known
+        self.segments[key] = map_segment(fd)
+        return self.segments[key]
+
+    # --- the write lane ------------------------------------------------------
+
+    def write_forever(self) -> None:
+        turn = 0
+        while True:
+            with self.cond:
+                while not self.clients_with_jobs():
+                    if self.stopping:
+                        return
+                    self.cond.wait(0.5)
+                holders = self.clients_with_jobs()
+                client = holders[turn % len(holders)]  # round-robin: no trainer waits behind another's backlog
+                turn += 1
+                job = client.jobs.popleft()
+                if not client.jobs and client in self.orphans:
+                    self.orphans.remove(client)
+            try:
+                client.reply(self.write(job))
+            finally:
+                with self.cond:
+                    self.pending -= 1
+                    self.served += 1
+                    self.last_activity = time.monotonic()
+                    self.cond.notify_all()
+
+    def clients_with_jobs(self) -> list[_Client]:
+        return [c for c in self.clients + self.orphans if c.jobs]
+
+    def write(self, job: _Job) -> dict[str, Any]:
+        request = job.request
+        path = request["path"]
+        reply: dict[str, Any] = {"op": "done", "id": request["id"]}
+        try:
+            records = _records(request["records"], job.mapping, job.base)
+            remove_stale_temporaries(os.path.dirname(path))
+            ticket = get_engine().save(path, records, int(request["alignment"]), job.mapping)
+            ticket.wait()
+            ticket.check()
+            reply["stats"] = ticket.stats()
+            after = request.get("after") or {}
+            if after.get("pointer"):
+                _write_pointer(*after["pointer"])
+            if after.get("prune"):
+                _prune(after["prune"])
+        except Exception as e:  # noqa: BLE001 - reported to the trainer, which owns the error
+            reply.update(ok=False, error=f"{type(e).__name__}: {e}", errno=getattr(e, "errno", None) or 5)
+            log(f"write of {path} failed: {type(e).__name__}: {e}")
+            return reply
+        reply["ok"] = True
+        memory = request.get("memory")
+        if memory:
+            write = memory_tier.engine_writer(records, int(request["alignment"]), job.mapping)
+            reply["memory"] = memory_tier.store(self.directory, self.config.memory_bytes, memory,
+                                                reply["stats"]["bytes"], write)
+        return reply
+
+    # --- lifetime ------------------------------------------------------------
+
+    def idle_for(self) -> float:
+        with self.cond:
+            if self.clients or self.pending:
+                return 0.0
+            return time.monotonic() - self.last_activity
+
+
+def _records(spec: Any, mapping: Any, base: int) -> list[tuple[str, Any]]:
+    size = 0 if mapping is None else len(mapping)
+    records: list[tuple[str, Any]] = []
+    for entry in spec:
+        if not isinstance(entry, list) or len(entry) not in (3, 4) or not isinstance(entry[0], str):
+            raise wire.WireError(f"bad record {entry!r:.80}")
+        if entry[1] == "seg":
+            offset, n = entry[2], entry[3]
+            if not (isinstance(offset, int) and isinstance(n, int) and 0 <= offset and 0 <= n
+                    and offset + n <= size):
+                raise wire.WireError(f"record {entry[0]!r} lies outside the segment ({size} bytes)")
+            records.append((entry[0], (base + offset, n) if n else b""))
+        elif entry[1] == "bytes":
+            records.append((entry[0], wire.decode_bytes(entry[2])))
+        else:
+            raise wire.WireError(f"bad record kind {entry[1]!r:.20}")
+    return records
+
+
+def _check_write(message: dict[str, Any]) -> None:
+    if not isinstance(message.get("id"), int) or not isinstance(message.get("path"), str) \
+            or not os.path.isabs(message["path"]) or not isinstance(message.get("records"), list) \
+            or not isinstance(message.get("alignment"), int):
+        raise wire.WireError("a write needs an int id, an absolute path, records and an alignment")
+
+
+def _write_pointer(directory: str, name: str) -> None:
+    with committed_file(os.path.join(directory, "latest"), "w", site="pointer") as f:
+        f.write(name + "\n")
+
+
+def _prune(spec: dict[str, Any]) -> None:
+    """A CheckpointManager's keep_last, after a commit: never the step just written."""
+    directory, pattern = spec["directory"], re.compile(spec["pattern"])
+    steps = sorted(int(m.group(1)) for m in map(pattern.match, os.listdir(directory)) if m)
+    for old in steps[: -int(spec["keep_last"])]:
+        if old != spec["step"]:
+            try:
+                os.remove(os.path.join(directory, f"{spec['prefix']}{old}{spec['suffix']}"))
+            except FileNotFoundError:
+                pass
+
+
+def log(text: str) -> None:
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} ckptio service {os.getpid()}: {text}", file=sys.stderr, flush=True)
+
+
+def run(directory: str) -> int:
+    """Serve until idle; 0 when done (or when another service holds the directory)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chmod(directory, 0o700)
+    lock_fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another service serves this directory
+    service = Service(directory)
+    path = os.path.join(directory, SOCKET_NAME)
+    if os.path.exists(path):
+        os.remove(path)  # a dead service's: we hold the lock
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    fsync_directory(directory)
+    log(f"serving {directory}")
+    signal.signal(signal.SIGTERM, lambda *_: setattr(service, "stopping", True))
+    threading.Thread(target=service.accept_forever, args=(listener,), daemon=True).start()
+    writer = threading.Thread(target=service.write_forever, daemon=True)
+    writer.start()
+    cfg = service.config
+    while not service.stopping:
+        time.sleep(0.1)
+        keeping = bool(memory_tier.node_usage(directory))
+        if service.idle_for() > (cfg.keep_s if keeping else cfg.idle_s):
+            break
+    os.remove(path)  # new trainers start a new service from here on
+    listener.close()
+    service.stopping = True
+    with service.cond:
+        service.cond.notify_all()
+    writer.join()
+    if service.idle_for() > 0:
+        _remove_memory_tier(directory)
+    log(f"exiting after {service.served} write(s)")
+    return 0
+
+
+def _remove_memory_tier(directory: str) -> None:
+    import shutil
+
+    shutil.rmtree(os.path.join(directory, "memory"), ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """``<boot> <directory> [--detach]``: see ckptio.service.client.spawn."""
+    directory = argv[0]
+    if "--detach" in argv[1:]:
+        if os.fork() > 0:
+            return 0  # the spawner reaps this intermediate at once; the service is reparented
+        os.setsid()
+        log_fd = os.open(os.path.join(directory, LOG_NAME), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+    return run(directory)

@@ -1,0 +1,299 @@
+"""The checkpoint service (ckptio.service): a writer process that outlives
+the trainer. Real processes, real SIGKILLs, real shared memory: a trainer
+killed after async_save returned loses nothing; a service killed mid-write
+loses nothing; the memory tier serves a restart; other users are refused;
+the service runs no torch and goes away when idle."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.background import reset
+from ckptio.service import client as service_client
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_state(seed, n=1 << 20):
+    g = torch.Generator().manual_seed(seed)
+    return {"model": {"w": torch.randn(n, generator=g), "b": torch.arange(64) + seed}, "step": seed}
+
+
+def assert_state(loaded, seed, n=1 << 20):
+    want = make_state(seed, n)
+    assert loaded["step"] == seed
+    assert torch.equal(loaded["model"]["w"], want["model"]["w"])
+    assert torch.equal(loaded["model"]["b"], want["model"]["b"])
+
+
+@pytest.fixture
+def service_dir(tmp_path, monkeypatch):
+    """Saves of this test go through a service of its own, which exits 2 s after its last client."""
+    directory = tmp_path / "service"
+    monkeypatch.setenv("CKPTIO_SERVICE", "1")
+    monkeypatch.setenv("CKPTIO_SERVICE_DIR", str(directory))
+    monkeypatch.setenv("CKPTIO_SERVICE_IDLE_S", "2")
+    monkeypatch.setenv("CKPTIO_MEMORY_KEEP_S", "2")
+    reset()
+    service_client.reset_client()
+    yield directory
+    reset()
+    service_client.reset_client()
+    for pid in _service_pids(directory):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _service_pids(directory):
+    """Services serving `directory` (found by their command line)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if str(directory).encode() in args and any(b"ckptio.service.server" in a for a in args):
+                pids.append(int(entry))
+    return pids
+
+
+def _wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_saves_through_the_service_load_with_torch_and_the_service_runs_no_torch(service_dir, tmp_path):
+    handles = [ckptio.async_save(make_state(s), tmp_path / f"s{s}.pt") for s in range(3)]
+    for h in handles:
+        assert h.result().bytes > 4 << 20
+    for s in range(3):
+        assert_state(torch.load(tmp_path / f"s{s}.pt", weights_only=True), s)
+    (pid,) = _service_pids(service_dir)
+    assert pid != os.getpid() and os.getsid(pid) != os.getsid(0)  # detached: its own session
+    with open(f"/proc/{pid}/maps") as f:
+        assert "libtorch" not in f.read()  # the engine and a socket, nothing more
+    assert service_client.status()["served"] == 3
+    mode = os.stat(service_dir).st_mode & 0o777
+    assert mode == 0o700 and os.stat(service_dir / "service.sock").st_mode & 0o777 == 0o600
+    reset()
+    service_client.reset_client()  # the trainer lets go: the service exits once idle
+    _wait_until(lambda: not _service_pids(service_dir), 10, "the idle service to exit")
+    assert not (service_dir / "service.sock").exists()
+
+
+_TRAINER = textwrap.dedent("""
+    import os, sys, torch, ckptio
+    sys.path.insert(0, {here!r})
+    from test_service import make_state
+    out, runs = sys.argv[1], int(sys.argv[2])
+    for run in range(runs):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # one trainer per run: killed by the parent once async_save has returned
+            os.close(r)
+            state = make_state(run, 4 << 20)
+            handle = ckptio.async_save(state, os.path.join(out, f"run{{run}}.pt"))
+            state["model"]["w"].fill_(-1.0)  # the caller owns its tensors again: this must not be saved
+            os.write(w, b"R" if not handle.done() else b"D")
+            os.close(w)
+            handle.wait()
+            os._exit(0)
+        os.close(w)
+        said = os.read(r, 1)
+        os.close(r)
+        import random, time
+        time.sleep(random.Random(run).uniform(0, 0.03))
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print(run, said.decode(), flush=True)
+""")
+
+
+def test_a_trainer_killed_after_async_save_returned_loses_nothing(service_dir, tmp_path):
+    """20 trainers, each SIGKILLed 0-30 ms after async_save returned (mostly
+    before its handle said durable): every file ends whole, as snapshotted."""
+    runs = 20
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER.format(here=HERE))
+    proc = subprocess.run([sys.executable, str(script), str(out), str(runs)], capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = dict(line.split() for line in proc.stdout.split("\n") if line)
+    assert len(said) == runs
+    assert list(said.values()).count("R") >= runs // 2  # most were killed before durable
+    _wait_until(lambda: len([n for n in os.listdir(out) if n.endswith(".pt")]) == runs, 60,
+                "every handed-over save to land")
+    assert [n for n in os.listdir(out) if not n.endswith(".pt")] == []  # no torn or temporary file
+    for run in range(runs):
+        assert_state(ckptio.load(out / f"run{run}.pt"), run, 4 << 20)  # CRC-verified, as snapshotted
+    _wait_until(lambda: not _service_pids(service_dir), 15, "the idle service to exit")
+
+
+def test_the_service_killed_mid_write_loses_nothing_and_the_next_save_starts_another(service_dir, tmp_path):
+    n = 64 << 20  # 256 MiB: the service is still writing when it is killed
+    first = ckptio.async_save(make_state(1, 1 << 10), tmp_path / "warm.pt")
+    first.result()
+    (pid,) = _service_pids(service_dir)
+    handle = ckptio.async_save(make_state(2, n), tmp_path / "big.pt")
+    os.kill(pid, signal.SIGKILL)
+    with pytest.warns(RuntimeWarning, match="writing it in this process"):
+        result = handle.result(timeout=120)  # the trainer wrote it itself, from the memory it still maps
+    assert result.bytes > n * 4
+    assert_state(ckptio.load(tmp_path / "big.pt"), 2, n)
+    assert sorted(os.listdir(tmp_path)) == ["big.pt", "service", "warm.pt"]  # nothing torn beside them
+    ckptio.async_save(make_state(3), tmp_path / "after.pt").result()
+    assert _service_pids(service_dir) not in ([], [pid])  # a new service took over
+    assert_state(ckptio.load(tmp_path / "after.pt"), 3)
+
+
+def test_a_restarted_trainer_resumes_from_the_memory_tier(service_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, ckptio
+        sys.path.insert(0, {HERE!r})
+        from test_service import make_state
+        manager = ckptio.CheckpointManager({str(tmp_path / 'run')!r}, keep_last=3, memory=2)
+        for step in (10, 20, 30):
+            manager.save(step, make_state(step))
+        manager.wait()
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=os.environ.copy())
+    manager = ckptio.CheckpointManager(tmp_path / "run", keep_last=3, memory=2)
+    assert manager.memory_steps() == [20, 30] and manager.steps() == [10, 20, 30]
+    target = make_state(0)
+    loaded = manager.load_latest(into=target)
+    assert manager.last_loaded.tier == "memory" and manager.last_loaded.step == 30
+    assert loaded["model"]["w"] is target["model"]["w"]
+    assert_state(dict(target, step=30), 30)
+    # A damaged memory image is skipped for the same step on disk.
+    image = manager.last_loaded.path
+    data = bytearray(open(image, "rb").read())
+    data[len(data) // 2] ^= 1
+    with open(image, "wb") as f:
+        f.write(data)
+    with pytest.warns(UserWarning, match="skipping damaged"):
+        assert_state(manager.load_latest(), 30)
+    assert manager.last_loaded.tier == "local"
+
+
+def test_a_client_of_another_uid_is_refused(service_dir, tmp_path, monkeypatch):
+    if os.getuid() != 0:
+        pytest.skip("dropping to another uid needs root")
+    # A directory other users could reach if its permissions let them (tmp_path's parents do not).
+    shared = tempfile.mkdtemp(prefix="ckptio-uid-test-", dir="/tmp")
+    os.chmod(shared, 0o755)
+    directory = os.path.join(shared, "service")
+    monkeypatch.setenv("CKPTIO_SERVICE_DIR", directory)
+    service_client.reset_client()
+    try:
+        ckptio.async_save(make_state(1, 16), tmp_path / "a.pt").result()  # the service runs
+        sock_path = os.path.join(directory, "service.sock")
+        child = textwrap.dedent(f"""
+            import os, socket, json, struct
+            os.setgid(65534); os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect({sock_path!r})
+            except PermissionError:
+                print("EACCES"); raise SystemExit
+            n = struct.unpack(">I", s.recv(4))[0]
+            print(json.loads(s.recv(n))["op"])
+        """)
+        # The directory (0700) keeps other users out ...
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "EACCES", out.stderr
+        # ... and with the file permissions opened up, the peer credentials still do.
+        os.chmod(directory, 0o755)
+        os.chmod(sock_path, 0o777)
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=30)
+        assert out.stdout.strip() == "refused", out.stderr
+        ckptio.async_save(make_state(2), tmp_path / "b.pt").result()  # and it goes on serving its own user
+        assert_state(ckptio.load(tmp_path / "b.pt"), 2)
+    finally:
+        reset()
+        service_client.reset_client()
+        for pid in _service_pids(directory):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_hostile_client_gets_errors_and_the_service_goes_on(service_dir, tmp_path):
+    ckptio.async_save(make_state(1, 16), tmp_path / "a.pt").result()
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(service_dir / "service.sock"))
+
+    def ask(payload):
+        sock.sendall(struct.pack(">I", len(payload)) + payload)
+        n = struct.unpack(">I", sock.recv(4))[0]
+        return json.loads(sock.recv(n))
+
+    assert ask(b"\x80\x04K\x01.")["op"] == "error"  # a pickle is not a message
+    assert ask(b"[1, 2]")["op"] == "error"
+    assert ask(json.dumps({"op": "write", "id": 1, "path": "relative", "records": [], "alignment": 64}).encode())["op"] \
+        == "error"
+    bad = {"op": "write", "id": 2, "path": str(tmp_path / "x.pt"), "alignment": 64,
+           "records": [["x/data.pkl", "seg", 0, 1 << 40]]}  # outside any segment
+    reply = ask(json.dumps(bad).encode())
+    assert reply["op"] == "done" and reply["ok"] is False and "outside the segment" in reply["error"]
+    sock.close()
+    assert not (tmp_path / "x.pt").exists()
+    ckptio.async_save(make_state(2), tmp_path / "b.pt").result()
+    assert_state(ckptio.load(tmp_path / "b.pt"), 2)
+    assert len(_service_pids(service_dir)) == 1
+
+
+def test_ranks_of_a_node_share_one_service(service_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys, ckptio
+        sys.path.insert(0, {HERE!r})
+        from test_service import make_state
+        rank = int(sys.argv[1])
+        for step in range(3):
+            ckptio.async_save(make_state(rank * 10 + step), f"{tmp_path}/r{{rank}}_{{step}}.pt")
+        ckptio.wait()
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], env=os.environ.copy()) for rank in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    assert len(_service_pids(service_dir)) == 1
+    for rank in range(3):
+        for step in range(3):
+            assert_state(ckptio.load(tmp_path / f"r{rank}_{step}.pt"), rank * 10 + step)
+
+
+def test_without_a_service_the_memory_tier_is_written_in_process(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTIO_SERVICE_DIR", str(tmp_path / "service"))
+    manager = ckptio.CheckpointManager(tmp_path / "run", memory=1, async_save=False)
+    manager.save(5, make_state(5))
+    assert manager.memory_steps() == [5] and not (tmp_path / "service" / "service.sock").exists()
+    assert_state(manager.load_latest(), 5)
+    assert manager.last_loaded.tier == "memory"
+
+
+def test_bad_service_settings_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTIO_SERVICE", "maybe")
+    with pytest.raises(ckptio.ConfigError, match="CKPTIO_SERVICE"):
+        ckptio.CheckpointManager(tmp_path, memory=1)
+    monkeypatch.setenv("CKPTIO_SERVICE", "1")
+    monkeypatch.setenv("CKPTIO_MEMORY_BYTES", "lots")
+    with pytest.raises(ckptio.ConfigError, match="CKPTIO_MEMORY_BYTES"):
+        ckptio.CheckpointManager(tmp_path, memory=1)
+    with pytest.raises(ValueError, match="memory"):
+        ckptio.CheckpointManager(tmp_path, memory=-1)
+

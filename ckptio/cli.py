@@ -1,4 +1,4 @@
-"""The ckptio command line: inspect, verify, convert, list, bench.
+"""The ckptio command line: inspect, verify, convert, list, bench, serve.
 
     ckptio inspect PATH            records, tensors and CRC state of a torch.save file (zip or legacy)
                                    or of a DCP checkpoint directory
@@ -7,6 +7,7 @@
                                    or -> DST.safetensors (tensors only)
     ckptio list DIR [--remote URL] a CheckpointManager's checkpoints per tier: whole / damaged / remote-only
     ckptio bench [--dir D] [--size 1GiB] [--json] [--plot out.png]
+    ckptio serve [--foreground | --status | --stop]   the per-node checkpoint service (ckptio.cli_serve)
     ckptio --version
 
 A script can rely on this: whatever the input, a command never shows a
@@ -92,7 +93,7 @@ def _check_settings() -> None:
     from . import config
 
     for reader in ("engine_config", "verify_by_default", "staging_config", "remote_read_config",
-                   "remote_copy_config"):
+                   "remote_copy_config", "service_config"):
         fn = getattr(config, reader, None)
         if fn is not None:
             fn()
@@ -122,15 +123,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         except Exception as e:  # noqa: BLE001 - any failure to list the remote tier is reported, with its reason
             unreachable = f"{type(e).__name__}: {' '.join(str(e).split())}" if str(e) else type(e).__name__
     rows = manager.inventory()
-    print(f"{'step':>10}  {'local':<8}  {'remote':<11}  note")  # plain columns: scripts parse it
+    memory = manager.memory_inventory()  # a column only where the memory tier holds this directory's checkpoints
+    steps = {row[0] for row in rows}
+    rows += [(step, None, None) for step in memory if step not in steps]
+    rows.sort(key=lambda row: -row[0])
+    column = f"  {'memory':<8}" if memory else ""
+    print(f"{'step':>10}  {'local':<8}  {'remote':<11}{column}  note")  # plain columns: scripts parse it
     for step, local, remote in rows:
-        note = "remote-only" if local is None else ("local-only" if remote is None and args.remote else "")
-        print(f"{step:>10}  {local or '-':<8}  {remote or '-':<11}  {note}".rstrip(), flush=True)
+        note = "remote-only" if local is None and remote else ("local-only" if remote is None and args.remote else "")
+        if local is None and remote is None:
+            note = "memory-only"
+        column = f"  {memory.get(step) or '-':<8}" if memory else ""
+        print(f"{step:>10}  {local or '-':<8}  {remote or '-':<11}{column}  {note}".rstrip(), flush=True)
     if unreachable is not None:
         raise CliFailure(Exit.NOT_CHECKED, f"the remote tier {args.remote} is unreachable: {unreachable}", path="")
     if not rows:
         raise CliFailure(Exit.NOT_CHECKED, f"no checkpoints named {args.prefix}<step>{args.suffix} here")
-    if not any("whole" in (local, remote) for _, local, remote in rows):
+    if not any("whole" in (local, remote, memory.get(step)) for step, local, remote in rows):
         raise CliFailure(Exit.DAMAGED, "damaged: no checkpoint here is whole")
     return Exit.OK
 
@@ -199,6 +208,7 @@ class _VersionAction(argparse.Action):
 def _parser() -> argparse.ArgumentParser:
     from .cli_convert import cmd_convert
     from .cli_inspect import cmd_inspect
+    from .cli_serve import add_serve_command
     from .cli_verify import cmd_verify
 
     common = _Parser(add_help=False)
@@ -242,6 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", nargs="?", const="-", default=None, help="write results as JSON (to a file, or stdout)")
     p.add_argument("--plot", default=None, help="write a bar chart PNG")
     p.set_defaults(fn=cmd_bench)
+    add_serve_command(command)
     return parser
 
 

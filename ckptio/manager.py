@@ -207,6 +207,12 @@ class CheckpointManager:
                       "keep": self.memory, "source": os.path.join(self.directory, self._prefix + "<N>" + self._suffix)}
         return NativeWrite(after, memory)
 
+    def memory_inventory(self) -> dict[int, str]:
+        """{step: "whole" or "damaged"} of the memory tier's images of this directory."""
+        from .service.memory_tier import images
+
+        return {step: _state_of(path) or "damaged" for step, path in images(self._memory_folder, self._pattern).items()}
+
     def memory_steps(self) -> list[int]:
         """Steps the memory tier holds for this directory, ascending."""
         from .service.memory_tier import images
@@ -291,7 +297,8 @@ class CheckpointManager:
         found = [(self._step_in(p), "local", p) for p in self._candidates()]
         from .service.memory_tier import images
 
-        found += [(s, "memory", p) for s, p in images(self._memory_folder, self._pattern).items()]
+        if self.memory:  # a manager made without a memory tier reads disk only
+            found += [(s, "memory", p) for s, p in images(self._memory_folder, self._pattern).items()]
         if self.remote is not None:
             try:
                 found += [(s, "remote", self._remote_url(s)) for s in self._remote_steps_in_time()]

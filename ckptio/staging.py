@@ -61,7 +61,6 @@ class Slot:
         While saves go through the service the memory is a shared segment
         (ckptio.service.segments), so that handing a save over copies nothing."""
         from .service import wanted
-        from .service.segments import create_segment
 
         shared = wanted()
         if nbytes <= self.capacity and (not shared or isinstance(self.buffer, SharedSegment)):
@@ -69,7 +68,9 @@ class Slot:
         nbytes = max(nbytes, self.capacity)
         self._unpin()
         self.buffer = self.tensor = None  # free the old one before taking more
-        self.buffer = create_segment(nbytes) if shared else _C.AlignedBuffer(nbytes, nbytes, True)
+        self.buffer = _shared_or_none(nbytes) if shared else None
+        if self.buffer is None:
+            self.buffer = _C.AlignedBuffer(nbytes, nbytes, True)
         self.tensor = torch.frombuffer(self.buffer, dtype=torch.uint8)
 
     def pin(self) -> None:
@@ -82,6 +83,21 @@ class Slot:
             assert self.buffer is not None  # pinned: a buffer
             torch.cuda.cudart().cudaHostUnregister(self.buffer.address)
             self.pinned = False
+
+
+def _shared_or_none(nbytes: int) -> SharedSegment | None:
+    """A shared segment, or None (with a warning, once) when the memory for
+    one is short: saves then stage privately and are written in-process."""
+    from .service.segments import create_segment
+
+    try:
+        return create_segment(nbytes)
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"ckptio: no shared memory for a {nbytes}-byte staging segment ({e}); this save is written "
+                      "in this process, not by the checkpoint service", RuntimeWarning, stacklevel=4)
+        return None
 
 
 def _as_bytes(storage: torch.UntypedStorage) -> torch.Tensor:

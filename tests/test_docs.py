@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -100,11 +101,42 @@ def test_block_runs(block: Block, tmp_path: Path) -> None:
     work.mkdir()
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", CKPTIO_EXAMPLES=str(ROOT / "examples"))
     for name in [n for n in env if n.startswith("CKPTIO_") and n != "CKPTIO_EXAMPLES"]:
-        del env[name]  # the defaults the docs describe
-    out = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+        del env[name]  # the defaults the docs describe ...
+    env["CKPTIO_SERVICE_DIR"] = str(tmp_path / "service")  # ... but a checkpoint service of the block's own
+    try:
+        out = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
+                             timeout=TIMEOUT_S)
+    finally:
+        stop_services(tmp_path / "service")
     assert out.returncode == 0, (f"{block.file}:{block.line} failed (exit {out.returncode}):\n"
                                  f"{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+
+
+def stop_services(directory: Path) -> None:
+    """SIGTERM the checkpoint service of `directory` (if one started) and wait for it."""
+    pid = service_pid(directory)
+    if pid is not None:
+        os.kill(pid, 15)
+        for _ in range(600):
+            if service_pid(directory) is None:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"the checkpoint service of {directory} did not stop on SIGTERM")
+
+
+def service_pid(directory: Path, under: bool = False) -> Optional[int]:
+    """The pid of the checkpoint service serving `directory` (or, `under`, any directory inside it)."""
+    prefix = str(directory).encode()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        served = any(a == prefix or (under and a.startswith(prefix + b"/")) for a in args)
+        if served and any(b"ckptio.service.server" in a for a in args):
+            return int(entry)
+    return None
 
 
 def test_every_block_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,6 +177,14 @@ def test_relative_links_resolve(path: Path) -> None:
 # The examples: each runs as its docstring says, prints where it wrote, and
 # leaves nothing behind unless asked to keep it. (lightning_async.py is what
 # `make demo` runs; lightning_two_tier.py runs in test_tiers.py.)
+
+def test_service_example_resumes_a_killed_trainer_from_memory_and_cleans_up(dirs: tuple[Path, Path]) -> None:
+    out = run_example("lightning_service.py", cwd=dirs[0], tmp=dirs[1])
+    assert "trainer killed by signal 9 after step 10" in out
+    assert "resumed from step 10 (read from the memory tier), trained on to step 20" in out
+    assert leftovers(*dirs) == []
+    assert service_pid(dirs[1], under=True) is None  # the example stopped its service
+
 EXAMPLES = ROOT / "examples"
 
 

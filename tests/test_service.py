@@ -22,6 +22,7 @@ import torch
 import ckptio
 from ckptio.background import reset
 from ckptio.service import client as service_client
+from ckptio.service import wire
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -248,8 +249,8 @@ def test_a_hostile_client_gets_errors_and_the_service_goes_on(service_dir, tmp_p
     assert ask(b"[1, 2]")["op"] == "error"
     assert ask(json.dumps({"op": "write", "id": 1, "path": "relative", "records": [], "alignment": 64}).encode())["op"] \
         == "error"
-    bad = {"op": "write", "id": 2, "path": str(tmp_path / "x.pt"), "alignment": 64,
-           "records": [["x/data.pkl", "seg", 0, 1 << 40]]}  # outside any segment
+    run = ["x/data/", "run", wire.encode_ints([0]), wire.encode_ints([1 << 40])]  # outside any segment
+    bad = {"op": "write", "id": 2, "path": str(tmp_path / "x.pt"), "alignment": 64, "records": [run]}
     reply = ask(json.dumps(bad).encode())
     assert reply["op"] == "done" and reply["ok"] is False and "outside the segment" in reply["error"]
     sock.close()
@@ -297,3 +298,74 @@ def test_bad_service_settings_are_named(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="memory"):
         ckptio.CheckpointManager(tmp_path, memory=-1)
 
+
+
+def test_odd_states_go_through_the_service(service_dir, tmp_path):
+    odd = {"empty": torch.empty(0), "scalar": torch.tensor(3.5), "view": torch.arange(10)[2:5], "n": 7}
+    ckptio.async_save(odd, tmp_path / "odd.pt").result()
+    ckptio.async_save({"no": "tensors"}, tmp_path / "none.pt").result()
+    loaded = torch.load(tmp_path / "odd.pt", weights_only=True)
+    assert loaded["empty"].numel() == 0 and float(loaded["scalar"]) == 3.5 and loaded["n"] == 7
+    assert torch.equal(loaded["view"], torch.arange(2, 5))
+    assert torch.load(tmp_path / "none.pt", weights_only=True) == {"no": "tensors"}
+    assert service_client.status()["served"] == 2
+
+
+def test_a_memory_tier_over_its_budget_warns_and_the_disk_copy_stands(service_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTIO_MEMORY_BYTES", str(1 << 20))  # smaller than one checkpoint
+    manager = ckptio.CheckpointManager(tmp_path / "run", memory=2)
+    with pytest.warns(RuntimeWarning, match="budget"):
+        manager.save(1, make_state(1)).result()
+    assert manager.memory_steps() == [] and manager.steps() == [1]
+    assert_state(manager.load_latest(), 1)
+    assert manager.last_loaded.tier == "local"
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ckptio", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_ckptio_serve_and_list_as_an_operator_runs_them(service_dir, tmp_path):
+    out = _cli("serve", "--status")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint service is running" in out.stderr
+    out = _cli("serve", env={"CKPTIO_SERVICE_IDLE_S": "soon"})
+    assert out.returncode == 3 and "CKPTIO_SERVICE_IDLE_S" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("serve", "--status", "--stop")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    manager = ckptio.CheckpointManager(tmp_path / "run", keep_last=1, memory=2)
+    for step in (1, 2):
+        manager.save(step, make_state(step, 1024)).result()
+    out = _cli("serve", "--status")
+    assert out.returncode == 0 and "memory-tier images 2" in out.stdout, out.stderr
+    out = _cli("list", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0].split() == ["step", "local", "remote", "memory", "note"]
+    assert lines[1].split() == ["2", "whole", "-", "whole"] and lines[2].split() == ["1", "-", "-", "whole", "memory-only"]
+    pid = service_client.status()["pid"]
+    reset()
+    service_client.reset_client()
+    out = _cli("serve", "--stop")
+    assert out.returncode == 0 and str(pid) in out.stdout
+    assert not _service_pids(service_dir) and not (service_dir / "memory").exists()  # its images went with it
+
+
+def test_async_checkpoint_io_with_service_and_memory(service_dir, tmp_path):
+    io = ckptio.AsyncCheckpointIO(service=True, memory=1)
+    io.save_checkpoint(make_state(1), tmp_path / "a.ckpt")
+    io.save_checkpoint(make_state(2), tmp_path / "b.ckpt")
+    io.teardown()
+    assert service_client.status()["served"] == 2
+    assert_state(io.load_checkpoint(tmp_path / "b.ckpt"), 2)
+    assert io.last_loaded_tier == "memory"  # the newest one is kept in RAM ...
+    assert_state(io.load_checkpoint(tmp_path / "a.ckpt"), 1)
+    assert io.last_loaded_tier == "local"  # ... and memory=1 keeps only it
+    io.save_checkpoint(make_state(3), tmp_path / "b.ckpt")  # the same name, another checkpoint
+    io.teardown()
+    assert_state(io.load_checkpoint(tmp_path / "b.ckpt"), 3)
+    io.remove_checkpoint(tmp_path / "b.ckpt")  # Lightning's retention: the image goes too
+    with pytest.raises(ckptio.CheckpointNotFoundError):
+        io.load_checkpoint(tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match="FastCheckpointIO"):
+        ckptio.AsyncCheckpointIO(ckptio.TorchCheckpointIO(), memory=1)

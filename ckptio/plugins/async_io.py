@@ -15,7 +15,7 @@ from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_opti
 from .registration import stands_for
 
 if TYPE_CHECKING:
-    from ..background import Staged
+    from ..background import NativeWrite, Staged
     from ..tiers import RemoteTier
 
 __all__ = ["AsyncCheckpointIO"]
@@ -52,7 +52,8 @@ class AsyncCheckpointIO(CheckpointIO):
         return super().__new__(cls)
 
     def __init__(self, checkpoint_io: Optional[CheckpointIO] = None, *, reserve: Any = None,
-                 snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1) -> None:
+                 snapshot: Optional[str] = None, remote: Optional[str] = None, remote_every: int = 1,
+                 service: bool = False, memory: int = 0) -> None:
         """`reserve`: a state like the checkpoints to come (or their tensor
         bytes) to fault the staging memory in for, in the background, now
         (see ckptio.reserve_staging); by default the first optimizer step
@@ -73,7 +74,16 @@ class AsyncCheckpointIO(CheckpointIO):
         wait for the network; ``wait``/``teardown`` do, bounded by
         CKPTIO_REMOTE_COPY_TIMEOUT_S); ``remove_checkpoint`` removes both copies, and
         ``load_checkpoint`` of a path whose local copy is missing or damaged
-        loads the remote one. Needs ckptio's engine as the base plugin."""
+        loads the remote one. Needs ckptio's engine as the base plugin.
+
+        `service`: write through the per-node checkpoint service (as
+        CKPTIO_SERVICE=1 does): a save handed over survives the trainer's
+        death (see ckptio.service). `memory`: also keep the `memory` newest
+        checkpoints in the service's memory tier; ``load_checkpoint`` of a
+        path the tier holds (the same checkpoint, or its file is gone) reads
+        it from RAM, CRC-verified (``last_loaded_tier`` says "memory"); a
+        resume with ``ckpt_path="last"`` after a killed run is served from
+        there. Both need ckptio's engine as the base plugin."""
         super().__init__()
         if not isinstance(remote_every, int) or remote_every < 1:
             raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
@@ -100,6 +110,19 @@ class AsyncCheckpointIO(CheckpointIO):
         if self.remote is not None and not _saves_natively(_innermost(checkpoint_io)):
             raise ValueError("remote= copies the staged bytes the engine writes: use it with ckptio's "
                              f"FastCheckpointIO as the base plugin, not {type(checkpoint_io).__name__}")
+        if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
+            raise ValueError(f"memory must be an int >= 0 (checkpoints kept in RAM), not {memory!r}")
+        from .fast_io import FastCheckpointIO
+
+        if (service or memory) and not isinstance(_innermost(checkpoint_io), FastCheckpointIO):
+            raise ValueError("service= and memory= hand the engine's writes to the checkpoint service: use them with "
+                             f"ckptio's FastCheckpointIO as the base plugin, not {type(checkpoint_io).__name__}")
+        self.memory = memory
+        self.last_loaded_tier: Optional[str] = None
+        if service or memory:
+            from .. import service as checkpoint_service
+
+            checkpoint_service.want()
         # Kept as given, even another AsyncCheckpointIO (Lightning's wrappers
         # nest the same way); saves go to the innermost plugin, once.
         self.checkpoint_io = checkpoint_io
@@ -119,10 +142,17 @@ class AsyncCheckpointIO(CheckpointIO):
         if self.remote is not None:
             copy_remotely = self._saves % self.remote_every == 0
             self._saves += 1
+        native = self._native_write(normalize_path(path))
         if copy_remotely:
             assert self.remote is not None  # copies go to the remote tier
             _reject_storage_options(self, storage_options)
-            handle = _save_with_remote_copy(checkpoint, normalize_path(path), self.remote, self.snapshot)
+            handle = _save_with_remote_copy(checkpoint, normalize_path(path), self.remote, self.snapshot, native)
+        elif native is not None:  # the engine's own save, with a memory-tier image
+            from .fast_io import FastCheckpointIO
+
+            assert isinstance(base, FastCheckpointIO)  # memory= needs it (checked in __init__)
+            _reject_storage_options(self, storage_options)
+            handle = base._async_save(checkpoint, normalize_path(path), storage_options, self.snapshot, native)
         elif _saves_natively(base):
             _reject_storage_options(self, storage_options)  # the error names the plugin the user passed
             handle = base._async_save(checkpoint, normalize_path(path), storage_options, self.snapshot)
@@ -137,6 +167,15 @@ class AsyncCheckpointIO(CheckpointIO):
     # older load_checkpoint without weights_only).
     def load_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> dict[str, Any]:
         get_queue().wait_path(normalize_path(path))
+        self.last_loaded_tier = "local"
+        image = self._memory_image(normalize_path(path)) if self.memory else None
+        if image is not None:
+            try:
+                loaded = self.checkpoint_io.load_checkpoint(image, *args, **kwargs)
+                self.last_loaded_tier = "memory"
+                return loaded
+            except (CheckpointNotFoundError, CorruptCheckpointError) as e:
+                warnings.warn(f"ckptio: skipping the memory tier's copy of {path}: {e}", stacklevel=2)
         if self.remote is None:
             return self.checkpoint_io.load_checkpoint(path, *args, **kwargs)
         try:
@@ -146,11 +185,35 @@ class AsyncCheckpointIO(CheckpointIO):
             warnings.warn(f"ckptio: {path}: {e}; loading the remote copy {url}", stacklevel=2)
             return self.checkpoint_io.load_checkpoint(url, *args, **kwargs)
 
+    def _native_write(self, path: str) -> Optional[NativeWrite]:
+        """The memory-tier image to keep of a save to `path` (None without a memory tier)."""
+        if not self.memory or "://" in path:
+            return None
+        from ..background import NativeWrite
+        from ..config import service_config
+        from ..service.memory_tier import folder_for
+
+        folder = folder_for(service_config().directory, os.path.dirname(path), "", "")
+        return NativeWrite(memory={"folder": folder, "name": os.path.basename(path), "pattern": "", "order": "mtime",
+                                   "keep": self.memory, "source": os.path.dirname(path)})
+
+    def _memory_image(self, path: str) -> Optional[str]:
+        """The memory tier's image of `path`, if it holds that very checkpoint (or the file is gone)."""
+        from ..config import service_config
+        from ..service.memory_tier import folder_for, same_checkpoint
+
+        image = os.path.join(folder_for(service_config().directory, os.path.dirname(path), "", ""),
+                             os.path.basename(path))
+        return image if os.path.isfile(image) and same_checkpoint(image, path) else None
+
     def remove_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> None:
         get_queue().wait_path(normalize_path(path))
         self.checkpoint_io.remove_checkpoint(path, *args, **kwargs)
         if self.remote is not None:  # Lightning's retention (save_top_k) holds for both tiers, in the remote lane
             self.remote.lane.remove(os.path.basename(normalize_path(path)))
+        image = self._memory_image(normalize_path(path)) if self.memory else None
+        if image is not None:  # ... and for the memory tier
+            os.remove(image)
 
     def wait(self, timeout: Optional[float] = None) -> list[str]:
         """Block until every queued save is durable (raising a pending
@@ -204,14 +267,14 @@ def _innermost(plugin: CheckpointIO) -> CheckpointIO:
 
 
 def _save_with_remote_copy(checkpoint: dict[str, Any], path: str, tier: RemoteTier,
-                           snapshot: Optional[str]) -> SaveHandle:
+                           snapshot: Optional[str], native: Optional[NativeWrite] = None) -> SaveHandle:
     """Stage `checkpoint`; on the queue, write it to `path` durably; then
     the tier's lane copies the committed file under its name (see
     ckptio.remote_lane: the network never holds up the queue)."""
     from ..tiers import save_with_remote_copy
 
     make_parent_directories(path)
-    return save_with_remote_copy(tier, checkpoint, path, snapshot)
+    return save_with_remote_copy(tier, checkpoint, path, snapshot, native=native)
 
 
 def _is_xla_plugin(plugin: object) -> bool:

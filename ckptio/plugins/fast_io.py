@@ -74,7 +74,7 @@ class FastCheckpointIO(CheckpointIO):
         _remove(path)
 
     def _async_save(self, checkpoint: dict[str, Any], path: str, storage_options: Optional[Any],
-                    snapshot: Optional[str] = None) -> SaveHandle:
+                    snapshot: Optional[str] = None, native: Optional[NativeWrite] = None) -> SaveHandle:
         _reject_storage_options(self, storage_options)
         path = normalize_path(path)
         if remote.is_url(path):
@@ -82,7 +82,7 @@ class FastCheckpointIO(CheckpointIO):
                          local=False, snapshot=snapshot)
         make_parent_directories(path)
         return stage(checkpoint, path, lambda staged: write_native(staged, path), stream=streaming_native_save,
-                     snapshot=snapshot, native=NativeWrite())
+                     snapshot=snapshot, native=native or NativeWrite())
 
 
 def _remove(path: str) -> None:

@@ -171,13 +171,15 @@ def hand_over(staged: Staged, path: str, alignment: int, *, after: dict[str, Any
     segment = staged.slot.buffer if staged.slot is not None else None
     if segment is not None and not isinstance(segment, SharedSegment):
         return None  # staged in private memory (allocated before the service was wanted)
-    records = []
-    for name, payload in staged.records():
-        if isinstance(payload, tuple):
-            assert segment is not None  # a payload in the slot: the slot has memory
-            records.append([name, "seg", payload[0] - segment.address, payload[1]])
-        else:
-            records.append([name, "bytes", wire.encode_bytes(bytes(payload))])
+    base = segment.address if segment is not None else 0
+    state = staged.state
+    # File order: the small records (the pickle, ...), then every storage as
+    # one packed run (offsets and sizes in the segment), then the tail.
+    records: list[Any] = [[name, "bytes", wire.encode_bytes(bytes(data))] for name, data in state.head]
+    offsets = [a - base if n else 0 for a, n in staged.payloads]  # an empty storage has no address to speak of
+    records.append([f"{state.prefix}/data/", "run", wire.encode_ints(offsets),
+                    wire.encode_ints([n for _, n in staged.payloads])])
+    records += [[name, "bytes", wire.encode_bytes(bytes(data))] for name, data in state.tail]
     message: dict[str, Any] = {"op": "write", "path": os.path.abspath(path), "alignment": alignment,
                                "records": records, "after": after, "memory": memory}
     try:

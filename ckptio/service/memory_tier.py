@@ -71,6 +71,34 @@ def prune(folder: str, pattern: re.Pattern[str], keep: int) -> None:
         _remove(held[step])
 
 
+def prune_oldest(folder: str, keep: int) -> None:
+    """Keep the `keep` most recently written images of `folder`."""
+    held = sorted((os.stat(e.path).st_mtime, e.path) for e in os.scandir(folder)
+                  if e.is_file() and not e.name.startswith(".") and e.name != SOURCE_FILE)
+    for _, path in held[:-keep] if keep > 0 else held:
+        _remove(path)
+
+
+def same_checkpoint(image: str, path: str, tail: int = 1 << 16) -> bool:
+    """Whether the image holds the checkpoint at `path` (or `path` is gone):
+    equal sizes and equal last `tail` bytes, where the archive's directory
+    lists every record's CRC-32."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return True
+    try:
+        if os.path.getsize(image) != size:
+            return False
+        with open(image, "rb") as a, open(path, "rb") as b:
+            start = max(0, size - tail)
+            a.seek(start)
+            b.seek(start)
+            return a.read() == b.read()
+    except OSError:
+        return False
+
+
 def fit_budget(service_directory: str, budget: int, incoming: int) -> bool:
     """Make room for an image of `incoming` bytes within `budget`, removing
     the node's oldest images (never the newest of a folder); False if it
@@ -104,7 +132,10 @@ def store(service_directory: str, budget: int, spec: dict[str, Any], nbytes: int
             f.write(str(spec.get("source", "")) + "\n")
         write(os.path.join(folder, name))
         os.chmod(os.path.join(folder, name), 0o600)  # another user's checkpoint is none of ours to read
-        prune(folder, re.compile(spec["pattern"]), int(spec["keep"]))
+        if spec.get("order") == "mtime":  # names without a step (Lightning's): the newest written stay
+            prune_oldest(folder, int(spec["keep"]))
+        else:
+            prune(folder, re.compile(spec["pattern"]), int(spec["keep"]))
     except Exception as e:  # noqa: BLE001 - reported; the disk copy stands
         return {"error": f"{type(e).__name__}: {e}"}
     return {"path": os.path.join(folder, name)}

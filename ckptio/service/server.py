@@ -143,7 +143,8 @@ class Service:
             client.reply({"op": "hello", "pid": os.getpid(), "protocol": PROTOCOL})
         elif op == "status":
             with self.cond:
-                status = {"op": "status", "pid": os.getpid(), "clients": len(self.clients), "pending": self.pending,
+                status = {"op": "status", "pid": os.getpid(), "clients": len(self.clients) - 1,  # not the asker
+                          "pending": self.pending,
                           "served": self.served, "memory": [p for _, _, p, _ in
                                                             memory_tier.node_usage(self.directory)]}
             client.reply(status)
@@ -234,21 +235,26 @@ class Service:
 
 
 def _records(spec: Any, mapping: Any, base: int) -> list[tuple[str, Any]]:
+    """The engine's records from a write request's: ``[name, "bytes", b64]``
+    (inline), or ``[prefix, "run", offsets, sizes]`` (storages prefix0,
+    prefix1, ... in the segment), each checked to lie inside it."""
     size = 0 if mapping is None else len(mapping)
     records: list[tuple[str, Any]] = []
     for entry in spec:
         if not isinstance(entry, list) or len(entry) not in (3, 4) or not isinstance(entry[0], str):
-            raise wire.WireError(f"bad record {entry!r:.80}")
-        if entry[1] == "seg":
-            offset, n = entry[2], entry[3]
-            if not (isinstance(offset, int) and isinstance(n, int) and 0 <= offset and 0 <= n
-                    and offset + n <= size):
-                raise wire.WireError(f"record {entry[0]!r} lies outside the segment ({size} bytes)")
-            records.append((entry[0], (base + offset, n) if n else b""))
-        elif entry[1] == "bytes":
+            raise wire.BadMessage(f"bad record {entry!r:.80}")
+        if entry[1] == "bytes" and len(entry) == 3:
             records.append((entry[0], wire.decode_bytes(entry[2])))
+        elif entry[1] == "run" and len(entry) == 4:
+            offsets, sizes = wire.decode_ints(entry[2]), wire.decode_ints(entry[3])
+            if len(offsets) != len(sizes):
+                raise wire.BadMessage("a run needs as many offsets as sizes")
+            for i, (offset, n) in enumerate(zip(offsets, sizes)):
+                if offset < 0 or n < 0 or offset + n > size:
+                    raise wire.BadMessage(f"record {entry[0]}{i} lies outside the segment ({size} bytes)")
+                records.append((f"{entry[0]}{i}", (base + offset, n) if n else b""))
         else:
-            raise wire.WireError(f"bad record kind {entry[1]!r:.20}")
+            raise wire.BadMessage(f"bad record kind {entry[1]!r:.20}")
     return records
 
 
@@ -288,7 +294,8 @@ def run(directory: str) -> int:
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return 0  # another service serves this directory
+        log(f"another service serves {directory}")
+        return 0
     service = Service(directory)
     path = os.path.join(directory, SOCKET_NAME)
     if os.path.exists(path):

@@ -9,13 +9,16 @@ records of a checkpoint: its pickle, version, byte order) travel as base64.
 
 from __future__ import annotations
 
+import array
 import base64
 import json
 import socket
 import struct
+import sys
 from typing import Any
 
-__all__ = ["MAX_MESSAGE_BYTES", "MAX_FDS", "WireError", "BadMessage", "send", "receive", "encode_bytes", "decode_bytes"]
+__all__ = ["MAX_MESSAGE_BYTES", "MAX_FDS", "WireError", "BadMessage", "send", "receive", "encode_bytes", "decode_bytes",
+           "encode_ints", "decode_ints"]
 
 MAX_MESSAGE_BYTES = 256 << 20  # a 200,000-tensor checkpoint's pickle, base64, fits
 MAX_FDS = 4
@@ -91,6 +94,26 @@ def decode_bytes(text: Any) -> bytes:
         return base64.b64decode(text, validate=True)
     except ValueError as e:
         raise WireError(f"bad base64: {e}") from None
+
+
+def encode_ints(values: list[int]) -> str:
+    """Many offsets or sizes at once: little-endian int64s, base64."""
+    return encode_bytes(array.array("q", values).tobytes() if sys.byteorder == "little"
+                        else _swapped(array.array("q", values)).tobytes())
+
+
+def decode_ints(text: Any) -> list[int]:
+    data = decode_bytes(text)
+    if len(data) % 8:
+        raise BadMessage("a packed int64 list must be a multiple of 8 bytes")
+    values = array.array("q")
+    values.frombytes(data)
+    return (values if sys.byteorder == "little" else _swapped(values)).tolist()
+
+
+def _swapped(values: array.array[int]) -> array.array[int]:
+    values.byteswap()
+    return values
 
 
 def _close_quietly(fd: int) -> None:

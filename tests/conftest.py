@@ -154,3 +154,23 @@ def make_read_only(tmp_path):
 
 def leftover_temporaries(directory) -> list:
     return [n for n in os.listdir(directory) if ".ckptio-tmp-" in n]
+
+
+def service_pids(directory, under: bool = False) -> list:
+    """Pids of the checkpoint services (ckptio.service.server) serving
+    `directory` or, `under`, any directory inside it: found by their command
+    line, which names the directory they serve."""
+    prefix = str(directory).encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        served = any(a == prefix or (under and a.startswith(prefix + b"/")) for a in args)
+        if served and any(b"ckptio.service.server" in a for a in args):
+            pids.append(int(entry))
+    return pids

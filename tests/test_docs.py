@@ -25,6 +25,8 @@ from typing import NamedTuple, Optional
 
 import pytest
 
+from conftest import service_pids
+
 ROOT = Path(__file__).resolve().parent.parent
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(.+?)\s*-->\s*$")
@@ -114,29 +116,13 @@ def test_block_runs(block: Block, tmp_path: Path) -> None:
 
 def stop_services(directory: Path) -> None:
     """SIGTERM the checkpoint service of `directory` (if one started) and wait for it."""
-    pid = service_pid(directory)
-    if pid is not None:
+    for pid in service_pids(directory):
         os.kill(pid, 15)
         for _ in range(600):
-            if service_pid(directory) is None:
+            if not service_pids(directory):
                 return
             time.sleep(0.05)
         raise AssertionError(f"the checkpoint service of {directory} did not stop on SIGTERM")
-
-
-def service_pid(directory: Path, under: bool = False) -> Optional[int]:
-    """The pid of the checkpoint service serving `directory` (or, `under`, any directory inside it)."""
-    prefix = str(directory).encode()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        served = any(a == prefix or (under and a.startswith(prefix + b"/")) for a in args)
-        if served and any(b"ckptio.service.server" in a for a in args):
-            return int(entry)
-    return None
 
 
 def test_every_block_is_counted(capsys: pytest.CaptureFixture[str]) -> None:
@@ -183,7 +169,7 @@ def test_service_example_resumes_a_killed_trainer_from_memory_and_cleans_up(dirs
     assert "trainer killed by signal 9 after step 10" in out
     assert "resumed from step 10 (read from the memory tier), trained on to step 20" in out
     assert leftovers(*dirs) == []
-    assert service_pid(dirs[1], under=True) is None  # the example stopped its service
+    assert service_pids(dirs[1], under=True) == []  # the example stopped its service
 
 EXAMPLES = ROOT / "examples"
 

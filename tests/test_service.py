@@ -23,6 +23,7 @@ import ckptio
 from ckptio.background import reset
 from ckptio.service import client as service_client
 from ckptio.service import wire
+from conftest import service_pids
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,23 +53,8 @@ def service_dir(tmp_path, monkeypatch):
     yield directory
     reset()
     service_client.reset_client()
-    for pid in _service_pids(directory):
+    for pid in service_pids(directory):
         os.kill(pid, signal.SIGKILL)
-
-
-def _service_pids(directory):
-    """Services serving `directory` (found by their command line)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if str(directory).encode() in args and any(b"ckptio.service.server" in a for a in args):
-                pids.append(int(entry))
-    return pids
 
 
 def _wait_until(condition, timeout, what):
@@ -85,7 +71,7 @@ def test_saves_through_the_service_load_with_torch_and_the_service_runs_no_torch
         assert h.result().bytes > 4 << 20
     for s in range(3):
         assert_state(torch.load(tmp_path / f"s{s}.pt", weights_only=True), s)
-    (pid,) = _service_pids(service_dir)
+    (pid,) = service_pids(service_dir)
     assert pid != os.getpid() and os.getsid(pid) != os.getsid(0)  # detached: its own session
     with open(f"/proc/{pid}/maps") as f:
         assert "libtorch" not in f.read()  # the engine and a socket, nothing more
@@ -94,7 +80,7 @@ def test_saves_through_the_service_load_with_torch_and_the_service_runs_no_torch
     assert mode == 0o700 and os.stat(service_dir / "service.sock").st_mode & 0o777 == 0o600
     reset()
     service_client.reset_client()  # the trainer lets go: the service exits once idle
-    _wait_until(lambda: not _service_pids(service_dir), 10, "the idle service to exit")
+    _wait_until(lambda: not service_pids(service_dir), 10, "the idle service to exit")
     assert not (service_dir / "service.sock").exists()
 
 
@@ -145,14 +131,14 @@ def test_a_trainer_killed_after_async_save_returned_loses_nothing(service_dir, t
     assert [n for n in os.listdir(out) if not n.endswith(".pt")] == []  # no torn or temporary file
     for run in range(runs):
         assert_state(ckptio.load(out / f"run{run}.pt"), run, 4 << 20)  # CRC-verified, as snapshotted
-    _wait_until(lambda: not _service_pids(service_dir), 15, "the idle service to exit")
+    _wait_until(lambda: not service_pids(service_dir), 15, "the idle service to exit")
 
 
 def test_the_service_killed_mid_write_loses_nothing_and_the_next_save_starts_another(service_dir, tmp_path):
     n = 64 << 20  # 256 MiB: the service is still writing when it is killed
     first = ckptio.async_save(make_state(1, 1 << 10), tmp_path / "warm.pt")
     first.result()
-    (pid,) = _service_pids(service_dir)
+    (pid,) = service_pids(service_dir)
     handle = ckptio.async_save(make_state(2, n), tmp_path / "big.pt")
     os.kill(pid, signal.SIGKILL)
     with pytest.warns(RuntimeWarning, match="writing it in this process"):
@@ -161,7 +147,7 @@ def test_the_service_killed_mid_write_loses_nothing_and_the_next_save_starts_ano
     assert_state(ckptio.load(tmp_path / "big.pt"), 2, n)
     assert sorted(os.listdir(tmp_path)) == ["big.pt", "service", "warm.pt"]  # nothing torn beside them
     ckptio.async_save(make_state(3), tmp_path / "after.pt").result()
-    assert _service_pids(service_dir) not in ([], [pid])  # a new service took over
+    assert service_pids(service_dir) not in ([], [pid])  # a new service took over
     assert_state(ckptio.load(tmp_path / "after.pt"), 3)
 
 
@@ -230,7 +216,7 @@ def test_a_client_of_another_uid_is_refused(service_dir, tmp_path, monkeypatch):
     finally:
         reset()
         service_client.reset_client()
-        for pid in _service_pids(directory):
+        for pid in service_pids(directory):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(shared, ignore_errors=True)
 
@@ -257,7 +243,7 @@ def test_a_hostile_client_gets_errors_and_the_service_goes_on(service_dir, tmp_p
     assert not (tmp_path / "x.pt").exists()
     ckptio.async_save(make_state(2), tmp_path / "b.pt").result()
     assert_state(ckptio.load(tmp_path / "b.pt"), 2)
-    assert len(_service_pids(service_dir)) == 1
+    assert len(service_pids(service_dir)) == 1
 
 
 def test_ranks_of_a_node_share_one_service(service_dir, tmp_path):
@@ -272,7 +258,7 @@ def test_ranks_of_a_node_share_one_service(service_dir, tmp_path):
     """)
     procs = [subprocess.Popen([sys.executable, "-c", code, str(rank)], env=os.environ.copy()) for rank in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
-    assert len(_service_pids(service_dir)) == 1
+    assert len(service_pids(service_dir)) == 1
     for rank in range(3):
         for step in range(3):
             assert_state(ckptio.load(tmp_path / f"r{rank}_{step}.pt"), rank * 10 + step)
@@ -348,7 +334,7 @@ def test_ckptio_serve_and_list_as_an_operator_runs_them(service_dir, tmp_path):
     service_client.reset_client()
     out = _cli("serve", "--stop")
     assert out.returncode == 0 and str(pid) in out.stdout
-    assert not _service_pids(service_dir) and not (service_dir / "memory").exists()  # its images went with it
+    assert not service_pids(service_dir) and not (service_dir / "memory").exists()  # its images went with it
 
 
 def test_async_checkpoint_io_with_service_and_memory(service_dir, tmp_path):

@@ -277,7 +277,9 @@ def _hand_over_if_wanted(staged: Staged, path: str) -> None:
     if staged.native is not None and service.wanted():
         from .service.client import hand_over
 
-        staged.handover = hand_over(staged, path, ALIGNMENT, after=staged.native.after, memory=staged.native.memory)
+        segment = staged.slot.buffer if staged.slot is not None else None
+        staged.handover = hand_over(staged.state, staged.payloads, segment, path, ALIGNMENT, after=staged.native.after,
+                                    memory=staged.native.memory)
 
 
 def write_native(staged: Staged, path: str) -> SaveResult:

@@ -13,7 +13,6 @@ from ..load_into import load_into
 from ..save_queue import get_queue
 from .checkpoint_io import _PATH, CheckpointIO, SaveReport, _reject_storage_options, _to_cpu, record_save
 from .registration import stands_for
-from .torch_io import TorchCheckpointIO
 
 if TYPE_CHECKING:
     from ..save_queue import SaveHandle
@@ -24,7 +23,7 @@ __all__ = ["FastCheckpointIO"]
 # A TorchCheckpointIO is "the plugin that writes torch.save files"; this one
 # writes the same files, so checks that a plugin is one (Lightning's test that
 # a nested AsyncCheckpointIO got a TorchCheckpointIO base) hold for it, with
-# Lightning's class (registered below) and with ckptio's (at the end of this file).
+# Lightning's class (registered below) and with ckptio's (in ckptio.plugins).
 @stands_for("TorchCheckpointIO")
 class FastCheckpointIO(CheckpointIO):
     """Checkpoints in torch.save's format, written by ckptio's engine.
@@ -108,6 +107,3 @@ def _remove(path: str) -> None:
         from ..errors import CheckpointIOError
 
         raise CheckpointIOError(e.errno or errno.EIO, f"could not remove checkpoint: {e.strerror}", path) from e
-
-
-TorchCheckpointIO.register(FastCheckpointIO)

@@ -1,6 +1,6 @@
 """The trainer's side of the service: start it, hand saves over, hear back.
 
-``hand_over(staged, path, ...)`` sends one write request (the staging
+``hand_over(state, payloads, segment, path, ...)`` sends one write request (the staging
 segment's descriptor rides along) and returns a ``Handover`` at once: from
 then on the checkpoint is the service's to finish, whatever happens to this
 process. The save's queued job waits on ``Handover.result()``. If the
@@ -32,7 +32,7 @@ from .segments import SharedSegment
 from .server import SOCKET_NAME
 
 if TYPE_CHECKING:
-    from ..background import Staged
+    from ..pickling import PickledState
     from ..results import SaveResult
 
 __all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "status", "boot_command", "reset_client"]
@@ -164,21 +164,21 @@ def _current() -> _Connection:
         return _connection
 
 
-def hand_over(staged: Staged, path: str, alignment: int, *, after: dict[str, Any] | None = None,
-              memory: dict[str, Any] | None = None) -> Handover | None:
-    """Give the service the write of `staged` to `path`; None when it cannot
-    take it (no shared segment, or no service: the caller writes itself)."""
-    segment = staged.slot.buffer if staged.slot is not None else None
+def hand_over(state: PickledState, payloads: list[tuple[int, int]], segment: object, path: str, alignment: int, *,
+              after: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> Handover | None:
+    """Give the service the write to `path` of a checkpoint staged in
+    `segment` (its records: `state`'s, with the storages at `payloads`);
+    None when it cannot take it (not a shared segment, or no service: the
+    caller writes itself)."""
     if segment is not None and not isinstance(segment, SharedSegment):
         return None  # staged in private memory (allocated before the service was wanted)
     base = segment.address if segment is not None else 0
-    state = staged.state
     # File order: the small records (the pickle, ...), then every storage as
     # one packed run (offsets and sizes in the segment), then the tail.
     records: list[Any] = [[name, "bytes", wire.encode_bytes(bytes(data))] for name, data in state.head]
-    offsets = [a - base if n else 0 for a, n in staged.payloads]  # an empty storage has no address to speak of
+    offsets = [a - base if n else 0 for a, n in payloads]  # an empty storage has no address to speak of
     records.append([f"{state.prefix}/data/", "run", wire.encode_ints(offsets),
-                    wire.encode_ints([n for _, n in staged.payloads])])
+                    wire.encode_ints([n for _, n in payloads])])
     records += [[name, "bytes", wire.encode_bytes(bytes(data))] for name, data in state.tail]
     message: dict[str, Any] = {"op": "write", "path": os.path.abspath(path), "alignment": alignment,
                                "records": records, "after": after, "memory": memory}

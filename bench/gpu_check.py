@@ -1,7 +1,8 @@
 """The CUDA path of async saves, checked and timed on a machine with a GPU.
 
 Eager and lazy stall against pinned copy_ + synchronize, every file checked bit for bit, and load_into
-CUDA targets. Methodology: bench/README.md, "gpu_check.sh".
+CUDA targets; then the same saves through the checkpoint service (shared segments registered with
+cudaHostRegister like any staging slot). Methodology: bench/README.md, "gpu_check.sh".
 
 Usage: python bench/gpu_check.py [--mib 1024] [--reps 5] [--dir D] [--json F]
 """
@@ -86,6 +87,24 @@ def bench_count(mib: int, count: int, reps: int, directory: str, device: str) ->
             "files_exact": {m: all(v) for m, v in checks.items()}, "modes": sorted(modes_seen)}
 
 
+def through_the_service(args, directory: str) -> list[dict]:
+    """bench_count again with CKPTIO_SERVICE=1: the staging slots are shared
+    memfd segments (pinned by cudaHostRegister as before) and a service
+    process writes the files."""
+    from ckptio.background import reset
+    from ckptio.service.client import reset_client
+
+    os.environ.update(CKPTIO_SERVICE="1", CKPTIO_SERVICE_DIR=os.path.join(directory, "service"),
+                      CKPTIO_SERVICE_IDLE_S="2")
+    reset()
+    try:
+        return [bench_count(args.mib, count, args.reps, directory, args.device) for count in TENSOR_COUNTS]
+    finally:
+        os.environ.pop("CKPTIO_SERVICE")
+        reset()
+        reset_client()
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__, "gpu_check.json", reps=5, dir_default="the temp directory")
     p.add_argument("--mib", type=int, default=1024)
@@ -100,6 +119,7 @@ def main(argv=None) -> int:
         results["counts"] = [bench_count(args.mib, count, args.reps, directory, args.device)
                              for count in TENSOR_COUNTS]
         results["load_into"] = check_load_into(args.mib, directory, args.device)
+        results["service_counts"] = through_the_service(args, directory)
     print(f"\nCUDA async_save stall, {args.mib} MiB float32 on {results['device']}, median of {args.reps}")
     print(f"{'tensors':>8} {'pinned copy':>12} {'eager':>9} {'ratio':>6} {'lazy':>9} {'ratio':>6}  files exact")
     for r in results["counts"]:
@@ -107,11 +127,15 @@ def main(argv=None) -> int:
         print(f"{r['tensors']:>8} {m['pinned copy_ + synchronize'] * 1e3:>10.1f}ms {m['eager'] * 1e3:>7.1f}ms "
               f"{r['eager_vs_pinned']:>5.2f}x {m['lazy'] * 1e3:>7.1f}ms {r['lazy_vs_pinned']:>5.2f}x  "
               f"eager {r['files_exact']['eager']}, lazy {r['files_exact']['lazy']} ({r['modes']})")
+    for plain, served in zip(results["counts"], results["service_counts"]):
+        eager = served["median_s"]["eager"]
+        print(f"{plain['tensors']:>8} tensors through the checkpoint service: eager {eager * 1e3:.1f}ms, "
+              f"{eager / plain['median_s']['eager']:.2f}x in-process eager; files exact {served['files_exact']}")
     print(f"load_into CUDA targets ({args.mib} MiB): exact {results['load_into']['exact']}, "
           f"addresses kept {results['load_into']['addresses_kept']}, {results['load_into']['seconds']:.3f} s")
     common.write_json(args.json, results, indent=1)
     print(f"JSON: {args.json}")
-    ok = all(all(r["files_exact"].values()) for r in results["counts"])
+    ok = all(all(r["files_exact"].values()) for r in results["counts"] + results["service_counts"])
     ok = ok and results["load_into"]["exact"] and results["load_into"]["addresses_kept"]
     return 0 if ok else 1
 

@@ -298,6 +298,8 @@ def write_native(staged: Staged, path: str) -> SaveResult:
     ticket.wait()
     ticket.check()
     result = SaveResult.from_stats(ticket.stats())
+    if staged.handover is not None and staged.slot is not None:
+        staged.slot.retire()  # a service given up on may wake and write from it: never reuse that memory
     if staged.native is not None and staged.native.memory is not None:  # no service: keep the image from here
         from .service.memory_tier import engine_writer, keep_here
 

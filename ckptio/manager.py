@@ -197,7 +197,8 @@ class CheckpointManager:
         from .background import NativeWrite
 
         name = os.path.basename(self.path_for(step))
-        after: dict[str, Any] = {"pointer": [self.directory, name]}
+        after: dict[str, Any] = {"pointer": {"directory": self.directory, "name": name, "step": step,
+                                             "pattern": self._pattern.pattern}}
         if self.keep_last is not None:
             after["prune"] = {"directory": self.directory, "pattern": self._pattern.pattern, "step": step,
                               "keep_last": self.keep_last, "prefix": self._prefix, "suffix": self._suffix}

@@ -73,6 +73,13 @@ class Slot:
             self.buffer = _C.AlignedBuffer(nbytes, nbytes, True)
         self.tensor = torch.frombuffer(self.buffer, dtype=torch.uint8)
 
+    def retire(self) -> None:
+        """Let go of this slot's memory for good (the next snapshot here gets
+        new memory): a checkpoint service that was given up on may still hold
+        the segment and, should it wake, write from it."""
+        self._unpin()
+        self.buffer = self.tensor = None
+
     def pin(self) -> None:
         if not self.pinned and self.buffer is not None and torch.cuda.is_available():
             rc = torch.cuda.cudart().cudaHostRegister(self.buffer.address, self.buffer.capacity, 0)

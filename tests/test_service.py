@@ -355,3 +355,30 @@ def test_async_checkpoint_io_with_service_and_memory(service_dir, tmp_path):
         io.load_checkpoint(tmp_path / "b.ckpt")
     with pytest.raises(ValueError, match="FastCheckpointIO"):
         ckptio.AsyncCheckpointIO(ckptio.TorchCheckpointIO(), memory=1)
+
+
+def test_a_stopped_service_never_hangs_the_trainer(service_dir, tmp_path):
+    """A service that stops (SIGSTOP, a debugger, a frozen cgroup) rather than
+    dies: the save handed to it is written by the trainer after
+    STOPPED_GRACE_S, and later saves neither wait for it nor stall."""
+    ckptio.async_save(make_state(1, 16), tmp_path / "warm.pt").result()
+    (pid,) = service_pids(service_dir)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        handle = ckptio.async_save(make_state(2), tmp_path / "b.pt")
+        assert handle.stall_seconds < 1  # handed over: the message fits the socket's buffer
+        with pytest.warns(RuntimeWarning, match="stopped"):
+            handle.result(timeout=60)
+        waited = time.monotonic() - start
+        assert service_client.STOPPED_GRACE_S <= waited < service_client.STOPPED_GRACE_S + 10
+        assert_state(ckptio.load(tmp_path / "b.pt"), 2)
+        for step in (3, 4):  # while it stays stopped, saves are written here at once
+            later = ckptio.async_save(make_state(step), tmp_path / f"s{step}.pt")
+            assert later.stall_seconds < 1
+            later.result(timeout=30)
+            assert_state(ckptio.load(tmp_path / f"s{step}.pt"), step)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    _wait_until(lambda: not service_pids(service_dir), 30, "the continued service to finish and exit when idle")
+    assert_state(ckptio.load(tmp_path / "b.pt"), 2)  # whichever wrote it last, it is whole

@@ -18,6 +18,7 @@ directory's lock while it lives).
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "status", "boot_command", "reset_client"]
 
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 20.0   # a service started here has this long to listen
+ANSWER_TIMEOUT_S = 5.0   # a listening service answers hello (and takes a message) within this, or is not used
+STOPPED_GRACE_S = 10.0   # a service stopped (SIGSTOP, a debugger) this long is given up on: the trainer writes
+AVOID_S = 60.0           # ... and no save tries the service again for this long
 
 _BOOT = """import sys, types
 package = types.ModuleType("ckptio")
@@ -60,9 +64,10 @@ def boot_command(directory: str, *, detach: bool) -> list[str]:
 class Handover:
     """A write the service has taken on."""
 
-    def __init__(self, request_id: int, path: str) -> None:
+    def __init__(self, request_id: int, path: str, connection: _Connection) -> None:
         self.id = request_id
         self.path = path
+        self._connection = connection
         self._done = threading.Event()
         self._reply: dict[str, Any] | None = None
         self._gone: str | None = None
@@ -73,8 +78,10 @@ class Handover:
 
     def result(self) -> dict[str, Any]:
         """The service's reply (``ok``, ``stats`` or ``error``, ``memory``);
-        ServiceGone if it died first."""
-        self._done.wait()
+        ServiceGone if it died first, or stayed stopped for STOPPED_GRACE_S:
+        a stopped service must not hang the trainer."""
+        while not self._done.wait(0.5):
+            self._connection.give_up_if_stopped()
         if self._reply is None:
             raise ServiceGone(f"the ckptio service went away before {self.path} was durable: {self._gone}")
         return self._reply
@@ -89,8 +96,16 @@ class _Connection:
         self.next_id = 1
         self.alive = True
         self.service_pid = 0
-        wire.send(self.sock, {"op": "hello", "pid": os.getpid()})
-        hello = wire.receive(self.sock)
+        self.stopped_since: float | None = None
+        try:
+            wire.send(self.sock, {"op": "hello", "pid": os.getpid()}, timeout=ANSWER_TIMEOUT_S)
+            if not select.select([self.sock], [], [], ANSWER_TIMEOUT_S)[0]:
+                raise TimeoutError(f"no answer in {ANSWER_TIMEOUT_S:g} s")
+            hello = wire.receive(self.sock)
+        except OSError as e:
+            self.sock.close()
+            _avoid_for_a_while()
+            raise ServiceGone(f"the ckptio service at {directory} does not answer ({e})") from e
         if hello is None or hello[0].get("op") != "hello":
             why = "closed the connection" if hello is None else hello[0].get("error", hello[0].get("op"))
             self.sock.close()
@@ -102,17 +117,37 @@ class _Connection:
         with self.lock:
             if not self.alive:
                 raise ServiceGone("the ckptio service connection is closed")
-            handover = Handover(self.next_id, path)
+            handover = Handover(self.next_id, path, self)
             message["id"] = self.next_id
             self.next_id += 1
             self.pending[handover.id] = handover
             try:
-                wire.send(self.sock, message, fds)
+                wire.send(self.sock, message, fds, timeout=ANSWER_TIMEOUT_S)
             except OSError as e:
                 del self.pending[handover.id]
-                self.alive = False
+                self._abandon_locked()
                 raise ServiceGone(f"cannot reach the ckptio service: {e}") from e
         return handover
+
+    def give_up_if_stopped(self) -> None:
+        """Abandon a service that has been stopped (state T) for STOPPED_GRACE_S:
+        its pending writes fail with ServiceGone (their trainers write them)."""
+        if _stopped(self.service_pid):
+            now = time.monotonic()
+            self.stopped_since = self.stopped_since or now
+            if now - self.stopped_since >= STOPPED_GRACE_S:
+                with self.lock:
+                    self._abandon_locked()
+                _avoid_for_a_while(self.service_pid)
+        else:
+            self.stopped_since = None
+
+    def _abandon_locked(self) -> None:
+        self.alive = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the reply reader wakes, settles what is pending, and closes
+        except OSError:
+            pass
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """A one-off question (status), on a connection of its own."""
@@ -145,6 +180,8 @@ class _Connection:
         except (OSError, wire.WireError) as e:
             why = f"{type(e).__name__}: {e}"
         with self.lock:
+            if self.alive is False and self.stopped_since is not None:
+                why = f"it has been stopped for {STOPPED_GRACE_S:g} s (pid {self.service_pid})"
             self.alive = False
             stranded, self.pending = list(self.pending.values()), {}
         for handover in stranded:
@@ -160,8 +197,28 @@ def _current() -> _Connection:
     global _connection
     with _connection_lock:
         if _connection is None or not _connection.alive:
+            if time.monotonic() < _avoid_until or (_avoid_while_stopped and _stopped(_avoid_while_stopped)):
+                raise ServiceGone("the ckptio service did not answer lately")
             _connection = _Connection(service_config().directory)
         return _connection
+
+
+_avoid_until = 0.0        # no save tries the service before this (time.monotonic()) ...
+_avoid_while_stopped = 0  # ... nor while this service is stopped
+
+
+def _avoid_for_a_while(stopped_pid: int = 0) -> None:
+    global _avoid_until, _avoid_while_stopped
+    _avoid_until, _avoid_while_stopped = time.monotonic() + AVOID_S, stopped_pid
+
+
+def _stopped(pid: int) -> bool:
+    """Whether `pid` is stopped (SIGSTOP, a tracer): it runs no code until continued."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def hand_over(state: PickledState, payloads: list[tuple[int, int]], segment: object, path: str, alignment: int, *,
@@ -258,9 +315,10 @@ def _warn_once(message: str) -> None:
 def reset_client() -> None:
     """Close the connection (saves still waiting on it are written here);
     the next save connects again. Tests use this as a trainer's exit."""
-    global _connection
+    global _connection, _avoid_until, _avoid_while_stopped
     with _connection_lock:
         connection, _connection = _connection, None
+        _avoid_until, _avoid_while_stopped = 0.0, 0
     if connection is not None:
         try:
             connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the reply reader, which closes it

@@ -210,7 +210,7 @@ class Service:
             reply["stats"] = ticket.stats()
             after = request.get("after") or {}
             if after.get("pointer"):
-                _write_pointer(*after["pointer"])
+                _move_pointer(after["pointer"])
             if after.get("prune"):
                 _prune(after["prune"])
         except Exception as e:  # noqa: BLE001 - reported to the trainer, which owns the error
@@ -265,9 +265,20 @@ def _check_write(message: dict[str, Any]) -> None:
         raise wire.WireError("a write needs an int id, an absolute path, records and an alignment")
 
 
-def _write_pointer(directory: str, name: str) -> None:
-    with committed_file(os.path.join(directory, "latest"), "w", site="pointer") as f:
-        f.write(name + "\n")
+def _move_pointer(spec: dict[str, Any]) -> None:
+    """A CheckpointManager's ``latest``, after a commit: forward only (a write
+    finished late, after its trainer gave up on this service, must not move it
+    back past a newer step)."""
+    path = os.path.join(spec["directory"], "latest")
+    try:
+        with open(path) as f:
+            current = re.match(spec["pattern"], f.read().strip())
+    except OSError:
+        current = None
+    if current is not None and int(current.group(1)) > int(spec["step"]):
+        return
+    with committed_file(path, "w", site="pointer") as f:
+        f.write(spec["name"] + "\n")
 
 
 def _prune(spec: dict[str, Any]) -> None:

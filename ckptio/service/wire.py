@@ -12,9 +12,11 @@ from __future__ import annotations
 import array
 import base64
 import json
+import select
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_FDS", "WireError", "BadMessage", "send", "receive", "encode_bytes", "decode_bytes",
@@ -33,14 +35,29 @@ class BadMessage(WireError):
     """A whole frame that is not a JSON object: the stream is still in step."""
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, message: dict[str, Any], fds: tuple[int, ...] = (),
+         timeout: float | None = None) -> None:
+    """Send one message; with `timeout`, raise TimeoutError rather than wait
+    longer for the peer to make room (a stopped peer never reads)."""
     data = json.dumps(message, separators=(",", ":")).encode()
     if len(data) > MAX_MESSAGE_BYTES:
         raise WireError(f"message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES}-byte limit")
-    frame = _LENGTH.pack(len(data)) + data
-    sent = socket.send_fds(sock, [frame], list(fds)) if fds else sock.send(frame)
-    if sent < len(frame):
-        sock.sendall(frame[sent:])
+    frame = memoryview(_LENGTH.pack(len(data)) + data)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while frame:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [sock], [], left)[1]:
+                raise TimeoutError(f"the peer took no message bytes for {timeout:g} s")
+        try:
+            if fds:  # the descriptors go with the first bytes
+                sent = socket.send_fds(sock, [frame], list(fds), socket.MSG_DONTWAIT)
+                fds = ()
+            else:
+                sent = sock.send(frame, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        frame = frame[sent:]
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:

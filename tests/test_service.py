@@ -139,9 +139,11 @@ def test_the_service_killed_mid_write_loses_nothing_and_the_next_save_starts_ano
     first = ckptio.async_save(make_state(1, 1 << 10), tmp_path / "warm.pt")
     first.result()
     (pid,) = service_pids(service_dir)
-    handle = ckptio.async_save(make_state(2, n), tmp_path / "big.pt")
-    os.kill(pid, signal.SIGKILL)
+    state = make_state(2, n)
+    # The warning comes from the save queue's thread, maybe before result() is called: catch it from here on.
     with pytest.warns(RuntimeWarning, match="writing it in this process"):
+        handle = ckptio.async_save(state, tmp_path / "big.pt")
+        os.kill(pid, signal.SIGKILL)
         result = handle.result(timeout=120)  # the trainer wrote it itself, from the memory it still maps
     assert result.bytes > n * 4
     assert_state(ckptio.load(tmp_path / "big.pt"), 2, n)
@@ -363,12 +365,13 @@ def test_a_stopped_service_never_hangs_the_trainer(service_dir, tmp_path):
     STOPPED_GRACE_S, and later saves neither wait for it nor stall."""
     ckptio.async_save(make_state(1, 16), tmp_path / "warm.pt").result()
     (pid,) = service_pids(service_dir)
+    state = make_state(2)
     os.kill(pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        handle = ckptio.async_save(make_state(2), tmp_path / "b.pt")
-        assert handle.stall_seconds < 1  # handed over: the message fits the socket's buffer
-        with pytest.warns(RuntimeWarning, match="stopped"):
+        with pytest.warns(RuntimeWarning, match="stopped"):  # from the save queue's thread
+            handle = ckptio.async_save(state, tmp_path / "b.pt")
+            assert handle.stall_seconds < 1  # handed over: the message fits the socket's buffer
             handle.result(timeout=60)
         waited = time.monotonic() - start
         assert service_client.STOPPED_GRACE_S <= waited < service_client.STOPPED_GRACE_S + 10

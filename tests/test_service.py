@@ -4,6 +4,7 @@ killed after async_save returned loses nothing; a service killed mid-write
 loses nothing; the memory tier serves a restart; other users are refused;
 the service runs no torch and goes away when idle."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -153,7 +154,8 @@ def test_the_service_killed_mid_write_loses_nothing_and_the_next_save_starts_ano
     assert_state(ckptio.load(tmp_path / "after.pt"), 3)
 
 
-def test_a_restarted_trainer_resumes_from_the_memory_tier(service_dir, tmp_path):
+def test_a_restarted_trainer_resumes_from_the_memory_tier(service_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTIO_MEMORY_KEEP_S", "120")  # kept while no trainer is connected, however slow the restart
     code = textwrap.dedent(f"""
         import sys, ckptio
         sys.path.insert(0, {HERE!r})
@@ -314,7 +316,8 @@ def _cli(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def test_ckptio_serve_and_list_as_an_operator_runs_them(service_dir, tmp_path):
+def test_ckptio_serve_and_list_as_an_operator_runs_them(service_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("CKPTIO_MEMORY_KEEP_S", "120")  # it must still run when --stop comes, however slow the CLI
     out = _cli("serve", "--status")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no checkpoint service is running" in out.stderr
     out = _cli("serve", env={"CKPTIO_SERVICE_IDLE_S": "soon"})
@@ -385,3 +388,26 @@ def test_a_stopped_service_never_hangs_the_trainer(service_dir, tmp_path):
         os.kill(pid, signal.SIGCONT)
     _wait_until(lambda: not service_pids(service_dir), 30, "the continued service to finish and exit when idle")
     assert_state(ckptio.load(tmp_path / "b.pt"), 2)  # whichever wrote it last, it is whole
+
+
+def test_a_service_that_cannot_start_costs_one_wait_not_one_per_save(service_dir, tmp_path, monkeypatch):
+    """Another process holds the service directory's lock without serving it
+    (a stuck service, a stale mount): the first save waits START_TIMEOUT_S for
+    a socket that never comes, warns, and writes in-process; later saves do
+    not wait again."""
+    monkeypatch.setattr(service_client, "START_TIMEOUT_S", 2.0)
+    service_dir.mkdir(mode=0o700)
+    holder = open(service_dir / "service.lock", "w")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.warns(RuntimeWarning, match="did not start"):
+            first = ckptio.async_save(make_state(1), tmp_path / "a.pt")
+        assert 2.0 <= first.stall_seconds < 6.0
+        first.result(timeout=30)
+        later = ckptio.async_save(make_state(2), tmp_path / "b.pt")
+        assert later.stall_seconds < 1.0
+        later.result(timeout=30)
+        assert_state(ckptio.load(tmp_path / "a.pt"), 1)
+        assert_state(ckptio.load(tmp_path / "b.pt"), 2)
+    finally:
+        holder.close()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "status", "boot_command", "reset_client"]
 
-START_TIMEOUT_S = 20.0   # a service started here has this long to listen
+START_TIMEOUT_S = 10.0   # a service started here has this long to listen (it starts in well under a second)
 ANSWER_TIMEOUT_S = 5.0   # a listening service answers hello (and takes a message) within this, or is not used
 STOPPED_GRACE_S = 10.0   # a service stopped (SIGSTOP, a debugger) this long is given up on: the trainer writes
 AVOID_S = 60.0           # ... and no save tries the service again for this long
@@ -199,7 +199,12 @@ def _current() -> _Connection:
         if _connection is None or not _connection.alive:
             if time.monotonic() < _avoid_until or (_avoid_while_stopped and _stopped(_avoid_while_stopped)):
                 raise ServiceGone("the ckptio service did not answer lately")
-            _connection = _Connection(service_config().directory)
+            directory = service_config().directory  # a bad CKPTIO_SERVICE* value is the caller's ConfigError
+            try:
+                _connection = _Connection(directory)
+            except (ServiceGone, OSError):
+                _avoid_for_a_while()  # a service that cannot start must not cost every save the wait
+                raise
         return _connection
 
 
@@ -289,8 +294,11 @@ def _connect_or_start(directory: str) -> socket.socket:
         return _connect(directory)
     except (FileNotFoundError, ConnectionRefusedError):
         pass
-    subprocess.run(boot_command(directory, detach=True), check=False, stdin=subprocess.DEVNULL,
-                   start_new_session=True, timeout=START_TIMEOUT_S)
+    started = subprocess.run(boot_command(directory, detach=True), check=False, stdin=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True, timeout=START_TIMEOUT_S)
+    if started.returncode != 0:  # it failed before detaching (e.g. its imports): no point waiting
+        last = started.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        raise ServiceGone(f"the ckptio service could not start (exit {started.returncode}: {last[0]})")
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         try:
@@ -319,6 +327,7 @@ def reset_client() -> None:
     with _connection_lock:
         connection, _connection = _connection, None
         _avoid_until, _avoid_while_stopped = 0.0, 0
+        _warned.clear()
     if connection is not None:
         try:
             connection.sock.shutdown(socket.SHUT_RDWR)  # wakes the reply reader, which closes it

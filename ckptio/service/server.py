@@ -332,9 +332,8 @@ def run(directory: str) -> int:
     service.stopping = True
     with service.cond:
         service.cond.notify_all()
-    writer.join()
-    if service.idle_for() > 0:
-        _remove_memory_tier(directory)
+    writer.join()  # pending writes finish first, whatever ended the wait
+    _remove_memory_tier(directory)  # idle past CKPTIO_MEMORY_KEEP_S, or told to stop: the RAM goes back
     log(f"exiting after {service.served} write(s)")
     return 0
 

@@ -43,6 +43,7 @@ __all__ = ["main", "SOCKET_NAME", "LOCK_NAME", "LOG_NAME"]
 
 SOCKET_NAME, LOCK_NAME, LOG_NAME = "service.sock", "service.lock", "service.log"
 PROTOCOL = 1
+MAX_SEGMENTS_PER_CLIENT = 16  # CKPTIO_STAGING_SLOTS' largest value
 
 
 @dataclass
@@ -58,6 +59,10 @@ class _Client:
     sock: socket.socket
     pid: int
     jobs: collections.deque[_Job] = field(default_factory=collections.deque)
+    # Its segments, mapped once: (dev, inode) -> (mapping, base), the most recent last. Queued jobs hold
+    # their own reference, so forgetting one here (a slot regrown, the trainer gone) frees its RAM after them.
+    segments: collections.OrderedDict[tuple[int, int], tuple[Any, int]] = field(
+        default_factory=collections.OrderedDict)
     alive: bool = True
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,7 +85,6 @@ class Service:
         self.pending = 0
         self.last_activity = time.monotonic()
         self.stopping = False
-        self.segments: dict[tuple[int, int], tuple[Any, int]] = {}  # (dev, inode) -> (mapping, base)
         self.orphans: list[_Client] = []  # gone, with writes still to finish
         self.served = 0
 
@@ -129,6 +133,7 @@ class Service:
             pass
         finally:
             client.alive = False
+            client.segments.clear()  # its queued jobs keep what they still need
             with self.cond:
                 self.clients.remove(client)
                 if client.jobs:
@@ -150,7 +155,7 @@ class Service:
             client.reply(status)
         elif op == "write":
             _check_write(message)
-            mapping, base = self.segment(fds[0]) if fds else (None, 0)
+            mapping, base = self.segment(client, fds[0]) if fds else (None, 0)
             job = _Job(client, message, mapping, base)
             with self.cond:
                 client.jobs.append(job)
@@ -160,14 +165,16 @@ class Service:
         else:
             raise wire.WireError(f"unknown op {op!r}")
 
-    def segment(self, fd: int) -> tuple[Any, int]:
+    def segment(self, client: _Client, fd: int) -> tuple[Any, int]:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        known = self.segments.get(key)
-        if known is not None and len(known[0]) == st.st_size:
-            return known
-        self.segments[key] = map_segment(fd)
-        return self.segments[key]
+        known = client.segments.pop(key, None)
+        if known is None or len(known[0]) != st.st_size:
+            known = map_segment(fd)
+        client.segments[key] = known
+        while len(client.segments) > MAX_SEGMENTS_PER_CLIENT:  # staging slots that were regrown or let go
+            client.segments.popitem(last=False)
+        return known
 
     # --- the write lane ------------------------------------------------------
 

@@ -49,6 +49,7 @@ class NativeWrite:
 
     after: dict[str, Any] | None = None   # a CheckpointManager's pointer and pruning (service.server._prune)
     memory: dict[str, Any] | None = None  # the memory-tier image to keep (service.memory_tier.store)
+    remote: dict[str, Any] | None = None  # the remote copy to make (remote_tier.RemoteTier.service_spec, and name)
 
 
 @dataclass
@@ -279,7 +280,7 @@ def _hand_over_if_wanted(staged: Staged, path: str) -> None:
 
         segment = staged.slot.buffer if staged.slot is not None else None
         staged.handover = hand_over(staged.state, staged.payloads, segment, path, ALIGNMENT, after=staged.native.after,
-                                    memory=staged.native.memory)
+                                    memory=staged.native.memory, remote=staged.native.remote)
 
 
 def write_native(staged: Staged, path: str) -> SaveResult:

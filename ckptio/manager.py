@@ -114,7 +114,8 @@ class CheckpointManager:
         # wait (a few: each holds its file open); past that the oldest waiting
         # one is dropped, so the tier catches up to the newest checkpoint.
         waiting = COPIES_WAITING if keep_remote is None else min(keep_remote, COPIES_WAITING)
-        self.remote = (RemoteTier(remote, on_commit=self._remote_committed, max_waiting=waiting)
+        self.remote = (RemoteTier(remote, on_commit=self._remote_committed, max_waiting=waiting,
+                                  keep_newest=None if keep_remote is None else (self._pattern, keep_remote))
                        if remote is not None else None)
         self.keep_remote = keep_remote
         self.remote_every = remote_every
@@ -239,18 +240,12 @@ class CheckpointManager:
         self.remote.lane.submit(name, path, lambda copy: None)
         return RemoteCopy(self.remote.url_for(name), 0.0, pending=True)
 
-    def _remote_committed(self, name: str, keep: frozenset[str]) -> None:
-        """In the remote lane, after a copy is whole and `latest` names it:
-        record it and prune the tier to its keep_remote newest (never `keep`)."""
-        assert self.remote is not None  # only a remote tier's lane calls this
+    def _remote_committed(self, name: str) -> None:
+        """After a copy is whole, `latest` names it and the tier is pruned
+        to keep_remote (in the lane, or in the checkpoint service): record it."""
         step = self._step_of(name)
         if step is not None and (self.last_remote_step is None or step > self.last_remote_step):
             self.last_remote_step = step
-        if self.keep_remote is not None:
-            for old in self.remote_steps()[: -self.keep_remote]:
-                old_name = os.path.basename(self.path_for(old))
-                if old_name not in keep:
-                    self.remote.remove(old_name)
 
     def remote_steps(self) -> list[int]:
         """Steps with a copy in the remote tier, ascending ([] without one)."""

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import _C
 from ._paths import committed_file, make_parent_directories, normalize_path
 from .errors import CheckpointIOError, CheckpointNotFoundError
-from .pickling import ALIGNMENT
 from .results import SaveResult
 
 if TYPE_CHECKING:
@@ -68,9 +67,39 @@ def fs_for(url: str) -> tuple[AbstractFileSystem, str]:
     except ImportError:
         raise ImportError("remote checkpoints need fsspec (and s3fs / gcsfs): pip install 'ckptio[fsspec]'") from None
     protocol, _ = fsspec.core.split_protocol(url)
+    handed = next((options for prefix, options in _HANDED_OPTIONS.items()
+                   if url.rstrip("/") == prefix or url.startswith(prefix + "/")), None)
+    kwargs = {k: v for k, v in (handed or {}).items() if k != "config_kwargs"}  # over this process's own config
     if protocol in S3_PROTOCOLS:
-        return fsspec.core.url_to_fs(url, config_kwargs=_s3_config_kwargs(fsspec.config.conf.get(protocol, {})))
-    return fsspec.core.url_to_fs(url)
+        user_conf = handed if handed is not None else fsspec.config.conf.get(protocol, {})
+        return fsspec.core.url_to_fs(url, **kwargs, config_kwargs=_s3_config_kwargs(user_conf))
+    return fsspec.core.url_to_fs(url, **kwargs)
+
+
+# The checkpoint service makes the remote copies of trainers whose fsspec
+# config (endpoint, credentials, ...) it does not share: each hands its own
+# over with the copy, and it applies to that tier's URLs (see fs_for).
+_HANDED_OPTIONS: dict[str, dict[str, Any]] = {}
+
+
+def options_to_hand_over(prefix: str) -> dict[str, Any] | None:
+    """This process's fsspec config for `prefix`'s protocol, for another
+    process to use ({} for none); None if it cannot travel as JSON."""
+    import json
+
+    import fsspec
+
+    protocol, _ = fsspec.core.split_protocol(prefix)
+    options = dict(fsspec.config.conf.get(protocol, {}))
+    try:
+        return json.loads(json.dumps(options))
+    except (TypeError, ValueError):
+        return None
+
+
+def use_handed_options(prefix: str, options: dict[str, Any]) -> None:
+    """Use `options` (see options_to_hand_over) for every URL under `prefix`, in this process."""
+    _HANDED_OPTIONS[prefix.rstrip("/")] = dict(options)
 
 
 def _s3_config_kwargs(user_conf: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +127,8 @@ def save_records_to_url(records: Sequence[NamedPayload], url: str) -> SaveResult
     REQUIRES: the records' memory stays valid until this returns."""
     start = time.perf_counter()
     fs, path = fs_for(url)
+    from .pickling import ALIGNMENT  # here: the checkpoint service copies files with this module, and has no torch
+
     layout = _C.ArchiveLayout([(name, _size(p)) for name, p in records], ALIGNMENT)
     crcs = []
     try:

@@ -387,9 +387,8 @@ _lanes: weakref.WeakSet[RemoteLane] = weakref.WeakSet()
 def _finish_at_exit() -> None:
     """Interpreter exit: let remote copies settle, for no longer than one
     copy's deadline (a hung remote must not hang the exit)."""
-    from . import save_queue
-
-    local = save_queue._queue
+    save_queue = sys.modules.get(f"{__package__}.save_queue")  # not imported: no local saves (the service has none)
+    local = save_queue._queue if save_queue is not None else None
     if local is not None and local._worker_pid == os.getpid():
         local.wait_all(raise_errors=False)  # its saves queue the last copies (atexit runs this first)
     busy = [lane for lane in list(_lanes) if lane.pending()]

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from . import remote as _remote
-from .remote_lane import RemoteCopy, RemoteLane
+from .remote_lane import CopySkipped, RemoteCopy, _warn
+from .remote_tier import RemoteTier
 from .save_queue import SaveHandle
 
 if TYPE_CHECKING:
@@ -29,86 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RemoteCopy", "RemoteTier", "TieredSaveHandle", "save_with_remote_copy"]
 
-POINTER = "latest"
 COPIES_WAITING = 4  # copies queued behind the running one before the oldest is dropped (each holds an open file)
-
-
-class RemoteTier:
-    def __init__(self, prefix: str, on_commit: Optional[Callable[[str, frozenset[str]], object]] = None,
-                 max_waiting: int = 1) -> None:
-        """`on_commit(name, keep)`: run in the lane after each committed copy
-        (e.g. pruning, which must never remove a name in `keep`).
-        `max_waiting`: copies queued behind the running one; past that the
-        oldest is dropped (1: only the newest checkpoint's copy waits)."""
-        prefix = str(prefix).rstrip("/")
-        if not (_remote.is_url(prefix) or _remote.is_directory_url(prefix)):
-            raise ValueError(f"remote must be an fsspec URL prefix such as 's3://bucket/run' (or a file:// "
-                             f"directory: another disk, a shared mount), not {prefix!r}")
-        self.prefix = prefix
-        from .config import remote_copy_config
-
-        remote_copy_config()  # a bad CKPTIO_REMOTE_* value fails here, not later in the lane where nobody sees it
-        self._on_commit = on_commit
-        self._max_waiting = max_waiting
-        self._lane: Optional[RemoteLane] = None
-        self._lane_lock = threading.Lock()
-
-    @property
-    def lane(self) -> RemoteLane:
-        """The lane this tier's copies and removals run in (made at first use)."""
-        with self._lane_lock:
-            if self._lane is None:
-                self._lane = RemoteLane(self, self._on_commit, self._max_waiting)
-            return self._lane
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Lightning pickles its plugins (ddp_spawn, some loggers): the lane, its
-        # threads and locks belong to this process.
-        state = self.__dict__.copy()
-        state["_lane"], state["_lane_lock"] = None, None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _lane_lock=threading.Lock())
-
-    def pending(self) -> list[str]:
-        """Remote work not done yet, in words ([] when none)."""
-        return [] if self._lane is None else self._lane.pending()
-
-    def wait(self, timeout: Optional[float]) -> list[str]:
-        """Wait up to `timeout` s for the lane to settle; returns what is still pending."""
-        return [] if self._lane is None else self._lane.wait(timeout)
-
-    def url_for(self, name: str) -> str:
-        return f"{self.prefix}/{name}"
-
-    def write_pointer(self, name: str) -> None:
-        _remote.write_small_file(self.url_for(POINTER), (name + "\n").encode())  # the pointer is old or new
-
-    def names(self, pattern: re.Pattern[str]) -> list[str]:
-        """Names under the prefix matching `pattern` (none if the prefix does not exist yet)."""
-        fs, path = _remote.fs_for(self.prefix)
-        try:
-            listed = fs.ls(path, detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
-        names = [entry.rstrip("/").rsplit("/", 1)[-1] for entry in listed]
-        return [n for n in names if pattern.match(n)]
-
-    def pointer(self) -> Optional[str]:
-        fs, path = _remote.fs_for(self.url_for(POINTER))
-        try:
-            name = fs.cat_file(path).decode(errors="replace").strip()
-        except FileNotFoundError:
-            return None
-        return name if name and "/" not in name else None
-
-    def remove(self, name: str) -> None:
-        fs, path = _remote.fs_for(self.url_for(name))
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass
 
 
 class TieredSaveHandle(SaveHandle):
@@ -168,16 +88,51 @@ def save_with_remote_copy(tier: RemoteTier, state: Any, path: str, snapshot: Opt
                           native: Optional[NativeWrite] = None) -> TieredSaveHandle:
     """Stage `state`; on the save queue write it to `path` durably, run
     after_durable(), then queue its copy in the tier's lane (which reads the
-    committed file): the local job ends there, whatever the network does."""
+    committed file): the local job ends there, whatever the network does.
+    Where the checkpoint service writes the file, it makes the copy too, in
+    a lane of its own there: the trainer's death does not cut it short."""
     from .background import NativeWrite, stage, write_native
 
     handle = TieredSaveHandle(path)
+    name = os.path.basename(path)
+    native = native or NativeWrite()
+    spec = tier.service_spec()
+    if spec is not None:
+        native.remote = dict(spec, name=name)
 
     def write(staged: Staged) -> SaveResult:
         result = write_native(staged, path)
         after_durable()
-        tier.lane.submit(os.path.basename(path), path, handle._copy_settled)
+        if staged.handover is not None and staged.handover.copying_remotely:
+            staged.handover.follow_remote(_service_copy_follower(tier, name, path, handle))
+        else:
+            tier.lane.submit(name, path, handle._copy_settled)
         return result
 
-    handle._follow(stage(state, path, write, snapshot=snapshot, native=native or NativeWrite()))
+    handle._follow(stage(state, path, write, snapshot=snapshot, native=native))
     return handle
+
+
+def _service_copy_follower(tier: RemoteTier, name: str, path: str,
+                           handle: TieredSaveHandle) -> Callable[[Optional[dict[str, Any]]], None]:
+    """What hears how the service's copy of `name` went: the save's handle
+    settles with it; if the service went away first, the copy is made here."""
+    settled = tier.copying_elsewhere(name)
+
+    def follow(reply: Optional[dict[str, Any]]) -> None:
+        settled()
+        if reply is None:
+            tier.lane.submit(name, path, handle._copy_settled)
+            return
+        url = str(reply.get("url", tier.url_for(name)))
+        error: Optional[BaseException] = None
+        if reply.get("error"):
+            text = f"the checkpoint service's copy failed: {reply['error']}"
+            error = CopySkipped(text) if reply.get("skipped") else RuntimeError(text)
+            if not reply.get("skipped"):
+                _warn(f"ckptio: copying {name} to {url} failed ({text}); the local checkpoint is durable and the "
+                      "next remote copy tries again")
+        else:
+            tier.committed_elsewhere(name)
+        handle._copy_settled(RemoteCopy(url, float(reply.get("seconds", 0.0)), error))
+    return follow

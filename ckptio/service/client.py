@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import service_config
 from . import wire
@@ -71,10 +71,36 @@ class Handover:
         self._done = threading.Event()
         self._reply: dict[str, Any] | None = None
         self._gone: str | None = None
+        self._remote_lock = threading.Lock()
+        self._remote: tuple[dict[str, Any] | None] | None = None  # (the "remote" reply, or None: never came)
+        self._remote_follower: Callable[[dict[str, Any] | None], object] | None = None
 
     def _settle(self, reply: dict[str, Any] | None, gone: str | None = None) -> None:
         self._reply, self._gone = reply, gone
         self._done.set()
+
+    @property
+    def copying_remotely(self) -> bool:
+        """The service wrote the file and queued its remote copy."""
+        return self._reply is not None and self._reply.get("ok") is True and self._reply.get("remote") == "queued"
+
+    def follow_remote(self, follower: Callable[[dict[str, Any] | None], object]) -> None:
+        """follower(reply) once the service says how the remote copy went
+        (``url``, ``seconds``, ``error``, ``skipped``), or follower(None) if
+        it went away first: the file is durable, the caller copies it."""
+        with self._remote_lock:
+            heard, self._remote_follower = self._remote, follower
+        if heard is not None:
+            follower(heard[0])
+
+    def _remote_settled(self, reply: dict[str, Any] | None) -> None:
+        with self._remote_lock:
+            self._remote, follower = (reply,), self._remote_follower
+        if follower is not None:
+            try:
+                follower(reply)
+            except Exception:  # noqa: BLE001 - a reporting hook must not stop the reply reader
+                pass
 
     def result(self) -> dict[str, Any]:
         """The service's reply (``ok``, ``stats`` or ``error``, ``memory``);
@@ -93,6 +119,7 @@ class _Connection:
         self.sock = _connect_or_start(directory)
         self.lock = threading.Lock()
         self.pending: dict[int, Handover] = {}
+        self.copying: dict[int, Handover] = {}  # durable, their remote copy queued in the service
         self.next_id = 1
         self.alive = True
         self.service_pid = 0
@@ -171,12 +198,20 @@ class _Connection:
                 reply, fds = received
                 for fd in fds:
                     os.close(fd)
+                rid, op = reply.get("id"), reply.get("op")
                 with self.lock:
-                    rid = reply.get("id")
-                    handover = self.pending.pop(rid, None) if reply.get("op") == "done" and isinstance(rid, int) \
-                        else None
+                    handover = None
+                    if op == "done" and isinstance(rid, int):
+                        handover = self.pending.pop(rid, None)
+                        if handover is not None and reply.get("remote") == "queued":
+                            self.copying[rid] = handover
+                    elif op == "remote" and isinstance(rid, int):
+                        handover = self.copying.pop(rid, None)
                 if handover is not None:
-                    handover._settle(reply)
+                    if op == "done":
+                        handover._settle(reply)
+                    else:
+                        handover._remote_settled(reply)
         except (OSError, wire.WireError) as e:
             why = f"{type(e).__name__}: {e}"
         with self.lock:
@@ -184,8 +219,11 @@ class _Connection:
                 why = f"it has been stopped for {STOPPED_GRACE_S:g} s (pid {self.service_pid})"
             self.alive = False
             stranded, self.pending = list(self.pending.values()), {}
+            copying, self.copying = list(self.copying.values()), {}
         for handover in stranded:
             handover._settle(None, why)
+        for handover in copying:
+            handover._remote_settled(None)
         self.sock.close()
 
 
@@ -227,11 +265,13 @@ def _stopped(pid: int) -> bool:
 
 
 def hand_over(state: PickledState, payloads: list[tuple[int, int]], segment: object, path: str, alignment: int, *,
-              after: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> Handover | None:
+              after: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
+              remote: dict[str, Any] | None = None) -> Handover | None:
     """Give the service the write to `path` of a checkpoint staged in
     `segment` (its records: `state`'s, with the storages at `payloads`);
     None when it cannot take it (not a shared segment, or no service: the
-    caller writes itself)."""
+    caller writes itself). `after`, `memory`, `remote`: what the service
+    does once the file is durable (see ckptio.background.NativeWrite)."""
     if segment is not None and not isinstance(segment, SharedSegment):
         return None  # staged in private memory (allocated before the service was wanted)
     base = segment.address if segment is not None else 0
@@ -243,7 +283,7 @@ def hand_over(state: PickledState, payloads: list[tuple[int, int]], segment: obj
                     wire.encode_ints([n for _, n in payloads])])
     records += [[name, "bytes", wire.encode_bytes(bytes(data))] for name, data in state.tail]
     message: dict[str, Any] = {"op": "write", "path": os.path.abspath(path), "alignment": alignment,
-                               "records": records, "after": after, "memory": memory}
+                               "records": records, "after": after, "memory": memory, "remote": remote}
     try:
         return _current().submit(message, (segment.fd,) if segment is not None else (), path)
     except (ServiceGone, OSError) as e:

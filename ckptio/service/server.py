@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import json
 import os
 import re
 import signal
@@ -87,6 +88,7 @@ class Service:
         self.stopping = False
         self.orphans: list[_Client] = []  # gone, with writes still to finish
         self.served = 0
+        self.remote_tiers: dict[tuple[str, ...], Any] = {}  # RemoteTiers by (prefix, pruning, waiting, fsspec options)
 
     # --- connections ---------------------------------------------------------
 
@@ -193,7 +195,10 @@ class Service:
                 if not client.jobs and client in self.orphans:
                     self.orphans.remove(client)
             try:
-                client.reply(self.write(job))
+                reply = self.write(job)
+                client.reply(reply)
+                if reply.get("remote") == "queued":  # after "done": the trainer hears of its copy after its file
+                    self.copy_remotely(job)
             finally:
                 with self.cond:
                     self.pending -= 1
@@ -225,6 +230,8 @@ class Service:
             log(f"write of {path} failed: {type(e).__name__}: {e}")
             return reply
         reply["ok"] = True
+        if request.get("remote"):
+            reply["remote"] = "queued"
         memory = request.get("memory")
         if memory:
             write = memory_tier.engine_writer(records, int(request["alignment"]), job.mapping)
@@ -232,9 +239,50 @@ class Service:
                                                 reply["stats"]["bytes"], write)
         return reply
 
+    # --- the remote lanes ----------------------------------------------------
+
+    def copy_remotely(self, job: _Job) -> None:
+        """Queue the written file's copy in its remote tier's lane (one per
+        prefix, threads of its own: a slow network never delays a local
+        write); the trainer hears how it went, if it is still there."""
+        spec, path, client, rid = job.request["remote"], job.request["path"], job.client, job.request["id"]
+
+        def settled(copy: Any) -> None:
+            error = copy.error
+            client.reply({"op": "remote", "id": rid, "url": copy.url, "seconds": copy.seconds,
+                          "error": None if error is None else f"{type(error).__name__}: {error}",
+                          "skipped": type(error).__name__ == "CopySkipped"})
+            with self.cond:
+                self.last_activity = time.monotonic()
+        try:
+            tier = self.remote_tier(spec)
+        except Exception as e:  # noqa: BLE001 - a bad tier fails the copy, never the service
+            client.reply({"op": "remote", "id": rid, "url": str(spec.get("prefix")), "seconds": 0.0,
+                          "error": f"{type(e).__name__}: {e}", "skipped": False})
+            return
+        tier.lane.submit(str(spec["name"]), path, settled)
+
+    def remote_tier(self, spec: dict[str, Any]) -> Any:
+        from ..remote_tier import RemoteTier
+
+        fields = ("prefix", "pattern", "keep", "waiting", "options")
+        key = tuple(json.dumps(spec.get(k), sort_keys=True) for k in fields)
+        with self.cond:
+            tier = self.remote_tiers.get(key)
+            if tier is None:
+                tier = self.remote_tiers[key] = RemoteTier.from_service_spec(spec)
+            return tier
+
+    def remote_pending(self) -> list[str]:
+        with self.cond:
+            tiers = list(self.remote_tiers.values())
+        return [work for tier in tiers for work in tier.pending()]
+
     # --- lifetime ------------------------------------------------------------
 
     def idle_for(self) -> float:
+        if self.remote_pending():
+            return 0.0
         with self.cond:
             if self.clients or self.pending:
                 return 0.0
@@ -340,9 +388,24 @@ def run(directory: str) -> int:
     with service.cond:
         service.cond.notify_all()
     writer.join()  # pending writes finish first, whatever ended the wait
+    _finish_remote_copies(service)
     _remove_memory_tier(directory)  # idle past CKPTIO_MEMORY_KEEP_S, or told to stop: the RAM goes back
     log(f"exiting after {service.served} write(s)")
     return 0
+
+
+def _finish_remote_copies(service: Service) -> None:
+    """Remote copies still running or waiting get one copy's deadline
+    (CKPTIO_REMOTE_COPY_TIMEOUT_S), as at a trainer's exit."""
+    if not service.remote_pending():
+        return
+    from ..config import remote_copy_config
+
+    deadline = time.monotonic() + remote_copy_config().copy_timeout_s
+    for tier in list(service.remote_tiers.values()):
+        left = tier.wait(max(0.0, deadline - time.monotonic()))
+        if left:
+            log(f"exiting with remote work not done: {'; '.join(left)}")
 
 
 def _remove_memory_tier(directory: str) -> None:

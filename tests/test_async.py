@@ -159,12 +159,17 @@ def test_error_seen_through_the_handle_is_not_raised_again(tmp_path, make_read_o
 
 EXIT_SCRIPT = textwrap.dedent(
     """
-    import sys, torch, ckptio
-    def main():
+    import os, sys, torch, ckptio
+    def main(path):
         state = {"w": torch.full((8 << 20,), 3.0), "step": 11}  # 32 MiB
-        ckptio.async_save(state, sys.argv[1])
+        ckptio.async_save(state, path)
         # returns without waiting
-    main()
+    for run in range(int(sys.argv[2])):  # one interpreter per run, forked (torch is imported once)
+        pid = os.fork()
+        if pid == 0:
+            main(os.path.join(sys.argv[1], f"run{run}.pt"))
+            sys.exit(0)  # this interpreter's exit, atexit hooks and all, with the save still queued
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     """
 )
 
@@ -172,12 +177,12 @@ EXIT_SCRIPT = textwrap.dedent(
 def test_exit_without_waiting_still_completes_the_save(tmp_path):
     script = tmp_path / "exit_early.py"
     script.write_text(EXIT_SCRIPT)
+    (tmp_path / "out").mkdir()
+    subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "20"], check=True, timeout=300)
     for run in range(20):
-        path = tmp_path / f"run{run}.pt"
-        subprocess.run([sys.executable, str(script), str(path)], check=True, timeout=120)
-        out = torch.load(path, weights_only=True)
+        out = torch.load(tmp_path / "out" / f"run{run}.pt", weights_only=True)
         assert out["step"] == 11 and out["w"].eq(3.0).all()
-    assert leftover_temporaries(tmp_path) == []
+    assert leftover_temporaries(tmp_path / "out") == []
 
 
 def _mask_id(path):

@@ -12,6 +12,10 @@ optional: nothing runs unless a ckptio plugin is created.
 ``CheckpointMetrics`` (a Callback, for either package) logs every async
 save's stall, time to durable and throughput to the Trainer's loggers.
 
+``ModelParallelStrategy`` and ``FSDPStrategy`` (Lightning's, of either
+package) write their sharded checkpoints with ckptio: asynchronously,
+durably, read back in place (ckptio.plugins.sharded).
+
 ``ResumeInPlace`` (a Callback, for either package) makes a resume
 (``trainer.fit(..., ckpt_path=...)``) read the model's tensors straight into
 the LightningModule's own parameters and buffers (``ckptio.load_into``)
@@ -20,6 +24,7 @@ instead of into fresh memory that ``load_state_dict`` then copies from.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -28,7 +33,8 @@ from .plugins.registration import _FABRIC_IO_MODULES, register_plugins, register
 if TYPE_CHECKING:
     from .plugins.fast_io import FastCheckpointIO
 
-__all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace"]
+__all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace", "ModelParallelStrategy",
+           "FSDPStrategy"]
 
 
 def _callback_class(top: str) -> type:
@@ -126,3 +132,53 @@ def ResumeInPlace(namespace: str = "lightning") -> Any:
     if namespace not in _FABRIC_IO_MODULES:
         raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
     return _resume_in_place_class(namespace)()
+
+
+@functools.cache
+def _sharded_strategy_class(top: str, name: str) -> type:
+    from .plugins.sharded import ShardedCheckpoints, load_fsdp, load_model_parallel
+
+    strategies = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}"
+                                         ".strategies")
+    base: Any = getattr(strategies, name)  # whichever package's: known only at run time
+
+    if name == "ModelParallelStrategy":
+        class _Strategy(ShardedCheckpoints, base):
+            def _ckptio_saves_sharded(self) -> bool:
+                return bool(self._save_distributed_checkpoint)
+
+            def _ckptio_load_sharded(self, path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+                return load_model_parallel(self, path, weights_only)
+    else:
+        class _Strategy(ShardedCheckpoints, base):  # type: ignore[no-redef]
+            _ckptio_model_key = "model"
+
+            def _ckptio_saves_sharded(self) -> bool:
+                return self._state_dict_type == "sharded"
+
+            def _ckptio_load_sharded(self, path: Any, weights_only: Optional[bool]) -> dict[str, Any]:
+                return load_fsdp(self, path, weights_only)
+
+    _Strategy.__name__ = _Strategy.__qualname__ = name
+    _Strategy.__doc__ = f"Lightning's {name}, its sharded checkpoints written and read by ckptio (see " \
+                        "ckptio.plugins.sharded)."
+    return _Strategy
+
+
+def ModelParallelStrategy(*args: Any, namespace: str = "lightning", **kwargs: Any) -> Any:
+    """Lightning's ModelParallelStrategy (of ``lightning`` or
+    ``pytorch_lightning``, as `namespace` says; same arguments) whose sharded
+    checkpoints ckptio saves asynchronously and durably and loads in place,
+    CRC-verified (ckptio.plugins.sharded)."""
+    if namespace not in _FABRIC_IO_MODULES:
+        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
+    return _sharded_strategy_class(namespace, "ModelParallelStrategy")(*args, **kwargs)
+
+
+def FSDPStrategy(*args: Any, namespace: str = "lightning", **kwargs: Any) -> Any:
+    """Lightning's FSDPStrategy (same arguments) whose sharded checkpoints
+    (``state_dict_type="sharded"``) ckptio saves and loads, as
+    ModelParallelStrategy's. FSDP needs a GPU."""
+    if namespace not in _FABRIC_IO_MODULES:
+        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
+    return _sharded_strategy_class(namespace, "FSDPStrategy")(*args, **kwargs)

@@ -1,0 +1,231 @@
+"""Sharded checkpoints of Lightning's FSDP and ModelParallel strategies
+through ckptio: asynchronous, durable, read in place.
+
+Lightning's sharded strategies never call the CheckpointIO plugin: they call
+``torch.distributed.checkpoint.save`` (synchronous, DCP's stock writer, no
+directory fsync), ``torch.save`` a ``meta.pt`` on rank 0, and load with DCP's
+stock reader. ``ShardedCheckpoints``, mixed in before the strategy (see
+ckptio.lightning.ModelParallelStrategy / FSDPStrategy), saves instead with
+``dcp.async_save`` through ckptio's StorageWriter:
+
+- the training step waits only for the snapshot (into the writer's reusable
+  staging buffer); DCP's collectives run in a background thread on a gloo
+  group of their own (never interleaved with training's);
+- a job on ckptio's save queue waits for that save, then rank 0 commits
+  ``meta.pt`` (temporary file, fsync, rename, directory fsync). Lightning
+  takes a directory for a sharded checkpoint only once ``meta.pt`` is there,
+  so ``meta.pt`` goes first when a directory is saved over, and comes back
+  last: a directory Lightning would load is always whole;
+- the next sharded save, a load, ``remove_checkpoint`` (ModelCheckpoint's
+  top-k) and teardown wait for the saves before them; a save's failure is
+  raised there, on every rank where it happened;
+- loads use ckptio's StorageReader (CRC-verified, metadata unpickled with an
+  allowlist), straight into the module's and optimizers' own tensors.
+
+``state_dict_type="full"`` (FSDP) and ``save_distributed_checkpoint=False``
+(ModelParallel) go through the CheckpointIO plugin as before.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from .._paths import committed_file, fsync_directory, make_directories
+from ..preemption import durable_if_signalled
+from ..results import SaveResult
+from ..save_queue import SaveHandle, get_queue
+
+__all__ = ["ShardedCheckpoints", "METADATA_FILENAME"]
+
+METADATA_FILENAME = "meta.pt"  # Lightning's _METADATA_FILENAME: what makes a directory a sharded checkpoint
+
+
+class ShardedCheckpoints:
+    """Mixed in before Lightning's FSDPStrategy or ModelParallelStrategy."""
+
+    _ckptio_model_key = "state_dict"  # the model's key in the DCP state (FSDPStrategy: "model")
+    _ckptio_writer: Any = None
+    _ckptio_group: Any = None
+    _ckptio_pending: Optional[SaveHandle] = None
+
+    # What the strategy class decides (overridden per base in ckptio.lightning).
+    def _ckptio_saves_sharded(self) -> bool:
+        raise NotImplementedError
+
+    def _ckptio_load_sharded(self, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # --- Lightning's interface -------------------------------------------------
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"`{type(self).__name__}.save_checkpoint(..., storage_options=...)` is not supported: "
+                            "sharded checkpoints are written by ckptio's DCP StorageWriter, not a CheckpointIO")
+        self.wait_for_checkpoints()  # one at a time: the staging buffer is reused, and the path may be the same
+        if not self._ckptio_saves_sharded():
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+            return
+        path = Path(self.broadcast(filepath))  # type: ignore[attr-defined]
+        self._ckptio_pending = self._save_sharded(checkpoint, path)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        self.wait_for_checkpoints()
+        self.barrier("ckptio_load_checkpoint")  # type: ignore[attr-defined]  # every rank's saves, meta.pt too
+        path = Path(self.broadcast(checkpoint_path))  # type: ignore[attr-defined]
+        if not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)  # type: ignore[misc]
+        return self._ckptio_load_sharded(path, weights_only)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        self.wait_for_checkpoints()  # never remove what is still being written
+        if not self.is_global_zero:  # type: ignore[attr-defined]
+            return
+        path = Path(filepath)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def teardown(self) -> None:
+        try:
+            self.wait_for_checkpoints()  # drains: the last checkpoint is durable before the processes go
+        finally:
+            super().teardown()  # type: ignore[misc]
+
+    # --- ckptio's additions ----------------------------------------------------
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until this rank's sharded save in progress (if any) is
+        durable, meta.pt included; raise its failure."""
+        pending, self._ckptio_pending = self._ckptio_pending, None
+        if pending is not None:
+            pending.result()
+
+    def _save_sharded(self, checkpoint: dict[str, Any], path: Path) -> SaveHandle:
+        import torch
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        from ..distributed import StorageWriter
+
+        queue = get_queue()
+        queue.reserve()  # raises an earlier background failure; waits while the queue is full
+        start = time.perf_counter()
+        rank0 = self.global_rank == 0  # type: ignore[attr-defined]
+        if path.is_file():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass  # another rank's unlink
+        make_directories(os.fspath(path))
+        if rank0:
+            _retire(path / METADATA_FILENAME)  # saved over, the directory is no checkpoint until it comes back
+        state = {self._ckptio_model_key: checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        metadata = None
+        if rank0:  # what is left (loops, callbacks, hyperparameters), as of now
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            metadata = buffer.getvalue()
+        if self._ckptio_writer is None:
+            self._ckptio_writer = StorageWriter(path)
+            # DCP's collectives run in its background thread: a group of their own, never interleaved with training's.
+            self._ckptio_group = dist.new_group(backend="gloo")
+        response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
+                                       process_group=self._ckptio_group)
+        future = getattr(response, "upload_completion", response)  # a Future, or in a response beside staging's
+        handle = SaveHandle(os.fspath(path), "staged")
+        handle.stall_seconds = time.perf_counter() - start
+
+        def finish() -> SaveResult:
+            future.result()  # every rank's files and .metadata are durable
+            if metadata is not None:
+                with committed_file(os.fspath(path / METADATA_FILENAME), site="meta") as f:
+                    f.write(metadata)
+            size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+            return SaveResult(os.fspath(path), size, time.perf_counter() - start, False)  # direct_io: not known
+
+        return durable_if_signalled(queue.submit(handle, finish))
+
+
+def _retire(path: Path) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+    fsync_directory(os.fspath(path.parent), "meta.retire.directory")
+
+
+def _is_sharded_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / METADATA_FILENAME).is_file()
+
+
+def load_metadata(path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+    """meta.pt, CRC-verified (weights_only=None: torch's default, True)."""
+    from .. import api
+
+    return api.load(path / METADATA_FILENAME, weights_only=True if weights_only is None else weights_only)
+
+
+def load_model_parallel(strategy: Any, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+    """ModelParallelStrategy's sharded load, through ckptio's StorageReader,
+    into the module's and optimizers' own (sharded) tensors."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from ..distributed import StorageReader
+
+    module = strategy.model
+    module_state = {"state_dict": get_model_state_dict(module)}
+    dcp.load(module_state, storage_reader=StorageReader(path))
+    module.load_state_dict(module_state["state_dict"], strict=strategy.lightning_module.strict_loading)
+    for idx, optimizer in enumerate(strategy.optimizers):
+        key = f"optimizer_{idx}"
+        optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+        dcp.load(optimizer_state, storage_reader=StorageReader(path))
+        set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
+                                 options=StateDictOptions(cpu_offload=True))
+    return load_metadata(path, weights_only)
+
+
+def load_fsdp(strategy: Any, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
+    """FSDPStrategy's (FSDP1) sharded load, as Lightning's, through ckptio's
+    StorageReader. FSDP1 needs a GPU: written here, checked where one is lent."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.optimizer import load_sharded_optimizer_state_dict
+    from torch.distributed.fsdp import (
+        FullyShardedDataParallel as FSDP,  # noqa: N817 - torch's own name for it
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
+
+    from ..distributed import StorageReader
+
+    model = strategy.model
+    with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True),
+                              ShardedOptimStateDictConfig(offload_to_cpu=True)):  # as Lightning's own context
+        module_state = {"model": model.state_dict()}
+        dcp.load(module_state, storage_reader=StorageReader(path))
+        model.load_state_dict(module_state["model"], strict=strategy.lightning_module.strict_loading)
+        if strategy.lightning_module.trainer.state.fn == "fit" and strategy.optimizers:
+            for idx, optimizer in enumerate(strategy.optimizers):
+                key = f"optimizer_{idx}"
+                state = load_sharded_optimizer_state_dict(model_state_dict=module_state["model"], optimizer_key=key,
+                                                          storage_reader=StorageReader(path))
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(optim_state_dict=state[key], model=model,
+                                                                        optim=optimizer))
+    return load_metadata(path, weights_only)

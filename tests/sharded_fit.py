@@ -1,0 +1,77 @@
+"""A 2-process (gloo, CPU) Lightning fit with ModelParallelStrategy and
+FSDP2's fully_shard, for tests/test_lightning_sharded.py. Lightning's
+launcher runs this script again for rank 1.
+
+    python sharded_fit.py fit|resume STRATEGY ROOT OUT [CKPT] [NAMESPACE]
+
+STRATEGY: "ckptio" (ckptio.lightning.ModelParallelStrategy) or "stock"
+(Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
+kept, by step), under ROOT/checkpoints; OUT gets the full model and
+optimizer state at the end. resume: fit from CKPT (one step more); OUT
+gets the full state as restored, before that step.
+"""
+
+import importlib
+import sys
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.fsdp import fully_shard
+
+mode, kind, root, out = sys.argv[1:5]
+ckpt = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "-" else None
+namespace = sys.argv[6] if len(sys.argv) > 6 else "lightning"
+pl = importlib.import_module("lightning.pytorch" if namespace == "lightning" else "pytorch_lightning")
+
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.layers:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.layers, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        self.log("step", float(self.global_step))
+        return self.layers(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(1)
+        return torch.utils.data.DataLoader(torch.randn(64, 32, generator=g), batch_size=4)
+
+    def _dump(self):
+        msd, osd = get_state_dict(self, self.trainer.optimizers,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.global_rank == 0:
+            torch.save({"model": msd, "optimizer": osd, "step": self.global_step}, out)
+
+    def on_train_start(self):
+        if mode == "resume":
+            self._dump()
+
+    def on_train_end(self):
+        if mode == "fit":
+            self._dump()
+
+
+if kind == "ckptio":
+    import ckptio.lightning
+
+    strategy = ckptio.lightning.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                      namespace=namespace)
+else:
+    strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+checkpoints = pl.callbacks.ModelCheckpoint(dirpath=f"{root}/checkpoints", filename="{step}", monitor="step",
+                                           mode="max", save_top_k=2, every_n_train_steps=2)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6 if mode == "fit" else 7, callbacks=[checkpoints],
+                     logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+trainer.fit(Model(), ckpt_path=ckpt)

@@ -1,0 +1,77 @@
+"""Lightning's ModelParallelStrategy with ckptio's sharded checkpoints
+(ckptio.lightning.ModelParallelStrategy): a real Trainer, 2 processes
+(gloo) on the CPU, FSDP2's fully_shard. Saves are asynchronous (dcp.async_save
+through ckptio's StorageWriter), a resume restores every tensor exactly, the
+directories read with stock DCP, and stock Lightning's sharded checkpoints
+read with ckptio's strategy."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+from conftest import leftover_temporaries
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run(*args):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_fit.py"), *map(str, args)], cwd=HERE,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _assert_same_state(a, b):
+    flat_a, spec_a = pytree.tree_flatten(a)
+    flat_b, spec_b = pytree.tree_flatten(b)
+    assert spec_a == spec_b
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        else:
+            assert x == y
+
+
+def _checkpoint_dirs(root):
+    return sorted(os.listdir(root / "checkpoints"))
+
+
+def test_async_sharded_saves_resume_exactly_and_read_with_stock_dcp(tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    _run("fit", "ckptio", tmp_path / "a", tmp_path / "fit.pt")
+    # save_top_k=2 by step: ModelCheckpoint removed the oldest after the newer ones were durable.
+    assert _checkpoint_dirs(tmp_path / "a") == ["step=3.ckpt", "step=5.ckpt"]
+    newest = tmp_path / "a" / "checkpoints" / "step=5.ckpt"
+    assert sorted(os.listdir(newest)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert leftover_temporaries(tmp_path / "a") == []
+    assert torch.load(newest / "meta.pt", weights_only=True)["global_step"] == 6  # plain torch.load reads it
+    from torch.distributed.checkpoint import FileSystemReader
+
+    offsets = [info.offset for info in FileSystemReader(newest).read_metadata().storage_data.values()]
+    assert len(offsets) > 8 and all(o % 4096 == 0 for o in offsets)  # ckptio's writer: page-aligned archives
+
+    _run("resume", "ckptio", tmp_path / "b", tmp_path / "resumed.pt", newest)
+    fit, resumed = torch.load(tmp_path / "fit.pt", weights_only=False), torch.load(tmp_path / "resumed.pt",
+                                                                                     weights_only=False)
+    assert fit["step"] == resumed["step"] == 6
+    _assert_same_state(resumed["model"], fit["model"])
+    _assert_same_state(resumed["optimizer"], fit["optimizer"])
+
+    dcp_to_torch_save(newest, tmp_path / "stock.pt")  # DCP's own FileSystemReader
+    stock = torch.load(tmp_path / "stock.pt", weights_only=False)
+    _assert_same_state(stock["state_dict"], fit["model"])
+
+
+@pytest.mark.parametrize("namespace", ["pytorch_lightning"])
+def test_a_stock_lightning_sharded_checkpoint_resumes_with_ckptio(tmp_path, namespace):
+    _run("fit", "stock", tmp_path / "a", tmp_path / "fit.pt", "-", namespace)
+    newest = tmp_path / "a" / "checkpoints" / "step=5.ckpt"
+    _run("resume", "ckptio", tmp_path / "b", tmp_path / "resumed.pt", newest, namespace)
+    fit, resumed = torch.load(tmp_path / "fit.pt", weights_only=False), torch.load(tmp_path / "resumed.pt",
+                                                                                     weights_only=False)
+    _assert_same_state(resumed["model"], fit["model"])
+    _assert_same_state(resumed["optimizer"], fit["optimizer"])

@@ -75,3 +75,26 @@ def test_a_stock_lightning_sharded_checkpoint_resumes_with_ckptio(tmp_path, name
                                                                                      weights_only=False)
     _assert_same_state(resumed["model"], fit["model"])
     _assert_same_state(resumed["optimizer"], fit["optimizer"])
+
+
+def test_saved_over_a_sharded_directory_is_whole_again_once_durable(tmp_path):
+    """In one process (no process group: DCP without collectives). meta.pt,
+    what makes the directory a checkpoint to Lightning, is gone while it is
+    saved over and back, new, once the save is durable."""
+    import ckptio.lightning
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    strategy = ckptio.lightning.ModelParallelStrategy()
+    path = tmp_path / "ckpt"
+    for epoch in (1, 2):
+        w = torch.arange(1 << 16, dtype=torch.float32) * epoch
+        strategy.save_checkpoint({"state_dict": {"w": w}, "optimizer_states": [], "epoch": epoch}, path)
+        w.fill_(-1.0)  # the snapshot was taken: this is not saved
+        if (path / "meta.pt").exists():  # never the old one: it went before the save began, the new one comes last
+            assert torch.load(path / "meta.pt", weights_only=True)["epoch"] == epoch
+        strategy.wait_for_checkpoints()
+        assert sorted(os.listdir(path)) == [".metadata", "__0_0.distcp", "meta.pt"]
+        assert torch.load(path / "meta.pt", weights_only=True)["epoch"] == epoch
+        dcp_to_torch_save(path, tmp_path / "stock.pt")
+        assert torch.equal(torch.load(tmp_path / "stock.pt")["state_dict"]["w"],
+                           torch.arange(1 << 16, dtype=torch.float32) * epoch)

@@ -135,12 +135,13 @@ class ShardedCheckpoints:
             buffer = io.BytesIO()
             torch.save(checkpoint, buffer)
             metadata = buffer.getvalue()
+        distributed = dist.is_available() and dist.is_initialized()
         if self._ckptio_writer is None:
             self._ckptio_writer = StorageWriter(path)
-            # DCP's collectives run in its background thread: a group of their own, never interleaved with training's.
-            self._ckptio_group = dist.new_group(backend="gloo")
+            if distributed:  # DCP's collectives run in its background thread: a group of their own, never training's
+                self._ckptio_group = dist.new_group(backend="gloo")
         response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
-                                       process_group=self._ckptio_group)
+                                       process_group=self._ckptio_group, no_dist=not distributed)
         future = getattr(response, "upload_completion", response)  # a Future, or in a response beside staging's
         handle = SaveHandle(os.fspath(path), "staged")
         handle.stall_seconds = time.perf_counter() - start

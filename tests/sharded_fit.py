@@ -2,16 +2,20 @@
 FSDP2's fully_shard, for tests/test_lightning_sharded.py. Lightning's
 launcher runs this script again for rank 1.
 
-    python sharded_fit.py fit|resume STRATEGY ROOT OUT [CKPT] [NAMESPACE]
+    python sharded_fit.py fit|resume|preempt STRATEGY ROOT OUT [CKPT] [NAMESPACE]
 
 STRATEGY: "ckptio" (ckptio.lightning.ModelParallelStrategy) or "stock"
 (Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
 kept, by step), under ROOT/checkpoints; OUT gets the full model and
 optimizer state at the end. resume: fit from CKPT (one step more); OUT
-gets the full state as restored, before that step.
+gets the full state as restored, before that step. preempt: at step 3 each
+rank signals itself (SIGUSR1); the handler dumps the state to OUT, saves
+ROOT/preempted.ckpt and ends the process with os._exit (no exit hooks).
 """
 
 import importlib
+import os
+import signal
 import sys
 
 import torch
@@ -62,6 +66,18 @@ class Model(pl.LightningModule):
         if mode == "fit":
             self._dump()
 
+    def on_train_batch_end(self, *args):
+        if mode == "preempt" and self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # each rank: a scheduler's warning before it kills the job
+
+
+def preempted(signum, frame):
+    # As Lightning's SLURM handler: save from inside the handler; then the scheduler kills the job at once.
+    model = trainer.lightning_module
+    model._dump()
+    trainer.save_checkpoint(f"{root}/preempted.ckpt")
+    os._exit(0)
+
 
 if kind == "ckptio":
     import ckptio.lightning
@@ -72,6 +88,8 @@ else:
     strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 checkpoints = pl.callbacks.ModelCheckpoint(dirpath=f"{root}/checkpoints", filename="{step}", monitor="step",
                                            mode="max", save_top_k=2, every_n_train_steps=2)
-trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6 if mode == "fit" else 7, callbacks=[checkpoints],
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=7 if mode == "resume" else 6,
+                     callbacks=[checkpoints],
                      logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+signal.signal(signal.SIGUSR1, preempted)
 trainer.fit(Model(), ckpt_path=ckpt)

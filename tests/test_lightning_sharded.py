@@ -77,6 +77,21 @@ def test_a_stock_lightning_sharded_checkpoint_resumes_with_ckptio(tmp_path, name
     _assert_same_state(resumed["optimizer"], fit["optimizer"])
 
 
+def test_a_save_from_a_signal_handler_is_whole_before_the_process_is_killed(tmp_path):
+    """As SLURM's --signal=USR1: every rank saves from its signal handler,
+    then ends at once (os._exit: no exit hooks, no teardown). The save
+    returned only once every rank's files, .metadata and meta.pt were
+    durable: the checkpoint resumes exactly."""
+    _run("preempt", "ckptio", tmp_path / "a", tmp_path / "at_signal.pt")
+    saved = tmp_path / "a" / "preempted.ckpt"
+    assert sorted(os.listdir(saved)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    _run("resume", "ckptio", tmp_path / "b", tmp_path / "resumed.pt", saved)
+    at_signal, resumed = (torch.load(tmp_path / n, weights_only=False) for n in ("at_signal.pt", "resumed.pt"))
+    assert at_signal["step"] == resumed["step"] == 3
+    _assert_same_state(resumed["model"], at_signal["model"])
+    _assert_same_state(resumed["optimizer"], at_signal["optimizer"])
+
+
 def test_saved_over_a_sharded_directory_is_whole_again_once_durable(tmp_path):
     """In one process (no process group: DCP without collectives). meta.pt,
     what makes the directory a checkpoint to Lightning, is gone while it is

@@ -315,6 +315,12 @@ def _storage_views(slot: Slot, payloads: list[tuple[int, int]]) -> list[torch.Un
             else torch.UntypedStorage(0) for a, n in payloads]
 
 
+def _same_checkpoint(copy: str, path: str) -> bool:
+    from .service.memory_tier import same_checkpoint
+
+    return os.path.isfile(copy) and same_checkpoint(copy, path)
+
+
 def _len(payload: Payload) -> int:
     return payload[1] if isinstance(payload, tuple) else len(payload)
 
@@ -404,10 +410,18 @@ class StorageReader(FileSystemReader):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, safe_globals: Iterable[Any] = (),
-                 _extension_registry: ExtensionRegistry | None = None) -> None:
+                 _extension_registry: ExtensionRegistry | None = None,
+                 memory_copies: Mapping[str, str] | None = None) -> None:
+        """`memory_copies`: {rank file name: a copy of it elsewhere (the
+        checkpoint service's memory tier)}, read instead of the file when it
+        holds the same checkpoint (ckptio.service.memory_tier.same_checkpoint),
+        and given up for the file if it turns out damaged."""
         super().__init__(os.fspath(path), _extension_registry=_extension_registry)
         self.verify = verify
         self.safe_globals = list(safe_globals)
+        self.memory_copies = dict(memory_copies or {})
+        self.files_from_memory: set[str] = set()  # rank files read_data took from their memory copies ...
+        self.files_from_disk: set[str] = set()    # ... and from the checkpoint directory
         # Tensor items of the last read_data: read straight into the planner's
         # tensor, or rebuilt in fresh memory and copied in.
         self.items_in_place = 0
@@ -460,7 +474,19 @@ class StorageReader(FileSystemReader):
         for relative_path, reqs in by_file.items():
             path = _join_inside(directory, relative_path)
             reqs.sort(key=lambda r: self.storage_data[r.storage_index].offset)
+            copy = self.memory_copies.get(relative_path)
+            if copy is not None and _same_checkpoint(copy, path):
+                try:
+                    self._read_file(copy, _rank_of(relative_path), reqs, planner)
+                    self.files_from_memory.add(relative_path)
+                    continue
+                except (CorruptCheckpointError, CheckpointIOError) as e:  # the file rewrites every target the copy did
+                    import warnings
+
+                    warnings.warn(f"ckptio: the memory tier's copy of {path} cannot be read ({e}); reading the file",
+                                  RuntimeWarning, stacklevel=2)
             self._read_file(path, _rank_of(relative_path), reqs, planner)
+            self.files_from_disk.add(relative_path)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

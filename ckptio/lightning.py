@@ -165,20 +165,30 @@ def _sharded_strategy_class(top: str, name: str) -> type:
     return _Strategy
 
 
-def ModelParallelStrategy(*args: Any, namespace: str = "lightning", **kwargs: Any) -> Any:
+def ModelParallelStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, **kwargs: Any) -> Any:
     """Lightning's ModelParallelStrategy (of ``lightning`` or
     ``pytorch_lightning``, as `namespace` says; same arguments) whose sharded
     checkpoints ckptio saves asynchronously and durably and loads in place,
-    CRC-verified (ckptio.plugins.sharded)."""
-    if namespace not in _FABRIC_IO_MODULES:
-        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
-    return _sharded_strategy_class(namespace, "ModelParallelStrategy")(*args, **kwargs)
+    CRC-verified (ckptio.plugins.sharded). `memory`: also keep each rank's
+    files of the `memory` newest checkpoints of a directory in the checkpoint
+    service's memory tier (RAM that outlives the trainer); a resume reads them
+    from there (``strategy.last_loaded_tier``)."""
+    return _make_sharded_strategy("ModelParallelStrategy", namespace, memory, args, kwargs)
 
 
-def FSDPStrategy(*args: Any, namespace: str = "lightning", **kwargs: Any) -> Any:
+def FSDPStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, **kwargs: Any) -> Any:
     """Lightning's FSDPStrategy (same arguments) whose sharded checkpoints
     (``state_dict_type="sharded"``) ckptio saves and loads, as
     ModelParallelStrategy's. FSDP needs a GPU."""
+    return _make_sharded_strategy("FSDPStrategy", namespace, memory, args, kwargs)
+
+
+def _make_sharded_strategy(name: str, namespace: str, memory: int, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> Any:
     if namespace not in _FABRIC_IO_MODULES:
         raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
-    return _sharded_strategy_class(namespace, "FSDPStrategy")(*args, **kwargs)
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
+        raise ValueError(f"memory must be an int >= 0 (checkpoints kept in RAM), not {memory!r}")
+    strategy = _sharded_strategy_class(namespace, name)(*args, **kwargs)
+    strategy.memory = memory
+    return strategy

@@ -4,8 +4,8 @@ launcher runs this script again for rank 1.
 
     python sharded_fit.py fit|resume|preempt STRATEGY ROOT OUT [CKPT] [NAMESPACE]
 
-STRATEGY: "ckptio" (ckptio.lightning.ModelParallelStrategy) or "stock"
-(Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
+STRATEGY: "ckptio" (ckptio.lightning.ModelParallelStrategy), "ckptio-memory"
+(the same, memory=2) or "stock" (Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
 kept, by step), under ROOT/checkpoints; OUT gets the full model and
 optimizer state at the end. resume: fit from CKPT (one step more); OUT
 gets the full state as restored, before that step. preempt: at step 3 each
@@ -56,7 +56,8 @@ class Model(pl.LightningModule):
         msd, osd = get_state_dict(self, self.trainer.optimizers,
                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.global_rank == 0:
-            torch.save({"model": msd, "optimizer": osd, "step": self.global_step}, out)
+            torch.save({"model": msd, "optimizer": osd, "step": self.global_step,
+                        "tier": getattr(self.trainer.strategy, "last_loaded_tier", None)}, out)
 
     def on_train_start(self):
         if mode == "resume":
@@ -79,11 +80,11 @@ def preempted(signum, frame):
     os._exit(0)
 
 
-if kind == "ckptio":
+if kind.startswith("ckptio"):  # "ckptio-memory": the 2 newest checkpoints kept in the memory tier too
     import ckptio.lightning
 
     strategy = ckptio.lightning.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
-                                                      namespace=namespace)
+                                                      namespace=namespace, memory=2 if kind.endswith("memory") else 0)
 else:
     strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 checkpoints = pl.callbacks.ModelCheckpoint(dirpath=f"{root}/checkpoints", filename="{step}", monitor="step",

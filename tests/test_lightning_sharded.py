@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 import torch.utils._pytree as pytree
-
 from conftest import leftover_temporaries
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,6 +21,7 @@ def _run(*args):
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_fit.py"), *map(str, args)], cwd=HERE,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
 
 
 def _assert_same_state(a, b):
@@ -37,33 +37,6 @@ def _assert_same_state(a, b):
 
 def _checkpoint_dirs(root):
     return sorted(os.listdir(root / "checkpoints"))
-
-
-def test_async_sharded_saves_resume_exactly_and_read_with_stock_dcp(tmp_path):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    _run("fit", "ckptio", tmp_path / "a", tmp_path / "fit.pt")
-    # save_top_k=2 by step: ModelCheckpoint removed the oldest after the newer ones were durable.
-    assert _checkpoint_dirs(tmp_path / "a") == ["step=3.ckpt", "step=5.ckpt"]
-    newest = tmp_path / "a" / "checkpoints" / "step=5.ckpt"
-    assert sorted(os.listdir(newest)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
-    assert leftover_temporaries(tmp_path / "a") == []
-    assert torch.load(newest / "meta.pt", weights_only=True)["global_step"] == 6  # plain torch.load reads it
-    from torch.distributed.checkpoint import FileSystemReader
-
-    offsets = [info.offset for info in FileSystemReader(newest).read_metadata().storage_data.values()]
-    assert len(offsets) > 8 and all(o % 4096 == 0 for o in offsets)  # ckptio's writer: page-aligned archives
-
-    _run("resume", "ckptio", tmp_path / "b", tmp_path / "resumed.pt", newest)
-    fit, resumed = torch.load(tmp_path / "fit.pt", weights_only=False), torch.load(tmp_path / "resumed.pt",
-                                                                                     weights_only=False)
-    assert fit["step"] == resumed["step"] == 6
-    _assert_same_state(resumed["model"], fit["model"])
-    _assert_same_state(resumed["optimizer"], fit["optimizer"])
-
-    dcp_to_torch_save(newest, tmp_path / "stock.pt")  # DCP's own FileSystemReader
-    stock = torch.load(tmp_path / "stock.pt", weights_only=False)
-    _assert_same_state(stock["state_dict"], fit["model"])
 
 
 @pytest.mark.parametrize("namespace", ["pytorch_lightning"])
@@ -96,8 +69,9 @@ def test_saved_over_a_sharded_directory_is_whole_again_once_durable(tmp_path):
     """In one process (no process group: DCP without collectives). meta.pt,
     what makes the directory a checkpoint to Lightning, is gone while it is
     saved over and back, new, once the save is durable."""
-    import ckptio.lightning
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    import ckptio.lightning
 
     strategy = ckptio.lightning.ModelParallelStrategy()
     path = tmp_path / "ckpt"
@@ -113,3 +87,57 @@ def test_saved_over_a_sharded_directory_is_whole_again_once_durable(tmp_path):
         dcp_to_torch_save(path, tmp_path / "stock.pt")
         assert torch.equal(torch.load(tmp_path / "stock.pt")["state_dict"]["w"],
                            torch.arange(1 << 16, dtype=torch.float32) * epoch)
+
+
+def test_async_sharded_saves_resume_exactly_from_memory_or_disk_and_read_with_stock_dcp(tmp_path, monkeypatch):
+    """memory=2: each rank's files of the 2 newest checkpoints are also kept
+    in the checkpoint service's memory tier; a resume reads them from there,
+    and from the disk where a copy is damaged. Stock DCP reads the directory."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ckptio.plugins.sharded import memory_copies
+
+    monkeypatch.setenv("CKPTIO_SERVICE_DIR", str(tmp_path / "service"))
+    monkeypatch.setenv("CKPTIO_SERVICE_IDLE_S", "2")
+    monkeypatch.setenv("CKPTIO_MEMORY_KEEP_S", "120")  # kept between the runs, however slow they are
+    try:
+        _run("fit", "ckptio-memory", tmp_path / "a", tmp_path / "fit.pt")
+        fit = torch.load(tmp_path / "fit.pt", weights_only=False)
+        # save_top_k=2 by step: ModelCheckpoint removed the oldest after the newer ones were durable.
+        assert _checkpoint_dirs(tmp_path / "a") == ["step=3.ckpt", "step=5.ckpt"]
+        checkpoints = tmp_path / "a" / "checkpoints"
+        newest = checkpoints / "step=5.ckpt"
+        assert sorted(os.listdir(newest)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+        assert leftover_temporaries(tmp_path / "a") == []
+        assert torch.load(newest / "meta.pt", weights_only=True)["global_step"] == 6  # plain torch.load reads it
+        offsets = [info.offset for info in FileSystemReader(newest).read_metadata().storage_data.values()]
+        assert len(offsets) > 8 and all(o % 4096 == 0 for o in offsets)  # ckptio's writer: page-aligned archives
+        dcp_to_torch_save(newest, tmp_path / "stock.pt")  # DCP's own FileSystemReader
+        _assert_same_state(torch.load(tmp_path / "stock.pt", weights_only=False)["state_dict"], fit["model"])
+        for kept in (newest, checkpoints / "step=3.ckpt"):
+            assert sorted(memory_copies(kept, 2)) == ["__0_0.distcp", "__1_0.distcp"]
+        assert memory_copies(checkpoints / "step=1.ckpt", 2) == {}  # the third newest went from RAM too
+
+        _run("resume", "ckptio-memory", tmp_path / "b", tmp_path / "resumed.pt", newest)
+        resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+        assert resumed["step"] == fit["step"] == 6 and resumed["tier"] == "memory"
+        _assert_same_state(resumed["model"], fit["model"])
+        _assert_same_state(resumed["optimizer"], fit["optimizer"])
+
+        copy = memory_copies(newest, 2)["__0_0.distcp"]
+        data = bytearray(open(copy, "rb").read())
+        for i in range(100, len(data) - (1 << 16), 4096):  # before the tail: the same size and tail, wrong CRCs
+            data[i] ^= 0x01
+        open(copy, "wb").write(bytes(data))
+        proc = _run("resume", "ckptio-memory", tmp_path / "c", tmp_path / "fallback.pt", newest)
+        assert "memory tier's copy" in proc.stderr and "cannot be read" in proc.stderr  # damage found, said
+        fallback = torch.load(tmp_path / "fallback.pt", weights_only=False)
+        assert fallback["tier"] == "local"  # rank 0 read its file from the disk
+        _assert_same_state(fallback["model"], fit["model"])
+        _assert_same_state(fallback["optimizer"], fit["optimizer"])
+    finally:
+        from conftest import service_pids
+
+        for pid in service_pids(tmp_path / "service"):
+            os.kill(pid, 9)

@@ -52,6 +52,8 @@ class ShardedCheckpoints:
     _ckptio_writer: Any = None
     _ckptio_group: Any = None
     _ckptio_pending: Optional[SaveHandle] = None
+    memory = 0  # sharded checkpoints of each directory kept in the memory tier (see ckptio.lightning)
+    last_loaded_tier: Optional[str] = None  # "memory" or "local": where the last sharded load read this rank's files
 
     # What the strategy class decides (overridden per base in ckptio.lightning).
     def _ckptio_saves_sharded(self) -> bool:
@@ -151,10 +153,55 @@ class ShardedCheckpoints:
             if metadata is not None:
                 with committed_file(os.fspath(path / METADATA_FILENAME), site="meta") as f:
                     f.write(metadata)
+            if self.memory:
+                from ..service.client import keep_running
+
+                keep_running()  # the service frees the tier once idle past CKPTIO_MEMORY_KEEP_S
+                _keep_in_memory(path, self.global_rank, self.memory)  # type: ignore[attr-defined]
             size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
             return SaveResult(os.fspath(path), size, time.perf_counter() - start, False)  # direct_io: not known
 
         return durable_if_signalled(queue.submit(handle, finish))
+
+
+def _memory_folder(path: Path, rank: int) -> str:
+    """Where the memory tier keeps `rank`'s files of the sharded checkpoint `path`."""
+    from ..config import service_config
+    from ..service.memory_tier import folder_for
+
+    return folder_for(service_config().directory, os.fspath(path), f"rank{rank}", "")
+
+
+def _keep_in_memory(path: Path, rank: int, keep: int) -> None:
+    """Copy this rank's durable files of `path` (rank 0: .metadata and
+    meta.pt too) into the memory tier, within CKPTIO_MEMORY_BYTES; then
+    keep the `keep` newest checkpoints of its directory there. A copy that
+    does not fit is warned about: the files on disk stand."""
+    from ..config import service_config
+    from ..service.memory_tier import file_copier, folder_for, keep_here, prune_folders
+
+    folder = _memory_folder(path, rank)
+    names = [f"__{rank}_0.distcp"] + ([".metadata", METADATA_FILENAME] if rank == 0 else [])
+    for name in names:
+        source = os.fspath(path / name)
+        spec = {"folder": folder, "name": name, "keep": len(names), "order": "mtime", "source": os.fspath(path)}
+        keep_here(spec, source, os.path.getsize(source), file_copier(source))
+    service_directory, parent = service_config().directory, os.path.dirname(os.fspath(path))
+
+    def same_rank_and_directory(other: str, source: str) -> bool:
+        return os.path.dirname(source) == parent and other == folder_for(service_directory, source, f"rank{rank}", "")
+    prune_folders(service_directory, same_rank_and_directory, keep)
+
+
+def memory_copies(path: Path, world_size: int) -> dict[str, str]:
+    """{rank file: its copy in the memory tier} for the copies there."""
+    copies = {}
+    for rank in range(world_size):
+        name = f"__{rank}_0.distcp"
+        copy = os.path.join(_memory_folder(path, rank), name)
+        if os.path.isfile(copy):
+            copies[name] = copy
+    return copies
 
 
 def _retire(path: Path) -> None:
@@ -187,19 +234,42 @@ def load_model_parallel(strategy: Any, path: Path, weights_only: Optional[bool])
         set_optimizer_state_dict,
     )
 
-    from ..distributed import StorageReader
-
     module = strategy.model
+    readers = _Readers(strategy, path)
     module_state = {"state_dict": get_model_state_dict(module)}
-    dcp.load(module_state, storage_reader=StorageReader(path))
+    dcp.load(module_state, storage_reader=readers.new())
     module.load_state_dict(module_state["state_dict"], strict=strategy.lightning_module.strict_loading)
     for idx, optimizer in enumerate(strategy.optimizers):
         key = f"optimizer_{idx}"
         optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
-        dcp.load(optimizer_state, storage_reader=StorageReader(path))
+        dcp.load(optimizer_state, storage_reader=readers.new())
         set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key],
                                  options=StateDictOptions(cpu_offload=True))
+    readers.report()
     return load_metadata(path, weights_only)
+
+
+class _Readers:
+    """ckptio StorageReaders of a sharded checkpoint for one load, reading
+    the memory tier's copies first where the strategy keeps some; report()
+    sets strategy.last_loaded_tier."""
+
+    def __init__(self, strategy: Any, path: Path) -> None:
+        self.strategy, self.path = strategy, path
+        self.copies = memory_copies(path, strategy.world_size) if strategy.memory else {}
+        self.made: list[Any] = []
+
+    def new(self) -> Any:
+        from ..distributed import StorageReader
+
+        reader = StorageReader(self.path, memory_copies=self.copies)
+        self.made.append(reader)
+        return reader
+
+    def report(self) -> None:
+        from_disk = any(r.files_from_disk for r in self.made)
+        from_memory = any(r.files_from_memory for r in self.made)
+        self.strategy.last_loaded_tier = "memory" if from_memory and not from_disk else "local"
 
 
 def load_fsdp(strategy: Any, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:
@@ -214,19 +284,19 @@ def load_fsdp(strategy: Any, path: Path, weights_only: Optional[bool]) -> dict[s
         StateDictType,
     )
 
-    from ..distributed import StorageReader
-
     model = strategy.model
+    readers = _Readers(strategy, path)
     with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(offload_to_cpu=True),
                               ShardedOptimStateDictConfig(offload_to_cpu=True)):  # as Lightning's own context
         module_state = {"model": model.state_dict()}
-        dcp.load(module_state, storage_reader=StorageReader(path))
+        dcp.load(module_state, storage_reader=readers.new())
         model.load_state_dict(module_state["model"], strict=strategy.lightning_module.strict_loading)
         if strategy.lightning_module.trainer.state.fn == "fit" and strategy.optimizers:
             for idx, optimizer in enumerate(strategy.optimizers):
                 key = f"optimizer_{idx}"
                 state = load_sharded_optimizer_state_dict(model_state_dict=module_state["model"], optimizer_key=key,
-                                                          storage_reader=StorageReader(path))
+                                                          storage_reader=readers.new())
                 optimizer.load_state_dict(FSDP.optim_state_dict_to_load(optim_state_dict=state[key], model=model,
                                                                         optim=optimizer))
+    readers.report()
     return load_metadata(path, weights_only)

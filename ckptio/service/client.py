@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from ..pickling import PickledState
     from ..results import SaveResult
 
-__all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "status", "boot_command", "reset_client"]
+__all__ = ["ServiceGone", "Handover", "hand_over", "finish_handover", "keep_running", "status", "boot_command",
+           "reset_client"]
 
 START_TIMEOUT_S = 10.0   # a service started here has this long to listen (it starts in well under a second)
 ANSWER_TIMEOUT_S = 5.0   # a listening service answers hello (and takes a message) within this, or is not used
@@ -311,6 +312,18 @@ def finish_handover(handover: Handover) -> SaveResult | None:
         warnings.warn(f"ckptio: {handover.path} is durable but not kept in the memory tier: {memory['error']}",
                       RuntimeWarning, stacklevel=2)
     return SaveResult.from_stats(reply["stats"])
+
+
+def keep_running() -> bool:
+    """Connect to the service (starting it if need be), so that it runs,
+    and looks after its memory tier, while this process lives; False (and a
+    warning, once) if it cannot."""
+    try:
+        _current()
+        return True
+    except (ServiceGone, OSError) as e:
+        _warn_once(f"ckptio: the checkpoint service is not available ({e}); the memory tier is written without it")
+        return False
 
 
 def status() -> dict[str, Any]:

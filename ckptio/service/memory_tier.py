@@ -20,7 +20,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["folder_for", "images", "prune", "store", "keep_here", "engine_writer", "file_copier", "SOURCE_FILE"]
+__all__ = ["folder_for", "images", "prune", "prune_folders", "store", "keep_here", "engine_writer", "file_copier",
+           "SOURCE_FILE"]
 
 SOURCE_FILE = "source"  # in each folder: the directory and pattern it mirrors, for `ckptio list`
 
@@ -47,18 +48,16 @@ def images(folder: str, pattern: re.Pattern[str]) -> dict[int, str]:
 
 def node_usage(service_directory: str) -> list[tuple[float, int, str, bool]]:
     """Every image of the node: (modified time, bytes, path, newest of its folder)."""
-    root = os.path.join(service_directory, "memory")
     found = []
-    try:
-        folders = [e.path for e in os.scandir(root) if e.is_dir()]
-    except OSError:
-        return []
-    for folder in folders:
+    for folder in _folders(service_directory):
         entries = []
-        for e in os.scandir(folder):
-            if e.is_file() and not e.name.startswith(".") and e.name != SOURCE_FILE:
-                st = e.stat()
-                entries.append((st.st_mtime, st.st_size, e.path))
+        try:  # another process may remove a folder or an image meanwhile
+            for e in os.scandir(folder):
+                if e.is_file() and not e.name.startswith(".") and e.name != SOURCE_FILE:
+                    st = e.stat()
+                    entries.append((st.st_mtime, st.st_size, e.path))
+        except FileNotFoundError:
+            continue
         entries.sort()
         found += [(t, n, p, i == len(entries) - 1) for i, (t, n, p) in enumerate(entries)]
     return found
@@ -77,6 +76,33 @@ def prune_oldest(folder: str, keep: int) -> None:
                   if e.is_file() and not e.name.startswith(".") and e.name != SOURCE_FILE)
     for _, path in held[:-keep] if keep > 0 else held:
         _remove(path)
+
+
+def prune_folders(service_directory: str, kind: Callable[[str, str], bool], keep: int) -> None:
+    """Keep the `keep` most recently written of the folders of the node for
+    which kind(folder, source) holds (source: what the folder mirrors, as its
+    SOURCE_FILE says); remove the others whole."""
+    import shutil
+
+    found = []
+    for folder in _folders(service_directory):
+        try:
+            with open(os.path.join(folder, SOURCE_FILE)) as f:
+                source = f.read().strip()
+            written = os.stat(os.path.join(folder, SOURCE_FILE)).st_mtime
+        except OSError:
+            continue
+        if kind(folder, source):
+            found.append((written, folder))
+    for _, folder in sorted(found)[:-keep] if keep > 0 else found:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _folders(service_directory: str) -> list[str]:
+    try:
+        return [e.path for e in os.scandir(os.path.join(service_directory, "memory")) if e.is_dir()]
+    except OSError:
+        return []
 
 
 def same_checkpoint(image: str, path: str, tail: int = 1 << 16) -> bool:

@@ -21,6 +21,8 @@ __all__ = [
     "engine_config",
     "ServiceConfig",
     "remote_copy_config",
+    "ReplicaConfig",
+    "replica_config",
     "resolve_snapshot_mode",
     "service_config",
     "staging_config",
@@ -185,3 +187,14 @@ def service_config() -> ServiceConfig:
         keep_s=_int_var("CKPTIO_MEMORY_KEEP_S", 900, 1, 7 * 24 * 3600),
         memory_bytes=_int_var("CKPTIO_MEMORY_BYTES", _quarter_of_ram_bytes(), 0, 1 << 60),
     )
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    timeout_s: int  # CKPTIO_REPLICA_TIMEOUT_S: one replica exchange (or resume transfer) before it is given up on
+
+
+def replica_config() -> ReplicaConfig:
+    """Read (and check) the replication variables now (see ckptio.replication)."""
+    return ReplicaConfig(timeout_s=_int_var("CKPTIO_REPLICA_TIMEOUT_S", 120, 1, 24 * 3600))
+

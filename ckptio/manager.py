@@ -34,7 +34,7 @@ import dataclasses
 import os
 import re
 import warnings
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from . import api
 from ._paths import committed_file, make_directories, normalize_path
@@ -51,7 +51,7 @@ __all__ = ["CheckpointManager", "LoadedCheckpoint"]
 
 
 class LoadedCheckpoint(NamedTuple):
-    """Which checkpoint load_latest returned: its step, "memory", "local" or "remote", and path or URL."""
+    """Which checkpoint load_latest returned: its step, "memory", "local", "remote" or "partner", and path or URL."""
     step: int
     tier: str
     path: str
@@ -78,7 +78,7 @@ class CheckpointManager:
     def __init__(self, directory: Union[str, os.PathLike[str]], keep_last: Optional[int] = 3, *,
                  async_save: bool = True, prefix: str = "step_", suffix: str = ".pt",
                  remote: Optional[str] = None, keep_remote: Optional[int] = None, remote_every: int = 1,
-                 memory: int = 0) -> None:
+                 memory: int = 0, replicas: int = 0, partner: Optional[Callable[[int, int], int]] = None) -> None:
         """`remote`: an fsspec URL prefix (s3://bucket/run), or a file://
         directory on another disk or a shared mount, for the second tier;
         every `remote_every`-th save is copied there and the newest
@@ -86,7 +86,12 @@ class CheckpointManager:
 
         `memory`: keep the newest `memory` checkpoints in the checkpoint
         service's memory tier too (implies the service for async saves; see
-        ckptio.service), within CKPTIO_MEMORY_BYTES for the whole node."""
+        ckptio.service), within CKPTIO_MEMORY_BYTES for the whole node.
+
+        `replicas`: 1 keeps each rank's newest checkpoint in a partner rank's
+        memory too, on another node, over torch.distributed (made on every
+        rank at once; `partner(rank, world_size)`: see ckptio.replication).
+        ``load_latest`` then resumes every rank collectively."""
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be >= 1 or None (keep all), not {keep_last}")
         if keep_remote is not None and keep_remote < 1:
@@ -95,6 +100,8 @@ class CheckpointManager:
             raise ValueError(f"remote_every must be an int >= 1, not {remote_every!r}")
         if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
             raise ValueError(f"memory must be an int >= 0 (checkpoints kept in RAM), not {memory!r}")
+        if replicas not in (0, 1) or isinstance(replicas, bool):
+            raise ValueError(f"replicas must be 0 or 1 (a partner rank's copy), not {replicas!r}")
         if not re.fullmatch(r"[\w.-]*", prefix) or not re.fullmatch(r"[\w.-]*", suffix):
             raise ValueError("prefix and suffix may contain only letters, digits, '_', '.' and '-'")
         self.directory = normalize_path(directory)
@@ -128,6 +135,11 @@ class CheckpointManager:
             from . import service
 
             service.want()
+        self._replication = None
+        if replicas:
+            from .replication import Replication
+
+            self._replication = Replication(self.directory, prefix, suffix, partner)
         self._saves = 0
         self.last_durable_step: Optional[int] = None  # newest step durable locally (set on the queue)
         self.last_remote_step: Optional[int] = None   # newest step committed remotely
@@ -203,11 +215,12 @@ class CheckpointManager:
         if self.keep_last is not None:
             after["prune"] = {"directory": self.directory, "pattern": self._pattern.pattern, "step": step,
                               "keep_last": self.keep_last, "prefix": self._prefix, "suffix": self._suffix}
-        memory = None
-        if self.memory:
-            memory = {"folder": self._memory_folder, "name": name, "pattern": self._pattern.pattern,
-                      "keep": self.memory, "source": os.path.join(self.directory, self._prefix + "<N>" + self._suffix)}
-        return NativeWrite(after, memory)
+        return NativeWrite(after, self._memory_spec(name, self.memory) if self.memory else None)
+
+    def _memory_spec(self, name: str, keep: int) -> dict[str, Any]:
+        """What the memory tier needs to keep `name` among this directory's `keep` newest images."""
+        return {"folder": self._memory_folder, "name": name, "pattern": self._pattern.pattern, "keep": keep,
+                "source": os.path.join(self.directory, self._prefix + "<N>" + self._suffix)}
 
     def memory_inventory(self) -> dict[int, str]:
         """{step: "whole" or "damaged"} of the memory tier's images of this directory."""
@@ -231,6 +244,8 @@ class CheckpointManager:
                         os.remove(self.path_for(old))
                     except FileNotFoundError:
                         pass
+        if self._replication is not None:  # on the save queue (or the caller's thread, saving synchronously)
+            self._replication.replicate(step, self.path_for(step), self._pattern)
 
     def _copy_in_the_lane(self, path: str) -> RemoteCopy:
         """A synchronous save's remote copy: queued in the lane like any
@@ -325,8 +340,11 @@ class CheckpointManager:
         damaged newest checkpoint may have been partly read into `into`
         before its damage showed; the older checkpoint then loaded rewrites
         every tensor it pairs with."""
+        candidates = self._tiered_candidates()
+        if self._replication is not None:
+            candidates = self._agree_with_the_other_ranks(candidates)
         damaged: list[CheckpointIOError | CorruptCheckpointError] = []
-        for step, tier, path in self._tiered_candidates():
+        for step, tier, path in candidates:
             try:
                 if into is not None:
                     def load_into_target(p: str) -> Any:
@@ -352,6 +370,39 @@ class CheckpointManager:
         where = self.directory + (f" or {self.remote.prefix}" if self.remote is not None else "")
         raise CheckpointNotFoundError(2, f"no intact checkpoint in {where} ({len(damaged)} damaged or unreadable)",
                                       self.directory)
+
+    def _agree_with_the_other_ranks(self, candidates: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+        """Collectively: the newest step every rank can recover, this rank's
+        candidates for it (its partner's replica, received now, where it has
+        none of its own)."""
+        assert self._replication is not None  # called with replicas only
+        near = {s for s, tier, _ in candidates if tier != "remote"}
+        step, needs = self._replication.agree(near, {s for s, tier, _ in candidates if tier == "remote"},
+                                              self._pattern)
+        received = self._replication.transfer(step, needs, self._pattern, self._keep_restored)
+        if received is not None:
+            return [(step, "partner", received)]
+        return [c for c in candidates if c[0] == step]
+
+    def _keep_restored(self, step: int, data: memoryview) -> str:
+        """This rank's checkpoint, back from its partner: kept in its own
+        memory-tier folder (it is an image of this directory again), CRC-verified."""
+        from .config import service_config
+        from .service.memory_tier import store
+
+        name = os.path.basename(self.path_for(step))
+
+        def write(target: str) -> None:
+            with committed_file(target, site="replica") as f:
+                f.write(data)
+        config = service_config()
+        kept = store(config.directory, config.memory_bytes, self._memory_spec(name, max(self.memory, 1)), len(data),
+                     write)
+        if "error" in kept:
+            raise CheckpointIOError(28, f"cannot keep {name}, received from the partner rank: {kept['error']}",
+                                    self._memory_folder)
+        api.verify(kept["path"])  # CRC-checked on arrival
+        return str(kept["path"])
 
     def _step_of(self, path: str) -> Optional[int]:
         m = self._pattern.match(os.path.basename(path))

@@ -1,0 +1,64 @@
+"""4 gloo ranks as 2 "nodes" for tests/test_replication.py: ranks 0-1 on
+node 0, ranks 2-3 on node 1, each node with its own checkpoint service
+(socket directory and memory tier) and local checkpoint directory, and a
+shared remote tier (file://). LOCAL_WORLD_SIZE=2: rank r's partner is
+(r + 2) % 4, on the other node."""
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import ckptio
+
+WORLD, LOCAL = 4, 2
+STEPS = (1, 2, 3)
+
+
+def state_of(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return {"w": torch.randn(1 << 18, generator=g), "b": torch.arange(8) + 10 * step + rank, "step": step}
+
+
+def manager_of(rank, root):
+    node = rank // LOCAL
+    os.environ.update(LOCAL_WORLD_SIZE=str(LOCAL), CKPTIO_SERVICE_DIR=f"{root}/node{node}/service",
+                      CKPTIO_SERVICE_IDLE_S="2", CKPTIO_MEMORY_KEEP_S="300")
+    return ckptio.CheckpointManager(f"{root}/node{node}/ckpt/rank{rank}", keep_last=2, memory=2, replicas=1,
+                                    remote=f"file://{root}/remote/rank{rank}")
+
+
+def train(rank, world, port, root):
+    _init(rank, world, port)
+    manager = manager_of(rank, root)
+    for step in STEPS:
+        manager.save(step, state_of(rank, step))
+    manager.close()  # every save durable, replicated, copied
+    _finish()
+
+
+def resume(rank, world, port, root, out):
+    _init(rank, world, port)
+    manager = manager_of(rank, root)
+    state = manager.load_latest()
+    expected = state_of(rank, manager.last_loaded.step)
+    exact = state["step"] == expected["step"] and all(torch.equal(state[k], expected[k]) for k in ("w", "b"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"step": manager.last_loaded.step, "tier": manager.last_loaded.tier, "exact": exact}, f)
+    manager.close()
+    _finish()
+
+
+def _init(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _finish():
+    dist.barrier()  # leave together (a rank gone mid-collective aborts its peers), then at once
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -51,6 +51,37 @@ def resume(rank, world, port, root, out):
     _finish()
 
 
+def partner_gone(rank, world, port, root, out):
+    """2 ranks, partners of each other. Rank 1 vanishes after step 1 (no
+    goodbye); rank 0's next saves are durable all the same, and the failed
+    replication is said once."""
+    import time
+    import warnings
+
+    _init(rank, world, port)
+    os.environ.update(LOCAL_WORLD_SIZE="1", CKPTIO_SERVICE_DIR=f"{root}/node{rank}/service", CKPTIO_REPLICA_TIMEOUT_S="5")
+    manager = ckptio.CheckpointManager(f"{root}/node{rank}/ckpt", keep_last=3, replicas=1)
+    manager.save(1, state_of(rank, 1))
+    manager.wait()
+    dist.barrier()
+    if rank == 1:
+        os._exit(0)  # the partner node is gone
+    time.sleep(0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.monotonic()
+        for step in (2, 3):
+            manager.save(step, state_of(rank, step))
+        manager.wait()
+        seconds = time.monotonic() - start
+    loaded = ckptio.load(manager.path_for(3))
+    with open(os.path.join(out, "rank0.json"), "w") as f:
+        json.dump({"steps": manager.steps(), "seconds": seconds, "exact": torch.equal(loaded["w"], state_of(0, 3)["w"]),
+                   "warnings": [str(w.message) for w in caught if "replicat" in str(w.message)]}, f)
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

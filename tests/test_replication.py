@@ -21,6 +21,16 @@ def _lose_node(root, node):
     shutil.rmtree(root / f"node{node}")
 
 
+def _replica_of(root, owner, holder_node):
+    from ckptio.service.memory_tier import folder_for
+
+    owner_directory = os.path.abspath(root / f"node{owner // replica_cases.LOCAL}" / "ckpt" / f"rank{owner}")
+    folder = folder_for(str(root / f"node{holder_node}" / "service"), f"replica of rank {owner}: {owner_directory}",
+                        "step_", ".pt")
+    (replica,) = (e for e in os.scandir(folder) if e.name.startswith("step_"))
+    return type(root)(replica.path)
+
+
 def _resume(root, name):
     out = root / name
     out.mkdir()
@@ -33,9 +43,14 @@ def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_rem
     try:
         dcp_cases.run(replica_cases.train, replica_cases.WORLD, str(root))
         _lose_node(root, 0)
+        replica = _replica_of(root, owner=0, holder_node=1)  # rank 2 keeps rank 0's newest: damage it
+        data = bytearray(replica.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        replica.write_bytes(bytes(data))
         ranks = _resume(root, "one_lost")
         assert [r["step"] for r in ranks] == [3, 3, 3, 3] and all(r["exact"] for r in ranks), ranks
-        assert [r["tier"] for r in ranks] == ["partner", "partner", "memory", "memory"], ranks
+        # rank 0: its replica is damaged, so the next tier (remote); rank 1: its partner's memory.
+        assert [r["tier"] for r in ranks] == ["remote", "partner", "memory", "memory"], ranks
 
         _lose_node(root, 0)
         _lose_node(root, 1)
@@ -46,3 +61,12 @@ def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_rem
         for node in (0, 1):
             for pid in service_pids(root / f"node{node}" / "service"):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_partner_gone_while_replicating_costs_a_warning_never_a_save(tmp_path):
+    dcp_cases.run(replica_cases.partner_gone, 2, str(tmp_path), str(tmp_path))
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["steps"] == [1, 2, 3] and report["exact"], report
+    assert len(report["warnings"]) == 1 and "rank 1" in report["warnings"][0], report  # said once, naming it
+    assert report["seconds"] < 60, report  # within CKPTIO_REPLICA_TIMEOUT_S, not gloo's 30 minutes
+

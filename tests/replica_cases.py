@@ -6,6 +6,7 @@ shared remote tier (file://). LOCAL_WORLD_SIZE=2: rank r's partner is
 
 import json
 import os
+import signal
 import sys
 
 import torch
@@ -30,13 +31,18 @@ def manager_of(rank, root):
                                     remote=f"file://{root}/remote/rank{rank}")
 
 
-def train(rank, world, port, root):
+def train(rank, world, port, root, killed_node):
+    """Save STEPS; then node `killed_node`'s ranks are SIGKILLed, the others leave."""
     _init(rank, world, port)
     manager = manager_of(rank, root)
     for step in STEPS:
         manager.save(step, state_of(rank, step))
     manager.close()  # every save durable, replicated, copied
-    _finish()
+    dist.barrier()
+    sys.stdout.flush()
+    if rank // LOCAL == killed_node:
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(0)
 
 
 def resume(rank, world, port, root, out):

@@ -3,7 +3,9 @@
 tier and local directory (tests/replica_cases.py). A node lost whole (its
 service SIGKILLed, its memory tier and local checkpoints deleted) resumes
 every rank at the newest step, the lost ranks from their partners'
-replicas, every tensor identical; both nodes lost, from the remote tier."""
+replicas, every tensor identical; both nodes lost, from the remote tier.
+The lost node's ranks are SIGKILLed once their saves are durable and
+replicated."""
 
 import json
 import os
@@ -19,6 +21,17 @@ def _lose_node(root, node):
     for pid in service_pids(root / f"node{node}" / "service"):
         os.kill(pid, signal.SIGKILL)
     shutil.rmtree(root / f"node{node}")
+
+
+def _train_then_kill_node(root, node):
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(replica_cases.train, args=(replica_cases.WORLD, dcp_cases.free_port(), str(root), node),
+                                 nprocs=replica_cases.WORLD, start_method="spawn", join=False)
+    for process in context.processes:
+        process.join(300)
+    codes = [p.exitcode for p in context.processes]
+    assert codes == [-signal.SIGKILL if r // replica_cases.LOCAL == node else 0 for r in range(replica_cases.WORLD)]
 
 
 def _replica_of(root, owner, holder_node):
@@ -41,7 +54,7 @@ def _resume(root, name):
 def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_remote_tier(tmp_path):
     root = tmp_path / "job"
     try:
-        dcp_cases.run(replica_cases.train, replica_cases.WORLD, str(root))
+        _train_then_kill_node(root, 0)
         _lose_node(root, 0)
         replica = _replica_of(root, owner=0, holder_node=1)  # rank 2 keeps rank 0's newest: damage it
         data = bytearray(replica.read_bytes())

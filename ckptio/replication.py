@@ -119,6 +119,8 @@ class Replication:
         with open(path, "rb") as f:
             data = f.read()
         header = json.dumps({"step": step, "name": os.path.basename(path), "owner": self.rank}).encode()
+        if len(header) > HEADER_BYTES:
+            raise ValueError(f"{path}: its name is too long to replicate ({len(header)} > {HEADER_BYTES} bytes)")
         outgoing = torch.frombuffer(bytearray(header.ljust(HEADER_BYTES) + data), dtype=torch.uint8)
         size_out = torch.tensor([len(data)], dtype=torch.int64)
         size_in = torch.zeros(1, dtype=torch.int64)

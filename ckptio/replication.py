@@ -52,6 +52,7 @@ class Replication:
 
         from .config import replica_config
 
+        self.timeout = replica_config().timeout_s  # a bad CKPTIO_REPLICA_TIMEOUT_S is named first
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("replicas= needs torch.distributed initialized (one CheckpointManager per rank)")
         self.directory, self.prefix, self.suffix = directory, prefix, suffix
@@ -63,7 +64,6 @@ class Replication:
                              "LOCAL_WORLD_SIZE, or pass partner=)")
         self.partner = self.partners[self.rank]
         self.source = self.partners.index(self.rank)  # whose replica this rank keeps
-        self.timeout = replica_config().timeout_s
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
         # Every rank's directory: a replica's folder is named for its owner's.
         directories: list[Any] = [None] * self.world

@@ -83,3 +83,17 @@ def test_a_partner_gone_while_replicating_costs_a_warning_never_a_save(tmp_path)
     assert len(report["warnings"]) == 1 and "rank 1" in report["warnings"][0], report  # said once, naming it
     assert report["seconds"] < 60, report  # within CKPTIO_REPLICA_TIMEOUT_S, not gloo's 30 minutes
 
+
+
+def test_bad_replica_settings_are_named(tmp_path, monkeypatch):
+    import pytest
+
+    import ckptio
+
+    with pytest.raises(ValueError, match="replicas must be 0 or 1"):
+        ckptio.CheckpointManager(tmp_path, replicas=2)
+    with pytest.raises(ValueError, match="torch.distributed"):
+        ckptio.CheckpointManager(tmp_path, replicas=1)  # no process group: nobody to replicate to
+    monkeypatch.setenv("CKPTIO_REPLICA_TIMEOUT_S", "soon")
+    with pytest.raises(ckptio.ConfigError, match="CKPTIO_REPLICA_TIMEOUT_S"):
+        ckptio.CheckpointManager(tmp_path, replicas=1)

@@ -142,8 +142,9 @@ class ShardedCheckpoints:
             self._ckptio_writer = StorageWriter(path)
             if distributed:  # DCP's collectives run in its background thread: a group of their own, never training's
                 self._ckptio_group = dist.new_group(backend="gloo")
+        alone = {} if distributed else {"no_dist": True}  # (an argument of newer torch releases only)
         response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
-                                       process_group=self._ckptio_group, no_dist=not distributed)
+                                       process_group=self._ckptio_group, **alone)
         future = getattr(response, "upload_completion", response)  # a Future, or in a response beside staging's
         handle = SaveHandle(os.fspath(path), "staged")
         handle.stall_seconds = time.perf_counter() - start

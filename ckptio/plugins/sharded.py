@@ -142,7 +142,7 @@ class ShardedCheckpoints:
             self._ckptio_writer = StorageWriter(path)
             if distributed:  # DCP's collectives run in its background thread: a group of their own, never training's
                 self._ckptio_group = dist.new_group(backend="gloo")
-        alone = {} if distributed else {"no_dist": True}  # (an argument of newer torch releases only)
+        alone: dict[str, Any] = {} if distributed else {"no_dist": True}  # (an argument of newer torch only)
         response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
                                        process_group=self._ckptio_group, **alone)
         future = getattr(response, "upload_completion", response)  # a Future, or in a response beside staging's

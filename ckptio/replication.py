@@ -71,6 +71,7 @@ class Replication:
         self.directories: list[str] = directories
         self.broken: Optional[str] = None
         self.lock = threading.Lock()
+        self._held: dict[int, str] = {}  # agree()'s verified replicas, for transfer()
 
     # --- where replicas live ---------------------------------------------------
 
@@ -116,21 +117,23 @@ class Replication:
     def _exchange(self, step: int, path: str, pattern: Any) -> None:
         import torch
 
-        with open(path, "rb") as f:
-            data = f.read()
-        header = json.dumps({"step": step, "name": os.path.basename(path), "owner": self.rank}).encode()
+        with open(path, "rb") as f:  # read once, straight into what is sent
+            data = bytearray(os.fstat(f.fileno()).st_size)
+            f.readinto(data)
+        header = json.dumps({"step": step, "name": os.path.basename(path), "owner": self.rank,
+                             "nbytes": len(data)}).encode()
         if len(header) > HEADER_BYTES:
             raise ValueError(f"{path}: its name is too long to replicate ({len(header)} > {HEADER_BYTES} bytes)")
-        outgoing = torch.frombuffer(bytearray(header.ljust(HEADER_BYTES) + data), dtype=torch.uint8)
-        size_out = torch.tensor([len(data)], dtype=torch.int64)
-        size_in = torch.zeros(1, dtype=torch.int64)
-        self._send_receive(size_out, size_in)
-        buffer = bytearray(HEADER_BYTES + int(size_in.item()))  # received into, in place (no numpy needed)
-        self._send_receive(outgoing, torch.frombuffer(buffer, dtype=torch.uint8))
-        received = json.loads(bytes(buffer[:HEADER_BYTES]).rstrip())
-        if received.get("owner") != self.source or not isinstance(received.get("step"), int):
+        header_in = bytearray(HEADER_BYTES)
+        self._send_receive(torch.frombuffer(bytearray(header.ljust(HEADER_BYTES)), dtype=torch.uint8),
+                           torch.frombuffer(header_in, dtype=torch.uint8))
+        received = json.loads(bytes(header_in).rstrip())
+        if received.get("owner") != self.source or not isinstance(received.get("step"), int) \
+                or not isinstance(received.get("nbytes"), int) or received["nbytes"] <= 0:
             raise ValueError(f"rank {self.source} sent an unexpected replica header {received!r:.200}")
-        self._keep(received, memoryview(buffer)[HEADER_BYTES:], pattern)
+        incoming = bytearray(received["nbytes"])  # received into, in place (no numpy needed)
+        self._send_receive(torch.frombuffer(data, dtype=torch.uint8), torch.frombuffer(incoming, dtype=torch.uint8))
+        self._keep(received, memoryview(incoming), pattern)
 
     def _send_receive(self, outgoing: Any, incoming: Any) -> None:
         import torch.distributed as dist
@@ -181,7 +184,8 @@ class Replication:
 
         from .errors import CheckpointNotFoundError
 
-        mine = {"near": sorted(near), "far": sorted(far), "held": sorted(self.held_steps(pattern))}
+        self._held = self.held_steps(pattern)  # whole replicas only: transfer() sends one of these
+        mine = {"near": sorted(near), "far": sorted(far), "held": sorted(self._held)}
         everyone: list[Any] = [None] * self.world
         dist.all_gather_object(everyone, mine, group=self.group)
         replicas = [set(everyone[self.partners[r]]["held"]) for r in range(self.world)]  # r's, at its partner
@@ -205,10 +209,11 @@ class Replication:
         import torch.distributed as dist
 
         send_to = [r for r, p in needs.items() if p == self.rank]  # at most one: pairing is a permutation
-        data = b""
+        data = bytearray()
         if send_to:
-            with open(self.held_steps(pattern)[step], "rb") as f:
-                data = f.read()
+            with open(self._held[step], "rb") as f:  # verified by agree()
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                f.readinto(data)
         size_in = torch.zeros(1, dtype=torch.int64)
         sizes = [dist.P2POp(dist.isend, torch.tensor([len(data)], dtype=torch.int64), r, group=self.group)
                  for r in send_to]
@@ -216,7 +221,7 @@ class Replication:
             sizes.append(dist.P2POp(dist.irecv, size_in, needs[self.rank], group=self.group))
         _run(sizes)
         buffer = bytearray(int(size_in.item()))
-        payloads = [dist.P2POp(dist.isend, torch.frombuffer(bytearray(data), dtype=torch.uint8), r, group=self.group)
+        payloads = [dist.P2POp(dist.isend, torch.frombuffer(data, dtype=torch.uint8), r, group=self.group)
                     for r in send_to]
         if self.rank in needs:
             payloads.append(dist.P2POp(dist.irecv, torch.frombuffer(buffer, dtype=torch.uint8), needs[self.rank],

@@ -29,7 +29,7 @@ from test_service import assert_state, service_dir  # noqa: E402, F401 - a fixtu
 s3, s3_behind_relay = s3_server.s3, s3_server.s3_behind_relay  # fixtures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUICK_S = 3.0  # a local write of 4 MiB: milliseconds, on a loaded machine too; never the network's timeouts
+QUICK_S = 10.0  # a local write of 4 MiB (the first starts the service): never the network's 30 s timeouts
 
 _TRAINER = textwrap.dedent("""
     import os, sys, time, ckptio

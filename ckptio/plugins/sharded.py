@@ -85,16 +85,11 @@ class ShardedCheckpoints:
 
     def remove_checkpoint(self, filepath: Any) -> None:
         self.wait_for_checkpoints()  # never remove what is still being written
-        if not self.is_global_zero:  # type: ignore[attr-defined]
-            return
         path = Path(filepath)
-        if path.is_dir() and not path.is_symlink():
+        if not path.is_dir() or path.is_symlink():  # a full checkpoint: the CheckpointIO plugin's (it may write it)
+            super().remove_checkpoint(filepath)  # type: ignore[misc]
+        elif self.is_global_zero:  # type: ignore[attr-defined]
             shutil.rmtree(path)
-        else:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
 
     def teardown(self) -> None:
         try:

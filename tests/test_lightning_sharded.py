@@ -91,10 +91,10 @@ def test_saved_over_a_sharded_directory_is_whole_again_once_durable(tmp_path):
                            torch.arange(1 << 16, dtype=torch.float32) * epoch)
 
 
-def test_async_sharded_saves_resume_exactly_from_memory_or_disk_and_read_with_stock_dcp(tmp_path, monkeypatch):
+def test_async_sharded_saves_resume_exactly_from_the_memory_tier_and_read_with_stock_dcp(tmp_path, monkeypatch):
     """memory=2: each rank's files of the 2 newest checkpoints are also kept
-    in the checkpoint service's memory tier; a resume reads them from there,
-    and from the disk where a copy is damaged. Stock DCP reads the directory."""
+    in the checkpoint service's memory tier; a resume reads them from there.
+    Stock DCP reads the directory."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -127,19 +127,44 @@ def test_async_sharded_saves_resume_exactly_from_memory_or_disk_and_read_with_st
         _assert_same_state(resumed["model"], fit["model"])
         _assert_same_state(resumed["optimizer"], fit["optimizer"])
 
-        copy = memory_copies(newest, 2)["__0_0.distcp"]
-        data = bytearray(open(copy, "rb").read())
-        for i in range(100, len(data) - (1 << 16), 4096):  # before the tail: the same size and tail, wrong CRCs
-            data[i] ^= 0x01
-        open(copy, "wb").write(bytes(data))
-        proc = _run("resume", "ckptio-memory", tmp_path / "c", tmp_path / "fallback.pt", newest)
-        assert "memory tier's copy" in proc.stderr and "cannot be read" in proc.stderr  # damage found, said
-        fallback = torch.load(tmp_path / "fallback.pt", weights_only=False)
-        assert fallback["tier"] == "local"  # rank 0 read its file from the disk
-        _assert_same_state(fallback["model"], fit["model"])
-        _assert_same_state(fallback["optimizer"], fit["optimizer"])
+        assert sorted(memory_copies(newest, 2)) == ["__0_0.distcp", "__1_0.distcp"]  # (a damaged copy: below)
     finally:
         from conftest import service_pids
 
         for pid in service_pids(tmp_path / "service"):
             os.kill(pid, 9)
+
+
+def test_a_damaged_memory_copy_is_given_up_for_the_file(tmp_path):
+    """StorageReader(memory_copies=): an intact copy is read instead of the
+    rank file; a copy with the same size and tail but wrong CRCs is warned
+    about and the file is read instead (one process, no process group)."""
+    import shutil
+
+    import pytest
+    import torch.distributed.checkpoint as dcp
+
+    from ckptio.distributed import StorageReader, StorageWriter
+
+    state = {"w": torch.randn(1 << 18, generator=torch.Generator().manual_seed(3)), "b": torch.arange(100)}
+    dcp.save(state, storage_writer=StorageWriter(tmp_path / "ckpt"), no_dist=True)
+    copy = tmp_path / "memory" / "__0_0.distcp"
+    copy.parent.mkdir()
+    shutil.copy(tmp_path / "ckpt" / "__0_0.distcp", copy)
+    for damaged in (False, True):
+        if damaged:
+            data = bytearray(copy.read_bytes())
+            for i in range(100, len(data) - (1 << 16), 4096):  # before the tail: the same size and tail
+                data[i] ^= 0x01
+            copy.write_bytes(bytes(data))
+        target = {"w": torch.zeros(1 << 18), "b": torch.zeros(100, dtype=torch.int64)}
+        reader = StorageReader(tmp_path / "ckpt", memory_copies={"__0_0.distcp": str(copy)})
+        if damaged:
+            with pytest.warns(RuntimeWarning, match="memory tier's copy .* cannot be read"):
+                dcp.load(target, storage_reader=reader, no_dist=True)
+        else:
+            dcp.load(target, storage_reader=reader, no_dist=True)
+        assert torch.equal(target["w"], state["w"]) and torch.equal(target["b"], state["b"])
+        assert (reader.files_from_memory, reader.files_from_disk) == \
+            ((set(), {"__0_0.distcp"}) if damaged else ({"__0_0.distcp"}, set()))
+

@@ -126,8 +126,6 @@ def test_async_sharded_saves_resume_exactly_from_the_memory_tier_and_read_with_s
         assert resumed["step"] == fit["step"] == 6 and resumed["tier"] == "memory"
         _assert_same_state(resumed["model"], fit["model"])
         _assert_same_state(resumed["optimizer"], fit["optimizer"])
-
-        assert sorted(memory_copies(newest, 2)) == ["__0_0.distcp", "__1_0.distcp"]  # (a damaged copy: below)
     finally:
         from conftest import service_pids
 

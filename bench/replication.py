@@ -9,10 +9,10 @@ and local directory, as tests/replica_cases.py), a file:// remote tier.
 - Recovery: node 0 lost (its service SIGKILLed, its memory tier and local
   checkpoints deleted), every rank's load_latest (max over ranks), the lost
   ranks served from their partners' memory; then both nodes lost, every rank
-  from the remote tier (a file:// directory on this machine's disk, page
-  cache dropped when allowed: a real object store is slower).
+  from the remote tier: a file:// directory on this machine's disk (page
+  cache dropped when allowed), or with --remote s3 a local S3 server (moto).
 
-Usage: python bench/replication.py [--mib 64] [--steps 6] [--reps 2] [--dir D] [--json F]
+Usage: python bench/replication.py [--mib 64] [--steps 6] [--reps 2] [--remote file|s3] [--dir D] [--json F]
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ def _manager(rank: int, root: str, replicas: int):  # type: ignore[no-untyped-de
     import ckptio
 
     _environment(rank, root)
+    remote = os.environ.get("BENCH_REMOTE") or f"file://{root}/remote"
     return ckptio.CheckpointManager(f"{root}/node{rank // LOCAL}/ckpt/rank{rank}", keep_last=2, memory=2,
-                                    replicas=replicas, remote=f"file://{root}/remote/rank{rank}")
+                                    replicas=replicas, remote=f"{remote}/rank{rank}")
 
 
 def _state(rank: int, mib: int):  # type: ignore[no-untyped-def]
@@ -107,6 +108,20 @@ def _drop_caches() -> bool:
         return False
 
 
+def _start_s3():  # type: ignore[no-untyped-def]
+    """moto's S3 server on a free port; the ranks (spawned after) find it through the environment."""
+    import s3fs
+    from s3_server import _free_port, _start_server
+
+    port = _free_port()
+    server = _start_server(port)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(FSSPEC_S3_ENDPOINT_URL=endpoint, FSSPEC_S3_KEY="testing", FSSPEC_S3_SECRET="testing",
+                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", BENCH_REMOTE="s3://ckpts/run")
+    s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing").mkdir("ckpts")
+    return server
+
+
 def _read(out: str, name: str) -> list[dict]:
     result = []
     for r in range(WORLD):
@@ -125,12 +140,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--remote", choices=("file", "s3"), default="file",
+                    help="the remote tier: a file:// directory on this disk, or a local S3 server (moto)")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "replication.json"))
     args = ap.parse_args()
     train_runs: dict[int, list[dict]] = {0: [], 1: []}
     recovery: dict[str, list[float]] = {"partner": [], "remote": []}
     tiers: dict[str, list[str]] = {}
     cold = False
+    server = _start_s3() if args.remote == "s3" else None
     with tempfile.TemporaryDirectory(prefix="ckptio-replication-", dir=args.dir or os.getcwd()) as work:
         for rep in range(args.reps):
             for replicas in (0, 1):
@@ -152,6 +170,8 @@ def main() -> int:
                 for node in (0, 1):
                     _lose_node(root, node)
             print(f"rep {rep + 1}/{args.reps} done", flush=True)
+    if server is not None:
+        server.kill()
     step_s = {k: statistics.median(t for run_ in v for rank in run_["ranks"] for t in rank["steps"][1:])
               for k, v in train_runs.items()}
     drain_s = {k: statistics.median(max(rank["drain"] for rank in run_["ranks"]) for run_ in v)
@@ -164,12 +184,15 @@ def main() -> int:
           f"{step_s[1] / step_s[0]:>7.2f}x")
     print(f"{'close(): last save durable (+ replicated) s':<44}{drain_s[0]:>12.3f}{drain_s[1]:>12.3f}"
           f"{drain_s[1] / drain_s[0]:>7.2f}x")
+    where = "a local S3 server (moto)" if server is not None else \
+        f"file:// on this disk, {'cold' if cold else 'warm'} cache"
     print(f"\nrecovery, every rank's load_latest (max over ranks): node 0 lost, {tiers.get('partner')}: "
-          f"{partner:.3f} s; both nodes lost, {tiers.get('remote')} (file:// on this disk, "
-          f"{'cold' if cold else 'warm'} cache): {remote:.3f} s; {remote / partner:.2f}x")
+          f"{partner:.3f} s; both nodes lost, {tiers.get('remote')} ({where}): {remote:.3f} s; "
+          f"{remote / partner:.2f}x")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"mib_per_rank": args.mib, "steps": args.steps, "reps": args.reps, "step_s": step_s,
+        json.dump({"mib_per_rank": args.mib, "steps": args.steps, "reps": args.reps, "remote": args.remote,
+                   "step_s": step_s,
                    "drain_s": drain_s, "recovery_s": {"partner": partner, "remote": remote}, "tiers": tiers,
                    "cold_cache": cold, "train_runs": train_runs, "recovery_runs": recovery}, f, indent=2)
     return 0

@@ -88,6 +88,35 @@ def partner_gone(rank, world, port, root, out):
     os._exit(0)
 
 
+def partner_hangs(rank, world, port, root, out):
+    """2 ranks, partners of each other. Rank 1 stops (SIGSTOP: alive, never
+    answering) after step 1; rank 0's step 2 is durable once replication has
+    given up, after CKPTIO_REPLICA_TIMEOUT_S, not gloo's 30 minutes."""
+    import time
+    import warnings
+
+    _init(rank, world, port)
+    os.environ.update(LOCAL_WORLD_SIZE="1", CKPTIO_SERVICE_DIR=f"{root}/node{rank}/service", CKPTIO_REPLICA_TIMEOUT_S="5")
+    manager = ckptio.CheckpointManager(f"{root}/node{rank}/ckpt", keep_last=3, replicas=1)
+    manager.save(1, state_of(rank, 1))
+    manager.wait()
+    dist.barrier()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs it once rank 0 is done
+    time.sleep(0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        start = time.monotonic()
+        manager.save(2, state_of(rank, 2))
+        manager.wait()
+        seconds = time.monotonic() - start
+    with open(os.path.join(out, "rank0.json"), "w") as f:
+        json.dump({"steps": manager.steps(), "seconds": seconds,
+                   "warnings": [str(w.message) for w in caught if "replicat" in str(w.message)]}, f)
+    sys.stdout.flush()
+    os._exit(0)
+
+
 def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -85,6 +85,24 @@ def test_a_partner_gone_while_replicating_costs_a_warning_never_a_save(tmp_path)
 
 
 
+def test_a_partner_that_hangs_costs_the_replica_timeout_never_a_save(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(replica_cases.partner_hangs, args=(2, dcp_cases.free_port(), str(tmp_path),
+                                                                    str(tmp_path)),
+                                 nprocs=2, start_method="spawn", join=False)
+    try:
+        context.processes[0].join(120)
+        assert context.processes[0].exitcode == 0
+    finally:
+        os.kill(context.processes[1].pid, signal.SIGKILL)  # stopped since step 1
+        context.processes[1].join()
+    report = json.loads((tmp_path / "rank0.json").read_text())
+    assert report["steps"] == [1, 2], report
+    assert len(report["warnings"]) == 1 and "rank 1" in report["warnings"][0], report
+    assert 4 < report["seconds"] < 60, report  # CKPTIO_REPLICA_TIMEOUT_S=5, not gloo's 30 minutes
+
+
 def test_bad_replica_settings_are_named(tmp_path, monkeypatch):
     import pytest
 

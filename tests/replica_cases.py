@@ -58,9 +58,21 @@ def resume(rank, world, port, root, out):
 
 
 def partner_gone(rank, world, port, root, out):
-    """2 ranks, partners of each other. Rank 1 vanishes after step 1 (no
-    goodbye); rank 0's next saves are durable all the same, and the failed
-    replication is said once."""
+    """Rank 1 vanishes after step 1 (no goodbye): see _partner_lost."""
+    _partner_lost(rank, world, port, root, out, lambda: os._exit(0))
+
+
+def partner_hangs(rank, world, port, root, out):
+    """Rank 1 stops after step 1 (SIGSTOP: alive, never answering; the test
+    SIGKILLs it once rank 0 is done): see _partner_lost."""
+    _partner_lost(rank, world, port, root, out, lambda: os.kill(os.getpid(), signal.SIGSTOP))
+
+
+def _partner_lost(rank, world, port, root, out, lose):
+    """2 ranks, partners of each other; after step 1 rank 1 runs lose().
+    Rank 0's saves of steps 2 and 3 are durable all the same (replication
+    gives up, at the latest after CKPTIO_REPLICA_TIMEOUT_S=5 s, not gloo's
+    30 minutes), and the failed replication is said once: rank0.json."""
     import time
     import warnings
 
@@ -71,7 +83,7 @@ def partner_gone(rank, world, port, root, out):
     manager.wait()
     dist.barrier()
     if rank == 1:
-        os._exit(0)  # the partner node is gone
+        lose()
     time.sleep(0.5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -83,35 +95,6 @@ def partner_gone(rank, world, port, root, out):
     loaded = ckptio.load(manager.path_for(3))
     with open(os.path.join(out, "rank0.json"), "w") as f:
         json.dump({"steps": manager.steps(), "seconds": seconds, "exact": torch.equal(loaded["w"], state_of(0, 3)["w"]),
-                   "warnings": [str(w.message) for w in caught if "replicat" in str(w.message)]}, f)
-    sys.stdout.flush()
-    os._exit(0)
-
-
-def partner_hangs(rank, world, port, root, out):
-    """2 ranks, partners of each other. Rank 1 stops (SIGSTOP: alive, never
-    answering) after step 1; rank 0's step 2 is durable once replication has
-    given up, after CKPTIO_REPLICA_TIMEOUT_S, not gloo's 30 minutes."""
-    import time
-    import warnings
-
-    _init(rank, world, port)
-    os.environ.update(LOCAL_WORLD_SIZE="1", CKPTIO_SERVICE_DIR=f"{root}/node{rank}/service", CKPTIO_REPLICA_TIMEOUT_S="5")
-    manager = ckptio.CheckpointManager(f"{root}/node{rank}/ckpt", keep_last=3, replicas=1)
-    manager.save(1, state_of(rank, 1))
-    manager.wait()
-    dist.barrier()
-    if rank == 1:
-        os.kill(os.getpid(), signal.SIGSTOP)  # the test SIGKILLs it once rank 0 is done
-    time.sleep(0.5)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        start = time.monotonic()
-        manager.save(2, state_of(rank, 2))
-        manager.wait()
-        seconds = time.monotonic() - start
-    with open(os.path.join(out, "rank0.json"), "w") as f:
-        json.dump({"steps": manager.steps(), "seconds": seconds,
                    "warnings": [str(w.message) for w in caught if "replicat" in str(w.message)]}, f)
     sys.stdout.flush()
     os._exit(0)

@@ -388,16 +388,12 @@ class CheckpointManager:
         """This rank's checkpoint, back from its partner: kept in its own
         memory-tier folder (it is an image of this directory again)."""
         from .config import service_config
-        from .service.memory_tier import store
+        from .service.memory_tier import bytes_writer, store
 
         name = os.path.basename(self.path_for(step))
-
-        def write(target: str) -> None:
-            with committed_file(target, site="replica") as f:
-                f.write(data)
         config = service_config()
         kept = store(config.directory, config.memory_bytes, self._memory_spec(name, max(self.memory, 1)), len(data),
-                     write)
+                     bytes_writer(data, site="replica"))
         if "error" in kept:
             raise CheckpointIOError(28, f"cannot keep {name}, received from the partner rank: {kept['error']}",
                                     self._memory_folder)

@@ -146,21 +146,15 @@ class Replication:
         from . import api
         from .config import service_config
         from .errors import CorruptCheckpointError
-        from .service.memory_tier import prune, store
+        from .service.memory_tier import bytes_writer, prune, store
 
         folder, name = self.folder_of(self.source), str(header["name"])
         if os.path.basename(name) != name or not pattern.match(name):
             raise ValueError(f"rank {self.source} sent a replica named {name!r}")
         config = service_config()
-
-        def write(target: str) -> None:
-            from ._paths import committed_file
-
-            with committed_file(target, site="replica") as f:
-                f.write(data)
         spec = {"folder": folder, "name": name, "pattern": pattern.pattern, "keep": 2,
                 "source": f"replica of rank {self.source}: {self.directories[self.source]}"}
-        kept = store(config.directory, config.memory_bytes, spec, len(data), write)
+        kept = store(config.directory, config.memory_bytes, spec, len(data), bytes_writer(data, site="replica"))
         if "error" in kept:
             warnings.warn(f"ckptio: the replica of rank {self.source}'s {name} is not kept: {kept['error']}",
                           RuntimeWarning, stacklevel=2)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["folder_for", "images", "prune", "prune_folders", "store", "keep_here", "engine_writer", "file_copier",
-           "SOURCE_FILE"]
+           "bytes_writer", "SOURCE_FILE"]
 
 SOURCE_FILE = "source"  # in each folder: the directory and pattern it mirrors, for `ckptio list`
 
@@ -187,6 +187,16 @@ def file_copier(source: str) -> Callable[[str], None]:
 
         with open(source, "rb") as src, committed_file(path, site="memory") as dst:
             shutil.copyfileobj(src, dst, 16 << 20)
+    return write
+
+
+def bytes_writer(data: bytes | bytearray | memoryview, site: str = "memory") -> Callable[[str], None]:
+    """store()'s `write`: `data` (a checkpoint received whole, e.g. from a partner rank)."""
+    def write(path: str) -> None:
+        from .._paths import committed_file
+
+        with committed_file(path, site=site) as f:
+            f.write(data)
     return write
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .plugins.registration import _FABRIC_IO_MODULES, register_plugins, registered_namespaces
 
@@ -165,30 +165,44 @@ def _sharded_strategy_class(top: str, name: str) -> type:
     return _Strategy
 
 
-def ModelParallelStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, **kwargs: Any) -> Any:
+def ModelParallelStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, replicas: int = 0,
+                          partner: Optional[Callable[[int, int], int]] = None, **kwargs: Any) -> Any:
     """Lightning's ModelParallelStrategy (of ``lightning`` or
     ``pytorch_lightning``, as `namespace` says; same arguments) whose sharded
     checkpoints ckptio saves asynchronously and durably and loads in place,
     CRC-verified (ckptio.plugins.sharded). `memory`: also keep each rank's
     files of the `memory` newest checkpoints of a directory in the checkpoint
     service's memory tier (RAM that outlives the trainer); a resume reads them
-    from there (``strategy.last_loaded_tier``)."""
-    return _make_sharded_strategy("ModelParallelStrategy", namespace, memory, args, kwargs)
+    from there (``strategy.last_loaded_tier``). `replicas=1` (with memory):
+    each rank's files also go to its partner rank's memory tier, on another
+    node (`partner`: see ckptio.partner_link); a rank whose node lost them
+    resumes from the partner's ("partner")."""
+    return _make_sharded_strategy("ModelParallelStrategy", namespace, memory, replicas, partner, args, kwargs)
 
 
-def FSDPStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, **kwargs: Any) -> Any:
+def FSDPStrategy(*args: Any, namespace: str = "lightning", memory: int = 0, replicas: int = 0,
+                 partner: Optional[Callable[[int, int], int]] = None, **kwargs: Any) -> Any:
     """Lightning's FSDPStrategy (same arguments) whose sharded checkpoints
     (``state_dict_type="sharded"``) ckptio saves and loads, as
     ModelParallelStrategy's. FSDP needs a GPU."""
-    return _make_sharded_strategy("FSDPStrategy", namespace, memory, args, kwargs)
+    return _make_sharded_strategy("FSDPStrategy", namespace, memory, replicas, partner, args, kwargs)
 
 
-def _make_sharded_strategy(name: str, namespace: str, memory: int, args: tuple[Any, ...],
+def _make_sharded_strategy(name: str, namespace: str, memory: int, replicas: int,
+                           partner: Optional[Callable[[int, int], int]], args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> Any:
     if namespace not in _FABRIC_IO_MODULES:
         raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
     if not isinstance(memory, int) or isinstance(memory, bool) or memory < 0:
         raise ValueError(f"memory must be an int >= 0 (checkpoints kept in RAM), not {memory!r}")
+    if replicas not in (0, 1) or isinstance(replicas, bool):
+        raise ValueError(f"replicas must be 0 or 1 (a partner rank's copy), not {replicas!r}")
+    if replicas and not memory:
+        raise ValueError("replicas=1 needs memory >= 1: replicas live in the memory tier, beside its own copies")
+    if replicas:
+        from .config import replica_config
+
+        replica_config()  # a bad CKPTIO_REPLICA_TIMEOUT_S is named here, not at the first save
     strategy = _sharded_strategy_class(namespace, name)(*args, **kwargs)
-    strategy.memory = memory
+    strategy.memory, strategy.replicas, strategy.partner = memory, replicas, partner
     return strategy

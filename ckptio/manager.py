@@ -379,7 +379,7 @@ class CheckpointManager:
         near = {s for s, tier, _ in candidates if tier != "remote"}
         step, needs = self._replication.agree(near, {s for s, tier, _ in candidates if tier == "remote"},
                                               self._pattern)
-        received = self._replication.transfer(step, needs, self._pattern, self._keep_restored)
+        received = self._replication.transfer(step, needs, self._keep_restored)
         if received is not None:
             return [(step, "partner", received)]
         return [c for c in candidates if c[0] == step]

@@ -5,7 +5,9 @@ launcher runs this script again for rank 1.
     python sharded_fit.py fit|resume|preempt STRATEGY ROOT OUT [CKPT] [NAMESPACE]
 
 STRATEGY: "ckptio" (ckptio.lightning.ModelParallelStrategy), "ckptio-memory"
-(the same, memory=2) or "stock" (Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
+(the same, memory=2), "ckptio-replicas" (memory=2, replicas=1, each rank
+a "node" with its own service directory ROOT/../node<rank>) or "stock"
+(Lightning's own). fit: 6 steps, a sharded checkpoint every 2 (the newest 2
 kept, by step), under ROOT/checkpoints; OUT gets the full model and
 optimizer state at the end. resume: fit from CKPT (one step more); OUT
 gets the full state as restored, before that step. preempt: at step 3 each
@@ -62,6 +64,8 @@ class Model(pl.LightningModule):
     def on_train_start(self):
         if mode == "resume":
             self._dump()
+            with open(f"{out}.tier{self.global_rank}", "w") as f:  # where this rank's files came from
+                f.write(str(self.trainer.strategy.last_loaded_tier))
 
     def on_train_end(self):
         if mode == "fit":
@@ -80,11 +84,17 @@ def preempted(signum, frame):
     os._exit(0)
 
 
+if kind == "ckptio-replicas":  # two "nodes" of one rank each: a service (and memory tier) per rank
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    os.environ["CKPTIO_SERVICE_DIR"] = os.path.join(os.path.dirname(os.path.abspath(root)), f"node{rank}")
 if kind.startswith("ckptio"):  # "ckptio-memory": the 2 newest checkpoints kept in the memory tier too
     import ckptio.lightning
 
+    replicas = kind == "ckptio-replicas"
     strategy = ckptio.lightning.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
-                                                      namespace=namespace, memory=2 if kind.endswith("memory") else 0)
+                                                      namespace=namespace, memory=0 if kind == "ckptio" else 2,
+                                                      replicas=int(replicas),
+                                                      partner=(lambda r, w: (r + 1) % w) if replicas else None)
 else:
     strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 checkpoints = pl.callbacks.ModelCheckpoint(dirpath=f"{root}/checkpoints", filename="{step}", monitor="step",

@@ -98,7 +98,7 @@ def test_async_sharded_saves_resume_exactly_from_the_memory_tier_and_read_with_s
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from ckptio.plugins.sharded import memory_copies
+    from ckptio.dcp_replicas import memory_copies
 
     monkeypatch.setenv("CKPTIO_SERVICE_DIR", str(tmp_path / "service"))
     monkeypatch.setenv("CKPTIO_SERVICE_IDLE_S", "2")
@@ -166,3 +166,44 @@ def test_a_damaged_memory_copy_is_given_up_for_the_file(tmp_path):
         assert (reader.files_from_memory, reader.files_from_disk) == \
             ((set(), {"__0_0.distcp"}) if damaged else ({"__0_0.distcp"}, set()))
 
+
+
+def test_a_node_lost_resumes_from_its_partners_replica(tmp_path, monkeypatch):
+    """replicas=1, two ranks as two "nodes", each with its own service and
+    memory tier: each node keeps its rank's files and its partner's replica
+    of the 2 newest checkpoints. Node 1 is lost (its service SIGKILLed, its
+    RAM and rank 1's file of the newest checkpoint deleted); the resume
+    serves rank 1 from node 0's replica, CRC-checked, and every tensor comes
+    back exactly."""
+    import shutil
+
+    from conftest import service_pids
+
+    from ckptio.dcp_replicas import memory_copies
+
+    monkeypatch.setenv("CKPTIO_SERVICE_IDLE_S", "2")
+    monkeypatch.setenv("CKPTIO_MEMORY_KEEP_S", "120")  # kept between the runs, however slow they are
+    try:
+        _run("fit", "ckptio-replicas", tmp_path / "a", tmp_path / "fit.pt")
+        fit = torch.load(tmp_path / "fit.pt", weights_only=False)
+        checkpoints = tmp_path / "a" / "checkpoints"
+        newest = checkpoints / "step=5.ckpt"
+        for node in (0, 1):
+            monkeypatch.setenv("CKPTIO_SERVICE_DIR", str(tmp_path / f"node{node}"))
+            for kept in (newest, checkpoints / "step=3.ckpt"):  # its own rank's files and its partner's
+                assert sorted(memory_copies(kept, 2)) == ["__0_0.distcp", "__1_0.distcp"], node
+            assert memory_copies(checkpoints / "step=1.ckpt", 2) == {}
+
+        for pid in service_pids(tmp_path / "node1"):
+            os.kill(pid, 9)
+        shutil.rmtree(tmp_path / "node1")
+        (newest / "__1_0.distcp").unlink()  # only the partner's replica can serve rank 1 now
+        _run("resume", "ckptio-replicas", tmp_path / "b", tmp_path / "resumed.pt", newest)
+        resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+        tiers = [(tmp_path / f"resumed.pt.tier{rank}").read_text() for rank in (0, 1)]
+        assert tiers == ["memory", "partner"] and resumed["step"] == 6
+        _assert_same_state(resumed["model"], fit["model"])
+        _assert_same_state(resumed["optimizer"], fit["optimizer"])
+    finally:
+        for pid in service_pids(tmp_path, under=True):
+            os.kill(pid, 9)

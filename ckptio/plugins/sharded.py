@@ -33,7 +33,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .._paths import committed_file, fsync_directory, make_directories
 from ..preemption import durable_if_signalled
@@ -53,7 +53,10 @@ class ShardedCheckpoints:
     _ckptio_group: Any = None
     _ckptio_pending: Optional[SaveHandle] = None
     memory = 0  # sharded checkpoints of each directory kept in the memory tier (see ckptio.lightning)
-    last_loaded_tier: Optional[str] = None  # "memory" or "local": where the last sharded load read this rank's files
+    replicas = 0  # 1: each rank's files also in its partner rank's memory tier (ckptio.dcp_replicas)
+    partner: Optional[Callable[[int, int], int]] = None  # the pairing (ckptio.partner_link)
+    _ckptio_replicas: Any = None
+    last_loaded_tier: Optional[str] = None  # "memory", "partner" or "local": where the last load read this rank's files
 
     # What the strategy class decides (overridden per base in ckptio.lightning).
     def _ckptio_saves_sharded(self) -> bool:
@@ -106,6 +109,15 @@ class ShardedCheckpoints:
         if pending is not None:
             pending.result()
 
+    def _ckptio_replica_link(self) -> Any:
+        """The replicas' pairing and group (made collectively, on the first
+        save or load, on every rank), or None without replicas."""
+        if not self.replicas:
+            return None
+        from ..dcp_replicas import DcpReplicas
+
+        return DcpReplicas(self.memory, self.partner, (METADATA_FILENAME,))
+
     def _save_sharded(self, checkpoint: dict[str, Any], path: Path) -> SaveHandle:
         import torch
         import torch.distributed as dist
@@ -137,6 +149,8 @@ class ShardedCheckpoints:
             self._ckptio_writer = StorageWriter(path)
             if distributed:  # DCP's collectives run in its background thread: a group of their own, never training's
                 self._ckptio_group = dist.new_group(backend="gloo")
+            if self._ckptio_replicas is None:  # (a load may have made it)
+                self._ckptio_replicas = self._ckptio_replica_link()
         alone: dict[str, Any] = {} if distributed else {"no_dist": True}  # (an argument of newer torch only)
         response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
                                        process_group=self._ckptio_group, **alone)
@@ -150,54 +164,17 @@ class ShardedCheckpoints:
                 with committed_file(os.fspath(path / METADATA_FILENAME), site="meta") as f:
                     f.write(metadata)
             if self.memory:
+                from ..dcp_replicas import keep_in_memory
                 from ..service.client import keep_running
 
                 keep_running()  # the service frees the tier once idle past CKPTIO_MEMORY_KEEP_S
-                _keep_in_memory(path, self.global_rank, self.memory)  # type: ignore[attr-defined]
+                keep_in_memory(path, self.global_rank, self.memory, (METADATA_FILENAME,))  # type: ignore[attr-defined]
+                if self._ckptio_replicas is not None:  # every rank's queue runs this job in the same order
+                    self._ckptio_replicas.replicate(path)
             size = sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
             return SaveResult(os.fspath(path), size, time.perf_counter() - start, False)  # direct_io: not known
 
         return durable_if_signalled(queue.submit(handle, finish))
-
-
-def _memory_folder(path: Path, rank: int) -> str:
-    """Where the memory tier keeps `rank`'s files of the sharded checkpoint `path`."""
-    from ..config import service_config
-    from ..service.memory_tier import folder_for
-
-    return folder_for(service_config().directory, os.fspath(path), f"rank{rank}", "")
-
-
-def _keep_in_memory(path: Path, rank: int, keep: int) -> None:
-    """Copy this rank's durable files of `path` (rank 0: .metadata and
-    meta.pt too) into the memory tier, within CKPTIO_MEMORY_BYTES; then
-    keep the `keep` newest checkpoints of its directory there. A copy that
-    does not fit is warned about: the files on disk stand."""
-    from ..config import service_config
-    from ..service.memory_tier import file_copier, folder_for, keep_here, prune_folders
-
-    folder = _memory_folder(path, rank)
-    names = [f"__{rank}_0.distcp"] + ([".metadata", METADATA_FILENAME] if rank == 0 else [])
-    for name in names:
-        source = os.fspath(path / name)
-        spec = {"folder": folder, "name": name, "keep": len(names), "order": "mtime", "source": os.fspath(path)}
-        keep_here(spec, source, os.path.getsize(source), file_copier(source))
-    service_directory, parent = service_config().directory, os.path.dirname(os.fspath(path))
-
-    def same_rank_and_directory(other: str, source: str) -> bool:
-        return os.path.dirname(source) == parent and other == folder_for(service_directory, source, f"rank{rank}", "")
-    prune_folders(service_directory, same_rank_and_directory, keep)
-
-
-def memory_copies(path: Path, world_size: int) -> dict[str, str]:
-    """{rank file: its copy in the memory tier} for the copies there."""
-    copies = {}
-    for rank in range(world_size):
-        name = f"__{rank}_0.distcp"
-        copy = os.path.join(_memory_folder(path, rank), name)
-        if os.path.isfile(copy):
-            copies[name] = copy
-    return copies
 
 
 def _retire(path: Path) -> None:
@@ -251,7 +228,14 @@ class _Readers:
     sets strategy.last_loaded_tier."""
 
     def __init__(self, strategy: Any, path: Path) -> None:
+        from ..dcp_replicas import memory_copies
+
         self.strategy, self.path = strategy, path
+        self.from_partner = False
+        if strategy.replicas:  # collective: a rank whose files are in no RAM of its node gets its partner's replica
+            if strategy._ckptio_replicas is None:
+                strategy._ckptio_replicas = strategy._ckptio_replica_link()
+            self.from_partner = strategy._ckptio_replicas.restore(path)
         self.copies = memory_copies(path, strategy.world_size) if strategy.memory else {}
         self.made: list[Any] = []
 
@@ -265,7 +249,8 @@ class _Readers:
     def report(self) -> None:
         from_disk = any(r.files_from_disk for r in self.made)
         from_memory = any(r.files_from_memory for r in self.made)
-        self.strategy.last_loaded_tier = "memory" if from_memory and not from_disk else "local"
+        in_memory = "partner" if self.from_partner else "memory"
+        self.strategy.last_loaded_tier = in_memory if from_memory and not from_disk else "local"
 
 
 def load_fsdp(strategy: Any, path: Path, weights_only: Optional[bool]) -> dict[str, Any]:

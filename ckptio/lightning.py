@@ -16,6 +16,10 @@ save's stall, time to durable and throughput to the Trainer's loggers.
 package) write their sharded checkpoints with ckptio: asynchronously,
 durably, read back in place (ckptio.plugins.sharded).
 
+``DDPStrategy`` (Lightning's, of either package) with ``replicas=1`` keeps
+rank 0's checkpoints (written by ckptio's AsyncCheckpointIO with a memory
+tier) in its partner rank's node's RAM too (ckptio.plugins.replicated).
+
 ``ResumeInPlace`` (a Callback, for either package) makes a resume
 (``trainer.fit(..., ckpt_path=...)``) read the model's tensors straight into
 the LightningModule's own parameters and buffers (``ckptio.load_into``)
@@ -34,7 +38,7 @@ if TYPE_CHECKING:
     from .plugins.fast_io import FastCheckpointIO
 
 __all__ = ["register_plugins", "registered_namespaces", "CheckpointMetrics", "ResumeInPlace", "ModelParallelStrategy",
-           "FSDPStrategy"]
+           "FSDPStrategy", "DDPStrategy"]
 
 
 def _callback_class(top: str) -> type:
@@ -205,4 +209,41 @@ def _make_sharded_strategy(name: str, namespace: str, memory: int, replicas: int
         replica_config()  # a bad CKPTIO_REPLICA_TIMEOUT_S is named here, not at the first save
     strategy = _sharded_strategy_class(namespace, name)(*args, **kwargs)
     strategy.memory, strategy.replicas, strategy.partner = memory, replicas, partner
+    return strategy
+
+
+@functools.cache
+def _replicated_strategy_class(top: str) -> type:
+    from .plugins.replicated import ReplicatedCheckpoints
+
+    strategies = importlib.import_module(f"{'lightning.pytorch' if top == 'lightning' else 'pytorch_lightning'}"
+                                         ".strategies")
+
+    class _Strategy(ReplicatedCheckpoints, strategies.DDPStrategy):  # type: ignore[name-defined]
+        pass
+
+    _Strategy.__name__ = _Strategy.__qualname__ = "DDPStrategy"
+    _Strategy.__doc__ = "Lightning's DDPStrategy, rank 0's checkpoints replicated to a partner node's memory tier " \
+                        "(see ckptio.plugins.replicated)."
+    return _Strategy
+
+
+def DDPStrategy(*args: Any, namespace: str = "lightning", replicas: int = 1,
+                partner: Optional[Callable[[int, int], int]] = None, **kwargs: Any) -> Any:
+    """Lightning's DDPStrategy (same arguments) whose rank-0 checkpoints,
+    written by ckptio's AsyncCheckpointIO with ``memory >= 1`` (the
+    Trainer's plugin), also go to rank 0's partner rank's node's memory tier
+    (`partner`: see ckptio.partner_link); a restart after the loss of rank
+    0's node reads them from there (``strategy.last_loaded_tier`` says
+    "partner" where a rank received it)."""
+    if namespace not in _FABRIC_IO_MODULES:
+        raise ValueError(f"namespace must be one of {sorted(_FABRIC_IO_MODULES)}, not {namespace!r}")
+    if replicas not in (0, 1) or isinstance(replicas, bool):
+        raise ValueError(f"replicas must be 0 or 1 (a partner rank's copy), not {replicas!r}")
+    if replicas:
+        from .config import replica_config
+
+        replica_config()  # a bad CKPTIO_REPLICA_TIMEOUT_S is named here, not at the first save
+    strategy = _replicated_strategy_class(namespace)(*args, **kwargs)
+    strategy.replicas, strategy.partner = replicas, partner
     return strategy

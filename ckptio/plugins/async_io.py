@@ -190,20 +190,25 @@ class AsyncCheckpointIO(CheckpointIO):
         if not self.memory or "://" in path:
             return None
         from ..background import NativeWrite
+
+        return NativeWrite(memory=self.memory_spec(path))
+
+    def memory_spec(self, path: str) -> dict[str, Any]:
+        """Where the memory tier keeps the image of a save to `path`
+        (service.memory_tier.store's spec): a folder named for its directory."""
         from ..config import service_config
         from ..service.memory_tier import folder_for
 
         folder = folder_for(service_config().directory, os.path.dirname(path), "", "")
-        return NativeWrite(memory={"folder": folder, "name": os.path.basename(path), "pattern": "", "order": "mtime",
-                                   "keep": self.memory, "source": os.path.dirname(path)})
+        return {"folder": folder, "name": os.path.basename(path), "pattern": "", "order": "mtime",
+                "keep": self.memory, "source": os.path.dirname(path)}
 
     def _memory_image(self, path: str) -> Optional[str]:
         """The memory tier's image of `path`, if it holds that very checkpoint (or the file is gone)."""
-        from ..config import service_config
-        from ..service.memory_tier import folder_for, same_checkpoint
+        from ..service.memory_tier import same_checkpoint
 
-        image = os.path.join(folder_for(service_config().directory, os.path.dirname(path), "", ""),
-                             os.path.basename(path))
+        spec = self.memory_spec(path)
+        image = os.path.join(spec["folder"], spec["name"])
         return image if os.path.isfile(image) and same_checkpoint(image, path) else None
 
     def remove_checkpoint(self, path: _PATH, *args: Any, **kwargs: Any) -> None:

@@ -93,7 +93,24 @@ class DcpReplicas:
     def __init__(self, keep: int, partner: Optional[Callable[[int, int], int]] = None,
                  rank0_extras: tuple[str, ...] = ()) -> None:
         self.link = PartnerLink(partner)
-        self.keep, self.rank0_extras = keep, rank0_extras
+        self.newest, self.rank0_extras = keep, rank0_extras
+        self.last_from_partner = False  # whether reader()'s restore brought this rank's files from its partner
+
+    def after_save(self, path: str | os.PathLike[str]) -> None:
+        """After ``dcp.save`` of `path` returned on every rank (its files
+        durable): this rank's files into its node's memory tier and its
+        partner's. Collective; a replication failure is a warning."""
+        keep_in_memory(Path(path), self.link.rank, self.newest, self.rank0_extras)
+        self.replicate(Path(path))
+
+    def reader(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Collectively (``restore``): a ckptio StorageReader of `path` that
+        reads this node's memory copies first, CRC-verified, falling back to
+        the directory; `kwargs` go to it."""
+        from .distributed import StorageReader
+
+        self.last_from_partner = self.restore(Path(path))
+        return StorageReader(path, memory_copies=memory_copies(Path(path), self.link.world), **kwargs)
 
     def replicate(self, path: Path) -> None:
         """Send this rank's files of `path` (durable; read from its memory
@@ -120,7 +137,7 @@ class DcpReplicas:
         from .service.memory_tier import bytes_writer
 
         self._write_crcs(path, source, {})  # a replica is whole only once its CRCs are back, after its files
-        _keep(path, source, self.keep, {n: (len(b), bytes_writer(b, site="replica")) for n, b in received})
+        _keep(path, source, self.newest, {n: (len(b), bytes_writer(b, site="replica")) for n, b in received})
         self._write_crcs(path, source, {n: crc for n, _, crc in header["files"]})
 
     @staticmethod
@@ -184,5 +201,5 @@ class DcpReplicas:
         files = unpack(header, memoryview(data), sender)
         from .service.memory_tier import bytes_writer
 
-        _keep(path, self.link.rank, self.keep, {n: (len(b), bytes_writer(b, site="replica")) for n, b in files})
+        _keep(path, self.link.rank, self.newest, {n: (len(b), bytes_writer(b, site="replica")) for n, b in files})
         return True

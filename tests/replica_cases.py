@@ -100,6 +100,60 @@ def _partner_lost(rank, world, port, root, out, lose):
     os._exit(0)
 
 
+def dcp_checkpoints(rank, world, port, root, out):
+    """Plain DCP with ckptio.dcp_replicas, 2 ranks as 2 nodes (partners of
+    each other), a shared checkpoint directory. Node 1 loses its memory tier
+    and rank 1's file of step 1: rank 1 reads it from rank 0's replica.
+    Then node 1 loses its memory again, and the replica rank 0 holds of
+    step 2 is damaged in its RAM: rank 1 is warned and reads the directory.
+    Each rank's outcome: rank<r>.json."""
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from ckptio.dcp_replicas import DcpReplicas, memory_folder, rank_file
+    from ckptio.distributed import StorageWriter
+
+    _init(rank, world, port)
+    os.environ.update(LOCAL_WORLD_SIZE="1", CKPTIO_SERVICE_DIR=f"{root}/node{rank}/service")
+    replicas = DcpReplicas(keep=2)
+    paths = {step: f"{root}/ckpt/step{step}" for step in (1, 2)}
+    for step, path in paths.items():
+        dcp.save({f"rank{rank}": state_of(rank, step)}, storage_writer=StorageWriter(path))
+        replicas.after_save(path)
+
+    def lose_node_1(step, damage):
+        dist.barrier()
+        if rank == 1:
+            shutil.rmtree(f"{root}/node1/service/memory")
+            if not damage:
+                os.remove(f"{paths[step]}/{rank_file(1)}")  # only the partner's replica can serve it
+        if rank == 0 and damage:  # the replica rank 0 holds of rank 1's file, changed in RAM
+            held = os.path.join(memory_folder(paths[step], 1), rank_file(1))
+            data = bytearray(open(held, "rb").read())
+            data[len(data) // 2] ^= 0xFF
+            open(held, "wb").write(bytes(data))
+        dist.barrier()
+
+    outcome = {}
+    for step, damage in ((1, False), (2, True)):
+        lose_node_1(step, damage)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reader = replicas.reader(paths[step])
+            target = {f"rank{rank}": {"w": torch.zeros(1 << 18), "b": torch.zeros(8, dtype=torch.int64), "step": 0}}
+            dcp.load(target, storage_reader=reader)
+        expected = state_of(rank, step)
+        outcome[step] = {"from_partner": replicas.last_from_partner, "from_memory": sorted(reader.files_from_memory),
+                         "from_disk": sorted(reader.files_from_disk),
+                         "exact": all(torch.equal(target[f"rank{rank}"][k], expected[k]) for k in ("w", "b")),
+                         "warnings": [str(w.message) for w in caught if "replica" in str(w.message)]}
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(outcome, f)
+    _finish()
+
+
 def _init(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -115,3 +115,17 @@ def test_bad_replica_settings_are_named(tmp_path, monkeypatch):
     monkeypatch.setenv("CKPTIO_REPLICA_TIMEOUT_S", "soon")
     with pytest.raises(ckptio.ConfigError, match="CKPTIO_REPLICA_TIMEOUT_S"):
         ckptio.CheckpointManager(tmp_path, replicas=1)
+
+
+def test_plain_dcp_checkpoints_resume_a_lost_rank_from_its_partners_replica(tmp_path):
+    """ckptio.dcp_replicas with dcp.save/dcp.load (tests/replica_cases.py
+    dcp_checkpoints): a lost node's rank file comes from its partner's RAM,
+    CRC-checked; a replica damaged in RAM is refused, the directory serves."""
+    dcp_cases.run(replica_cases.dcp_checkpoints, 2, str(tmp_path), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r[step]["exact"] for r in ranks for step in ("1", "2")), ranks
+    lost = ranks[1]
+    assert lost["1"]["from_partner"] and lost["1"]["from_memory"] == ["__1_0.distcp"] and lost["1"]["from_disk"] == []
+    assert not lost["2"]["from_partner"] and lost["2"]["from_disk"] == ["__1_0.distcp"]
+    assert len(lost["2"]["warnings"]) == 1 and "damaged" in lost["2"]["warnings"][0]
+    assert ranks[0]["1"]["from_memory"] == ["__0_0.distcp"] and not ranks[0]["1"]["from_partner"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+from io import BufferedReader
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -114,16 +115,29 @@ class DcpReplicas:
 
     def replicate(self, path: Path) -> None:
         """Send this rank's files of `path` (durable; read from its memory
-        copy where there is one) to the partner; keep the source rank's.
-        Run on the save queue, in the same order on every rank; never raises."""
+        copy where there is one) to the partner and keep the source rank's,
+        on the link's thread. Called in the same order on every rank; never
+        raises."""
+        if self.link.broken is not None:
+            return
+        mine = memory_folder(path, self.link.rank)
+        opened: list[BufferedReader] = []
+        failure: Optional[OSError] = None
+        try:  # now: the directory may be removed (top-k) or saved over before the lane runs
+            for name in _names(self.link.rank, self.rank0_extras):
+                copy = os.path.join(mine, name)
+                opened.append(open(copy if os.path.isfile(copy) else os.fspath(path / name), "rb"))
+        except OSError as e:
+            failure = e
+
         def exchange() -> None:
-            mine = memory_folder(path, self.link.rank)
-            files, data = pack([p if os.path.isfile(p := os.path.join(mine, n)) else os.fspath(path / n)
-                                for n in _names(self.link.rank, self.rank0_extras)])
+            if failure is not None:
+                raise failure
+            files, data = pack(opened)
             header, incoming = self.link.exchange({"path": os.fspath(path), "owner": self.link.rank,
                                                    "files": files}, data)
             self._keep_replica(header, memoryview(incoming))
-        self.link.replicating(os.fspath(path), exchange)
+        self.link.submit(os.fspath(path), exchange, tuple(opened))
 
     def _keep_replica(self, header: dict[str, Any], data: memoryview) -> None:
         source = self.link.source
@@ -170,6 +184,7 @@ class DcpReplicas:
         (if the partner holds it), CRC-checked on both ends, into its own
         memory folder. True on a rank that received its files so; a damaged
         replica is warned about, and the rank reads the directory."""
+        self.link.drain()  # the replication before it uses the same group
         own = os.path.isfile(os.path.join(memory_folder(path, self.link.rank), rank_file(self.link.rank)))
         held = self._held(path)
         everyone = self.link.gather({"own": own, "held": held is not None})

@@ -376,6 +376,7 @@ class CheckpointManager:
         candidates for it (its partner's replica, received now, where it has
         none of its own)."""
         assert self._replication is not None  # called with replicas only
+        self._replication.link.drain()  # the replication of earlier saves uses the same group
         near = {s for s, tier, _ in candidates if tier != "remote"}
         step, needs = self._replication.agree(near, {s for s, tier, _ in candidates if tier == "remote"},
                                               self._pattern)
@@ -430,11 +431,14 @@ class CheckpointManager:
 
     def wait(self, timeout: Optional[float] = None) -> list[str]:
         """Block until every local save is durable (raising a failure nobody
-        has seen), then for the remote tier's copies to settle, up to
+        has seen) and replicated (replicas=1: each exchange bounded by
+        CKPTIO_REPLICA_TIMEOUT_S), then for the remote tier's copies to settle, up to
         `timeout` seconds (None: CKPTIO_REMOTE_COPY_TIMEOUT_S, one copy's
         deadline). Returns the remote work still pending, in words ([] when
         none): a hung object store never holds this for longer."""
         api.wait()
+        if self._replication is not None:  # replication after the saves, on its link's thread
+            self._replication.link.drain()
         if self.remote is None:
             return []
         return self.remote.wait(self._remote_timeout(timeout))

@@ -13,7 +13,9 @@ node, and parcels of files moved between them over torch.distributed (gloo).
   partner it is); ``transfer`` sends parcels only to the ranks that asked.
   A parcel is CRC-checked on arrival (``unpack``).
 - Every call here is collective over the link's group: every rank makes the
-  same calls in the same order.
+  same calls in the same order. Replication after a save runs on the link's
+  own thread (``submit``), so that a partner that is slow or hangs holds
+  replication only, never the save queue; ``drain`` waits for it.
 
 What a replica is and where it is kept is the caller's:
 ckptio.replication (a CheckpointManager's files) and ckptio.dcp_replicas
@@ -26,7 +28,10 @@ import json
 import os
 import threading
 import warnings
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
+from io import BufferedReader
 from typing import Any, Callable, Optional
 
 __all__ = ["PartnerLink", "default_partner", "pack", "unpack", "HEADER_BYTES"]
@@ -39,22 +44,28 @@ def default_partner(rank: int, world_size: int) -> int:
     return (rank + local) % world_size
 
 
-def pack(paths: list[str]) -> tuple[list[list[Any]], bytearray]:
-    """The files at `paths`, read once into one buffer: ([[name, nbytes,
-    crc32], ...], bytes)."""
+def pack(sources: Sequence[str | BufferedReader]) -> tuple[list[list[Any]], bytearray]:
+    """The files at `sources` (paths, or files opened earlier: a file pruned
+    since is still read whole), read once into one buffer: ([[name, nbytes,
+    crc32], ...], bytes). Files opened by the caller are closed here."""
     from . import _C
 
-    sizes = [os.path.getsize(p) for p in paths]
-    data = bytearray(sum(sizes))
-    files, at = [], 0
-    view = memoryview(data)
-    for path, size in zip(paths, sizes):
-        with open(path, "rb") as f:
+    opened = [open(s, "rb") if isinstance(s, str) else s for s in sources]
+    try:  # (the caller's files too: closing twice is harmless)
+        sizes = [os.fstat(f.fileno()).st_size for f in opened]
+        data = bytearray(sum(sizes))
+        files, at = [], 0
+        view = memoryview(data)
+        for f, size in zip(opened, sizes):
+            f.seek(0)
             if f.readinto(view[at:at + size]) != size:
-                raise OSError(f"{path}: changed size while it was read for its partner")
-        files.append([os.path.basename(path), size, _C.crc32(view[at:at + size])])
-        at += size
-    return files, data
+                raise OSError(f"{f.name}: changed size while it was read for its partner")
+            files.append([os.path.basename(str(f.name)), size, _C.crc32(view[at:at + size])])
+            at += size
+        return files, data
+    finally:
+        for f in opened:
+            f.close()
 
 
 def unpack(header: dict[str, Any], data: memoryview, sender: int) -> list[tuple[str, memoryview]]:
@@ -98,6 +109,33 @@ class PartnerLink:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout))
         self.broken: Optional[str] = None
         self.lock = threading.Lock()
+        self._lane: Optional[ThreadPoolExecutor] = None
+        self._last: Optional[Future[None]] = None
+
+    def submit(self, what: str, job: Callable[[], None], opened: tuple[BufferedReader, ...] = ()) -> None:
+        """Run replicating(what, job) on the link's own thread, after the
+        jobs submitted before it (the same order on every rank): a slow or
+        hung partner holds replication, never the saves behind it. The files
+        in `opened` (the job's to read) are closed once it has run or been
+        skipped."""
+        def run() -> None:
+            try:
+                self.replicating(what, job)
+            finally:
+                for f in opened:
+                    f.close()
+        if self._lane is None:
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-replicas")
+        self._last = self._lane.submit(run)
+
+    def drain(self) -> None:
+        """Block until the jobs submitted so far have run (each bounded by
+        CKPTIO_REPLICA_TIMEOUT_S; their failures are warnings). Collective
+        calls on the link (gather, transfer) come after a drain: the lane
+        uses the same group."""
+        last = self._last
+        if last is not None:
+            last.result()  # FIFO: the last job done, every one before it is
 
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's `obj` (JSON-able), by rank."""

@@ -101,6 +101,7 @@ def test_a_partner_that_hangs_costs_the_replica_timeout_never_a_save(tmp_path):
     assert report["steps"] == [1, 2, 3] and report["exact"], report
     assert len(report["warnings"]) == 1 and "rank 1" in report["warnings"][0], report
     assert 4 < report["seconds"] < 60, report  # CKPTIO_REPLICA_TIMEOUT_S=5, not gloo's 30 minutes
+    assert report["durable"] < 3, report  # the saves never waited for the hung partner
 
 
 def test_bad_replica_settings_are_named(tmp_path, monkeypatch):

@@ -27,7 +27,6 @@ every rank:
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 from .._paths import normalize_path
@@ -42,8 +41,6 @@ class ReplicatedCheckpoints:
     partner: Optional[Callable[[int, int], int]] = None  # the pairing (ckptio.partner_link)
     last_loaded_tier: Optional[str] = None  # "memory", "partner" or "local": where the last load read the checkpoint
     _ckptio_link: Any = None
-    _ckptio_lane: Optional[ThreadPoolExecutor] = None
-    _ckptio_pending: Optional[Future[None]] = None
 
     # --- Lightning's interface -------------------------------------------------
 
@@ -69,9 +66,6 @@ class ReplicatedCheckpoints:
         try:
             self.wait_for_replicas()  # the last replica lands before the processes go
         finally:
-            if self._ckptio_lane is not None:
-                self._ckptio_lane.shutdown(wait=True)
-                self._ckptio_lane = None
             super().teardown()  # type: ignore[misc]
 
     # --- ckptio's additions ----------------------------------------------------
@@ -79,9 +73,8 @@ class ReplicatedCheckpoints:
     def wait_for_replicas(self) -> None:
         """Block until this rank's replication jobs so far have run (each
         bounded by CKPTIO_REPLICA_TIMEOUT_S; failures are warnings)."""
-        pending, self._ckptio_pending = self._ckptio_pending, None
-        if pending is not None:
-            pending.result()
+        if self._ckptio_link is not None:
+            self._ckptio_link.drain()
 
     def _ckptio_distributed(self) -> bool:
         import torch.distributed as dist
@@ -104,7 +97,6 @@ class ReplicatedCheckpoints:
             from ..partner_link import PartnerLink
 
             self._ckptio_link = PartnerLink(self.partner)
-            self._ckptio_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptio-replicas")
         return self._ckptio_link
 
     def _ckptio_replicate(self, path: str, handle: Any) -> None:
@@ -126,8 +118,7 @@ class ReplicatedCheckpoints:
                     raise ValueError(f"rank {link.source} sent {name!r} for {header['path']!r:.200}")
                 keep_here(spec, str(header["path"]), len(replica), bytes_writer(replica, site="replica"))
 
-        assert self._ckptio_lane is not None  # made with the link
-        self._ckptio_pending = self._ckptio_lane.submit(link.replicating, path, exchange)
+        link.submit(path, exchange)  # on the link's thread, after rank 0's save (it waits for it)
 
     def _ckptio_restore(self, path: str) -> bool:
         """Collectively: a rank with neither `path` nor its image in its node's
@@ -138,6 +129,7 @@ class ReplicatedCheckpoints:
         from ..service.memory_tier import bytes_writer, keep_here
 
         link, plugin = self._ckptio_link_made(), self._ckptio_plugin()
+        link.drain()  # the replication of earlier saves uses the same group
         image = plugin._memory_image(path)
         everyone = link.gather({"own": image is not None or os.path.isfile(path), "has": image is not None})
         needs = {r: link.partners[r] for r in range(link.world)

@@ -104,10 +104,13 @@ class ShardedCheckpoints:
 
     def wait_for_checkpoints(self) -> None:
         """Block until this rank's sharded save in progress (if any) is
-        durable, meta.pt included; raise its failure."""
+        durable, meta.pt included, and replicated (replicas=1); raise its
+        failure."""
         pending, self._ckptio_pending = self._ckptio_pending, None
         if pending is not None:
             pending.result()
+        if self._ckptio_replicas is not None:  # and its replication, on the link's thread
+            self._ckptio_replicas.link.drain()
 
     def _ckptio_replica_link(self) -> Any:
         """The replicas' pairing and group (made collectively, on the first

@@ -19,6 +19,10 @@ ckptio.lightning.ModelParallelStrategy / FSDPStrategy), saves instead with
 - the next sharded save, a load, ``remove_checkpoint`` (ModelCheckpoint's
   top-k) and teardown wait for the saves before them; a save's failure is
   raised there, on every rank where it happened;
+- with ``replicas=1`` (and a memory tier), each rank's files also go to
+  its partner rank's node's memory tier, on a thread of their own, once
+  durable; a load first gives each rank whose node holds none of its files
+  its partner's replica (ckptio.dcp_replicas);
 - loads use ckptio's StorageReader (CRC-verified, metadata unpickled with an
   allowlist), straight into the module's and optimizers' own tensors.
 
@@ -76,6 +80,8 @@ class ShardedCheckpoints:
             super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
             return
         path = Path(self.broadcast(filepath))  # type: ignore[attr-defined]
+        if self._ckptio_replicas is None:  # collective, on every rank (a load may have made it already)
+            self._ckptio_replicas = self._ckptio_replica_link()
         self._ckptio_pending = self._save_sharded(checkpoint, path)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -152,8 +158,6 @@ class ShardedCheckpoints:
             self._ckptio_writer = StorageWriter(path)
             if distributed:  # DCP's collectives run in its background thread: a group of their own, never training's
                 self._ckptio_group = dist.new_group(backend="gloo")
-            if self._ckptio_replicas is None:  # (a load may have made it)
-                self._ckptio_replicas = self._ckptio_replica_link()
         alone: dict[str, Any] = {} if distributed else {"no_dist": True}  # (an argument of newer torch only)
         response: Any = dcp.async_save(state, checkpoint_id=path, storage_writer=self._ckptio_writer,
                                        process_group=self._ckptio_group, **alone)

@@ -61,7 +61,7 @@ def test_the_loss_of_rank_0s_node_resumes_from_its_partners_replica(tmp_path, mo
             os.kill(pid, 9)
 
 
-def test_replicas_need_the_async_plugin_with_a_memory_tier(tmp_path, monkeypatch):
+def test_replicas_need_a_memory_tier_and_a_process_group(tmp_path, monkeypatch):
     import ckptio.lightning
     from ckptio.plugins import AsyncCheckpointIO, FastCheckpointIO
 
@@ -73,6 +73,12 @@ def test_replicas_need_the_async_plugin_with_a_memory_tier(tmp_path, monkeypatch
         assert not (tmp_path / "x.ckpt").exists()
     with pytest.raises(ValueError, match="replicas must be 0 or 1"):
         ckptio.lightning.DDPStrategy(replicas=2)
+    with pytest.raises(ValueError, match="replicas=1 needs memory >= 1"):
+        ckptio.lightning.ModelParallelStrategy(replicas=1)
+    with pytest.raises(ValueError, match="torch.distributed"):  # one process: no partner to replicate to
+        ckptio.lightning.ModelParallelStrategy(memory=1, replicas=1).save_checkpoint(
+            {"state_dict": {"w": torch.ones(2)}, "optimizer_states": []}, tmp_path / "sharded")
+    assert not (tmp_path / "sharded").exists()
     monkeypatch.setenv("CKPTIO_REPLICA_TIMEOUT_S", "soon")
     with pytest.raises(ckptio.ConfigError, match="CKPTIO_REPLICA_TIMEOUT_S"):
         ckptio.lightning.DDPStrategy(replicas=1)

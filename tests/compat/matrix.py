@@ -2,14 +2,18 @@
 """The supported Python x torch matrix, tested as users get ckptio: from the
 built package, never from the source tree.
 
-For each entry: a fresh venv of that Python; the wheel built there from the
-sdist (build isolation on, so the sdist alone must build; for the first entry
-with nothing but the C/C++ toolchain on PATH), repaired by auditwheel into a
-manylinux wheel; then two stages:
+For each entry: a fresh venv of that Python and torch (made while the entry
+before it builds and tests: torch's download is ~80 s of a row); the wheel
+built there from the sdist (build isolation on, so the sdist alone must
+build; for the first entry with nothing but the C/C++ toolchain on PATH),
+repaired by auditwheel into a manylinux wheel; then two stages:
 
 1. base: the wheel, its torch and pytest only (none of the [cli] extras), and
    test_cli.py, whose base-install test then runs the real `ckptio` console
-   script with rich, matplotlib and safetensors truly absent;
+   script with rich, matplotlib and safetensors truly absent (on the rows
+   between the first and the last, only that test and the console script's
+   bad inputs: the rest of test_cli.py, ~1 minute a row, runs on the oldest
+   and newest rows and in `make test`);
 2. core: numpy, psutil and Lightning added, and the core tests (format round
    trip and byte identity with torch.save, the native pickler, corruption,
    async saves, load/load_into, DCP, a Lightning fit/resume).
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,7 +69,8 @@ MATRIX = [
     Entry("3.13", "torch==2.14.1", "lightning==2.6.6"),
 ]
 
-BASE_TESTS = ["test_cli.py"]
+BASE_TESTS = ["test_cli.py"]  # on the matrix's first and last rows (oldest and newest); the rows between:
+BASE_SMOKE = ["test_cli.py::test_console_script_on_this_install", "test_cli.py::test_console_script_bad_inputs"]
 CORE_TESTS = ["test_roundtrip.py", "test_native_pickler.py", "test_corruption.py", "test_async.py",
               "test_load_into.py", "test_dcp.py", "test_lightning.py", "test_unsafe_pickles.py",
               "test_hostile_corpus.py"]
@@ -90,8 +96,9 @@ def find_python(version: str) -> str:
 
 
 def run(cmd: list[str], log, **kwargs) -> subprocess.CompletedProcess:
-    """Run cmd with its output appended to log; raise on failure."""
-    log.write(f"\n$ {' '.join(cmd)}\n")
+    """Run cmd with its output appended to log (with the time it started, to
+    see where a row's minutes go); raise on failure."""
+    log.write(f"\n[{time.strftime('%H:%M:%S')}] $ {' '.join(cmd)}\n")
     log.flush()
     return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, **kwargs)
 
@@ -165,7 +172,7 @@ def run_tests(venv: str, files: list[str], junit: str, log, env_extra: dict | No
         cmd += ["-k", " and ".join(f"not {name}" for name in deselect)]
     if os.path.exists(junit):
         os.remove(junit)  # a run that dies before writing must not show an earlier run's counts
-    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.write(f"\n[{time.strftime('%H:%M:%S')}] $ {' '.join(cmd)}\n")
     log.flush()
     rc = subprocess.run(cmd, cwd=TESTS, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     counts = pytest_counts(junit) if os.path.exists(junit) else {"tests": 0, "passed": 0, "failures": 0,
@@ -187,24 +194,45 @@ def installed_from(venv: str) -> dict:
     return info
 
 
-def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool, keep_venv: bool) -> dict:
-    venv = os.path.join(work, "venvs", entry.name)
+def venv_of(entry: Entry, work: str) -> str:
+    return os.path.join(work, "venvs", entry.name)
+
+
+def log_of(entry: Entry, work: str) -> str:
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
-    log_path = os.path.join(work, "logs", f"{entry.name}.log")
+    return os.path.join(work, "logs", f"{entry.name}.log")
+
+
+def prepare_venv(entry: Entry, work: str) -> None:
+    """A fresh venv of the entry's Python holding its torch and pytest, and
+    nothing of ckptio yet. Run for the next row while this one builds and
+    tests: most of a row's minutes are torch's download (CUDA builds, ~3 GB)."""
+    venv = venv_of(entry, work)
+    with open(log_of(entry, work), "w") as log:
+        shutil.rmtree(venv, ignore_errors=True)
+        run([find_python(entry.python), "-m", "venv", venv], log)
+        pip_install(venv, ["--upgrade", "pip"], log)
+        pip_install(venv, [entry.torch, "pytest"], log)
+
+
+def test_entry(entry: Entry, prepared: Future[None], sdist: str, work: str, compiler_only: bool,
+               keep_venv: bool, whole_cli: bool = True) -> dict:
+    """The row's result, once `prepared` (its prepare_venv) is done.
+    `whole_cli`: the base stage runs all of test_cli.py, else BASE_SMOKE."""
+    venv, log_path = venv_of(entry, work), log_of(entry, work)
     result: dict = {"python": entry.python, "torch": entry.torch, "lightning": entry.lightning, "log": log_path}
     started = time.monotonic()
-    with open(log_path, "w") as log:
-        try:
-            shutil.rmtree(venv, ignore_errors=True)
-            run([find_python(entry.python), "-m", "venv", venv], log)
-            pip_install(venv, ["--upgrade", "pip"], log)
+    try:
+        prepared.result()
+        with open(log_path, "a") as log:
             wheel, show = build_wheel(venv, sdist, work, log, compiler_only)
             result["wheel"], result["auditwheel_show"] = os.path.basename(wheel), show
             result["built_with"] = ("only a compiler on PATH: CMake, Ninja from PyPI" if compiler_only
                                     else "the machine's PATH")
             pip_install(venv, [wheel, entry.torch, "pytest"], log)
             result["installed"] = installed_from(venv)
-            result["base"] = run_tests(venv, BASE_TESTS, os.path.join(work, "logs", f"{entry.name}-base.xml"), log,
+            result["base"] = run_tests(venv, BASE_TESTS if whole_cli else BASE_SMOKE,
+                                       os.path.join(work, "logs", f"{entry.name}-base.xml"), log,
                                        {"CKPTIO_EXPECT_BASE_INSTALL": "1"})
             extras = ["numpy", "psutil", entry.lightning, entry.torch]
             if entry.python == "3.9":
@@ -212,12 +240,13 @@ def test_entry(entry: Entry, sdist: str, work: str, compiler_only: bool, keep_ve
             pip_install(venv, extras, log)
             result["core"] = run_tests(venv, CORE_TESTS, os.path.join(work, "logs", f"{entry.name}-core.xml"), log,
                                        deselect=CORE_DESELECTED)
-        except (subprocess.CalledProcessError, RuntimeError, ValueError, SystemExit) as e:
+    except (subprocess.CalledProcessError, RuntimeError, ValueError, SystemExit) as e:
+        with open(log_path, "a") as log:
             log.write(f"\nmatrix: {entry.name} stopped: {e}\n")
-            result["error"] = str(e)
+        result["error"] = str(e)
     if not keep_venv:
         shutil.rmtree(venv, ignore_errors=True)  # ~5 GB a row (CUDA builds of torch): five would fill a small disk
-    result["seconds"] = round(time.monotonic() - started, 1)
+    result["seconds"] = round(time.monotonic() - started, 1)  # past its preparation, which overlaps the row before
     result["ok"] = "error" not in result and all(result.get(stage, {}).get("ok") for stage in ("base", "core"))
     return result
 
@@ -266,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(work, "sdist.log"), "w") as log:
         sdist = build_sdist(work, log)
     results = []
-    for i, entry in enumerate(entries):
-        print(f"matrix: Python {entry.python} x {entry.torch} ...", flush=True)
-        results.append(test_entry(entry, sdist, work, compiler_only=i == 0, keep_venv=args.keep_venvs))
+    with ThreadPoolExecutor(max_workers=1) as preparer:  # one row ahead: at most two venvs on disk
+        prepared = preparer.submit(prepare_venv, entries[0], work)
+        for i, entry in enumerate(entries):
+            print(f"matrix: Python {entry.python} x {entry.torch} ...", flush=True)
+            this_row, prepared = prepared, (preparer.submit(prepare_venv, entries[i + 1], work)
+                                            if i + 1 < len(entries) else None)
+            results.append(test_entry(entry, this_row, sdist, work, compiler_only=i == 0,
+                                      keep_venv=args.keep_venvs, whole_cli=i in (0, len(entries) - 1)))
     print(f"\nckptio from {os.path.basename(sdist)}: the wheel built and installed in a fresh venv per row\n")
     print_table(results)
     for r in results:

@@ -1,6 +1,7 @@
 """What replicas cost and what they buy: CheckpointManager(replicas=1) on
 4 gloo ranks as 2 "nodes" (each node its own checkpoint service, memory tier
-and local directory, as tests/replica_cases.py), a file:// remote tier.
+in /dev/shm and local directory on disk, as tests/replica_cases.py), a
+file:// remote tier.
 
 - Training-step cost: a step of fixed work (matmuls) with an async save after
   each, same job shape with replicas=0 and replicas=1 (interleaved runs):
@@ -31,8 +32,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 WORLD, LOCAL = 4, 2
 
 
+def _service_dir(root: str, node: int) -> str:
+    """A node's service directory, and so its memory tier: in RAM (under
+    /dev/shm, as the service's default), apart from the node's checkpoints
+    on disk under `root`."""
+    return os.path.join(os.environ["BENCH_RAM"], os.path.basename(root), f"node{node}", "service")
+
+
 def _environment(rank: int, root: str) -> None:
-    os.environ.update(LOCAL_WORLD_SIZE=str(LOCAL), CKPTIO_SERVICE_DIR=f"{root}/node{rank // LOCAL}/service",
+    os.environ.update(LOCAL_WORLD_SIZE=str(LOCAL), CKPTIO_SERVICE_DIR=_service_dir(root, rank // LOCAL),
                       CKPTIO_SERVICE_IDLE_S="5", CKPTIO_MEMORY_KEEP_S="600")
 
 
@@ -80,21 +88,45 @@ def resume(rank: int, world: int, port: int, root: str, out: str, name: str) -> 
 
     _init(rank, world, port)
     manager = _manager(rank, root, 1)
+    phases = _timed_phases(manager)
     start = time.perf_counter()
     manager.load_latest()
     seconds = time.perf_counter() - start
     assert manager.last_loaded is not None
     with open(os.path.join(out, f"{name}{rank}.json"), "w") as f:
-        json.dump({"seconds": seconds, "tier": manager.last_loaded.tier, "step": manager.last_loaded.step}, f)
+        json.dump({"seconds": seconds, "tier": manager.last_loaded.tier, "step": manager.last_loaded.step,
+                   "phases": phases}, f)
     manager.close()
     _finish()
+
+
+def _timed_phases(manager):  # type: ignore[no-untyped-def]
+    """Where load_latest's time goes ({phase: s}, filled as it runs): listing
+    the tiers (remote included), the agreement, the partner transfer."""
+    phases: dict[str, float] = {}
+
+    def timed(owner, attribute: str, phase: str) -> None:  # type: ignore[no-untyped-def]
+        inner = getattr(owner, attribute)
+
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+        setattr(owner, attribute, wrapper)
+    timed(manager, "_tiered_candidates", "list tiers")
+    timed(manager._replication, "agree", "agree")
+    timed(manager._replication, "transfer", "transfer")
+    return phases
 
 
 def _lose_node(root: str, node: int) -> None:
     from conftest import service_pids
 
-    for pid in service_pids(f"{root}/node{node}/service"):
+    for pid in service_pids(_service_dir(root, node)):
         os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(os.path.dirname(_service_dir(root, node)), ignore_errors=True)
     shutil.rmtree(f"{root}/node{node}", ignore_errors=True)
 
 
@@ -147,9 +179,13 @@ def main() -> int:
     train_runs: dict[int, list[dict]] = {0: [], 1: []}
     recovery: dict[str, list[float]] = {"partner": [], "remote": []}
     tiers: dict[str, list[str]] = {}
+    phase_s: dict[str, dict[str, list[float]]] = {"partner": {}, "remote": {}}
     cold = False
     server = _start_s3() if args.remote == "s3" else None
-    with tempfile.TemporaryDirectory(prefix="ckptio-replication-", dir=args.dir or os.getcwd()) as work:
+    ram = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    with tempfile.TemporaryDirectory(prefix="ckptio-replication-", dir=args.dir or os.getcwd()) as work, \
+            tempfile.TemporaryDirectory(prefix="ckptio-replication-", dir=ram) as memory:
+        os.environ["BENCH_RAM"] = memory  # the ranks (spawned after) put their nodes' memory tiers there
         for rep in range(args.reps):
             for replicas in (0, 1):
                 root, out = os.path.join(work, f"r{rep}-{replicas}"), os.path.join(work, f"out{rep}-{replicas}")
@@ -165,8 +201,11 @@ def main() -> int:
                     run(resume, WORLD, root, out, "remote")
                     for name in ("partner", "remote"):
                         ranks = _read(out, name)
-                        recovery[name].append(max(r["seconds"] for r in ranks))
+                        slowest = max(ranks, key=lambda r: r["seconds"])
+                        recovery[name].append(slowest["seconds"])
                         tiers[name] = [r["tier"] for r in ranks]
+                        for phase, seconds in slowest["phases"].items():
+                            phase_s[name].setdefault(phase, []).append(seconds)
                 for node in (0, 1):
                     _lose_node(root, node)
             print(f"rep {rep + 1}/{args.reps} done", flush=True)
@@ -189,12 +228,16 @@ def main() -> int:
     print(f"\nrecovery, every rank's load_latest (max over ranks): node 0 lost, {tiers.get('partner')}: "
           f"{partner:.3f} s; both nodes lost, {tiers.get('remote')} ({where}): {remote:.3f} s; "
           f"{remote / partner:.2f}x")
+    for name in ("partner", "remote"):
+        split = ", ".join(f"{phase} {statistics.median(p):.3f}" for phase, p in phase_s[name].items())
+        print(f"  {name}: load_latest's phases on the slowest rank (median s): {split}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"mib_per_rank": args.mib, "steps": args.steps, "reps": args.reps, "remote": args.remote,
                    "step_s": step_s,
                    "drain_s": drain_s, "recovery_s": {"partner": partner, "remote": remote}, "tiers": tiers,
-                   "cold_cache": cold, "train_runs": train_runs, "recovery_runs": recovery}, f, indent=2)
+                   "cold_cache": cold, "train_runs": train_runs, "recovery_runs": recovery,
+                   "recovery_phases_s": phase_s}, f, indent=2)
     return 0
 
 

@@ -99,10 +99,16 @@ class DcpReplicas:
 
     def after_save(self, path: str | os.PathLike[str]) -> None:
         """After ``dcp.save`` of `path` returned on every rank (its files
-        durable): this rank's files into its node's memory tier and its
-        partner's. Collective; a replication failure is a warning."""
+        durable): this rank's files into its node's memory tier and, on a
+        thread of their own (``wait``), its partner's. Collective; a
+        replication failure is a warning."""
         keep_in_memory(Path(path), self.link.rank, self.newest, self.rank0_extras)
         self.replicate(Path(path))
+
+    def wait(self) -> None:
+        """Block until the replication of every after_save so far has run
+        (each exchange bounded by CKPTIO_REPLICA_TIMEOUT_S)."""
+        self.link.drain()
 
     def reader(self, path: str | os.PathLike[str], **kwargs: Any) -> Any:
         """Collectively (``restore``): a ckptio StorageReader of `path` that

@@ -301,16 +301,16 @@ class CheckpointManager:
                 paths = newer + [target] + [p for p in paths if p not in newer]
         return paths
 
-    def _tiered_candidates(self) -> list[tuple[int, str, str]]:
+    def _tiered_candidates(self, remote: bool = True) -> list[tuple[int, str, str]]:
         """(step, tier, path or URL), newest first, memory before local before
         remote at an equal step; an unreachable remote tier is warned about
-        and skipped."""
+        and skipped (`remote=False`: not listed)."""
         found = [(self._step_in(p), "local", p) for p in self._candidates()]
         from .service.memory_tier import images
 
         if self.memory:  # a manager made without a memory tier reads disk only
             found += [(s, "memory", p) for s, p in images(self._memory_folder, self._pattern).items()]
-        if self.remote is not None:
+        if self.remote is not None and remote:
             try:
                 found += [(s, "remote", self._remote_url(s)) for s in self._remote_steps_in_time()]
             except Exception as e:  # noqa: BLE001 - the local tier still serves
@@ -340,9 +340,7 @@ class CheckpointManager:
         damaged newest checkpoint may have been partly read into `into`
         before its damage showed; the older checkpoint then loaded rewrites
         every tensor it pairs with."""
-        candidates = self._tiered_candidates()
-        if self._replication is not None:
-            candidates = self._agree_with_the_other_ranks(candidates)
+        candidates = self._tiered_candidates() if self._replication is None else self._agree_with_the_other_ranks()
         damaged: list[CheckpointIOError | CorruptCheckpointError] = []
         for step, tier, path in candidates:
             try:
@@ -371,19 +369,30 @@ class CheckpointManager:
         raise CheckpointNotFoundError(2, f"no intact checkpoint in {where} ({len(damaged)} damaged or unreadable)",
                                       self.directory)
 
-    def _agree_with_the_other_ranks(self, candidates: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    def _agree_with_the_other_ranks(self) -> list[tuple[int, str, str]]:
         """Collectively: the newest step every rank can recover, this rank's
         candidates for it (its partner's replica, received now, where it has
-        none of its own)."""
+        none of its own). The remote tier is listed only when it might hold
+        a newer step than the other tiers give every rank (listing an object
+        store takes seconds), and for a fallback if the step fails to load."""
         assert self._replication is not None  # called with replicas only
         self._replication.link.drain()  # the replication of earlier saves uses the same group
-        near = {s for s, tier, _ in candidates if tier != "remote"}
-        step, needs = self._replication.agree(near, {s for s, tier, _ in candidates if tier == "remote"},
-                                              self._pattern)
+        candidates = self._tiered_candidates(remote=False)
+        near = {s for s, _, _ in candidates}
+        self._replication.check_held(self._pattern)
+        step, needs = self._replication.agree(near, None)
+        listed_remote = step is None
+        if listed_remote:
+            candidates = self._tiered_candidates()
+            step, needs = self._replication.agree(near, {s for s, tier, _ in candidates if tier == "remote"})
+        assert step is not None  # agreed, or raised, with the remote tiers listed
         received = self._replication.transfer(step, needs, self._keep_restored)
         if received is not None:
             return [(step, "partner", received)]
-        return [c for c in candidates if c[0] == step]
+        chosen = [c for c in candidates if c[0] == step]
+        if not listed_remote and self.remote is not None:  # tried (unlisted) only if the nearer ones fail
+            chosen.append((step, "remote", self._remote_url(step)))
+        return chosen
 
     def _keep_restored(self, step: int, data: memoryview) -> str:
         """This rank's checkpoint, back from its partner: kept in its own

@@ -125,20 +125,34 @@ class Replication:
 
     # --- resume ----------------------------------------------------------------
 
-    def agree(self, near: set[int], far: set[int], pattern: Any) -> tuple[int, dict[int, int]]:
+    def check_held(self, pattern: Any) -> None:
+        """Find the whole replicas this rank holds, for agree() and transfer()."""
+        self._held = self.held_steps(pattern)
+
+    def agree(self, near: set[int], far: Optional[set[int]]) -> tuple[Optional[int], dict[int, int]]:
         """Collectively: the newest step every rank can recover and which
-        ranks take it from their partner ({rank: partner}). `near`: steps
-        this rank holds in its memory or local tier (read before a partner's
-        replica); `far`: in its remote tier (read after). Raises
-        CheckpointNotFoundError (on every rank) when there is none."""
+        ranks take it from their partner ({rank: partner}), the replicas
+        held being those check_held() found. `near`: steps this rank holds in
+        its memory or local tier (read before a partner's replica); `far`:
+        in its remote tier (read after), or None when not listed yet: then
+        (None, {}) on every rank if the remote tiers might matter, and the
+        caller lists them and agrees again. Raises CheckpointNotFoundError
+        (on every rank) when there is none."""
         from .errors import CheckpointNotFoundError
 
-        self._held = self.held_steps(pattern)  # whole replicas only: transfer() sends one of these
-        everyone = self.link.gather({"near": sorted(near), "far": sorted(far), "held": sorted(self._held)})
+        everyone = self.link.gather({"near": sorted(near), "far": sorted(far or ()), "held": sorted(self._held)})
         world, partners = self.link.world, self.link.partners
         replicas = [set(everyone[partners[r]]["held"]) for r in range(world)]  # r's, at its partner
         recoverable = [set(everyone[r]["near"]) | replicas[r] | set(everyone[r]["far"]) for r in range(world)]
         common = set.intersection(*recoverable)
+        if far is None:
+            # A rank copies a step to its remote tier only once it is durable locally, and every rank saves
+            # the same steps: no remote tier holds a step newer than the newest any rank still holds near
+            # it or in a replica. When every rank can recover that one, listing the remote tiers (seconds on
+            # an object store) cannot change the answer; otherwise it may.
+            newest = max((max(r) for r in recoverable if r), default=None)
+            if newest is None or newest not in common:
+                return None, {}
         if not common:
             raise CheckpointNotFoundError(2, "no step every rank can recover from its memory, local or remote tier "
                                           "or its partner's replica (steps per rank: "

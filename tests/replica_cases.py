@@ -48,11 +48,15 @@ def train(rank, world, port, root, killed_node):
 def resume(rank, world, port, root, out):
     _init(rank, world, port)
     manager = manager_of(rank, root)
+    listings = []
+    list_remote = manager._remote_steps_in_time
+    manager._remote_steps_in_time = lambda: listings.append(1) or list_remote()  # counts the remote listings
     state = manager.load_latest()
     expected = state_of(rank, manager.last_loaded.step)
     exact = state["step"] == expected["step"] and all(torch.equal(state[k], expected[k]) for k in ("w", "b"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"step": manager.last_loaded.step, "tier": manager.last_loaded.tier, "exact": exact}, f)
+        json.dump({"step": manager.last_loaded.step, "tier": manager.last_loaded.tier, "exact": exact,
+                   "listed_remote": len(listings)}, f)
     manager.close()
     _finish()
 
@@ -128,6 +132,7 @@ def dcp_checkpoints(rank, world, port, root, out):
         replicas.after_save(path)
 
     def lose_node_1(step, damage):
+        replicas.wait()  # every replica kept (on the replication thread) before the node goes
         dist.barrier()
         if rank == 1:
             shutil.rmtree(f"{root}/node1/service/memory")

@@ -56,6 +56,14 @@ def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_rem
     try:
         _train_then_kill_node(root, 0)
         _lose_node(root, 0)
+        ranks = _resume(root, "lost")
+        assert [r["step"] for r in ranks] == [3, 3, 3, 3] and all(r["exact"] for r in ranks), ranks
+        assert [r["tier"] for r in ranks] == ["partner", "partner", "memory", "memory"], ranks
+        # Every rank recovers the newest step any rank holds: the remote tier (seconds to list on an object
+        # store) is not listed.
+        assert [r["listed_remote"] for r in ranks] == [0, 0, 0, 0], ranks
+
+        _lose_node(root, 0)  # again, and now one of its ranks' replicas is damaged
         replica = _replica_of(root, owner=0, holder_node=1)  # rank 2 keeps rank 0's newest: damage it
         data = bytearray(replica.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -64,6 +72,7 @@ def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_rem
         assert [r["step"] for r in ranks] == [3, 3, 3, 3] and all(r["exact"] for r in ranks), ranks
         # rank 0: its replica is damaged, so the next tier (remote); rank 1: its partner's memory.
         assert [r["tier"] for r in ranks] == ["remote", "partner", "memory", "memory"], ranks
+        assert all(r["listed_remote"] for r in ranks), ranks
 
         _lose_node(root, 0)
         _lose_node(root, 1)

@@ -174,3 +174,15 @@ def service_pids(directory, under: bool = False) -> list:
         if served and any(b"ckptio.service.server" in a for a in args):
             pids.append(int(entry))
     return pids
+
+
+def run_fit_script(script: str, *args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the 2-process Lightning fit scripts here (sharded_fit.py,
+    ddp_replica_fit.py) with `args`; assert it succeeded."""
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, os.path.join(here, script), *map(str, args)], cwd=here,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

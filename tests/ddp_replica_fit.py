@@ -25,26 +25,11 @@ os.environ["CKPTIO_SERVICE_DIR"] = os.path.join(root, f"node{rank}")  # before c
 import lightning.pytorch as pl  # noqa: E402
 
 import ckptio.lightning  # noqa: E402
+from lightning_models import step_model_class  # noqa: E402
 from ckptio.plugins import AsyncCheckpointIO  # noqa: E402
 
 
-class Model(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-
-    def training_step(self, batch, batch_idx):
-        self.log("step", float(self.global_step))
-        return self.layers(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(1)
-        return torch.utils.data.DataLoader(torch.randn(64, 32, generator=g), batch_size=4)
-
+class Model(step_model_class(pl)):
     def _dump(self):
         if self.global_rank == 0:
             torch.save({"model": self.state_dict(), "optimizer": self.trainer.optimizers[0].state_dict(),

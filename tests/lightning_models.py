@@ -47,6 +47,29 @@ def _define(pl, name):
     return TinyModel
 
 
+def step_model_class(pl):
+    """The model of the 2-process fit scripts (sharded_fit.py, ddp_replica_fit.py):
+    two linear layers, logging its step for ModelCheckpoint(monitor="step")."""
+    class StepModel(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+        def training_step(self, batch, batch_idx):
+            self.log("step", float(self.global_step))
+            return self.layers(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def train_dataloader(self):
+            g = torch.Generator().manual_seed(1)
+            return torch.utils.data.DataLoader(torch.randn(64, 32, generator=g), batch_size=4)
+
+    return StepModel
+
+
 def trainer_kwargs(tmp_path, **extra):
     kwargs = dict(
         default_root_dir=str(tmp_path),

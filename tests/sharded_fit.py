@@ -22,6 +22,7 @@ import sys
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from lightning_models import step_model_class
 from torch.distributed.fsdp import fully_shard
 
 mode, kind, root, out = sys.argv[1:5]
@@ -30,29 +31,13 @@ namespace = sys.argv[6] if len(sys.argv) > 6 else "lightning"
 pl = importlib.import_module("lightning.pytorch" if namespace == "lightning" else "pytorch_lightning")
 
 
-class Model(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-
+class Model(step_model_class(pl)):
     def configure_model(self):
         mesh = self.device_mesh["data_parallel"]
         for layer in self.layers:
             if isinstance(layer, torch.nn.Linear):
                 fully_shard(layer, mesh=mesh)
         fully_shard(self.layers, mesh=mesh)
-
-    def training_step(self, batch, batch_idx):
-        self.log("step", float(self.global_step))
-        return self.layers(batch).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(1)
-        return torch.utils.data.DataLoader(torch.randn(64, 32, generator=g), batch_size=4)
 
     def _dump(self):
         msd, osd = get_state_dict(self, self.trainer.optimizers,

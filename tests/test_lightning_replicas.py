@@ -5,21 +5,14 @@ with its own checkpoint service."""
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import service_pids
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import run_fit_script, service_pids
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "ddp_replica_fit.py"), *map(str, args)], cwd=HERE,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return run_fit_script("ddp_replica_fit.py", *args)
 
 
 def _images(service_directory):

@@ -6,22 +6,15 @@ directories read with stock DCP, and stock Lightning's sharded checkpoints
 read with ckptio's strategy."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from conftest import leftover_temporaries
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+from conftest import leftover_temporaries, run_fit_script
 
 
 def _run(*args):
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "sharded_fit.py"), *map(str, args)], cwd=HERE,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
+    return run_fit_script("sharded_fit.py", *args)
 
 
 def _assert_same_state(a, b):

@@ -1,7 +1,7 @@
 """4 gloo ranks as 2 "nodes" for tests/test_replication.py: ranks 0-1 on
 node 0, ranks 2-3 on node 1, each node with its own checkpoint service
 (socket directory and memory tier) and local checkpoint directory, and a
-shared remote tier (file://). LOCAL_WORLD_SIZE=2: rank r's partner is
+shared remote tier (REPLICA_REMOTE: the test's S3 server; else file://). LOCAL_WORLD_SIZE=2: rank r's partner is
 (r + 2) % 4, on the other node."""
 
 import json
@@ -27,8 +27,9 @@ def manager_of(rank, root):
     node = rank // LOCAL
     os.environ.update(LOCAL_WORLD_SIZE=str(LOCAL), CKPTIO_SERVICE_DIR=f"{root}/node{node}/service",
                       CKPTIO_SERVICE_IDLE_S="2", CKPTIO_MEMORY_KEEP_S="300")
+    remote = os.environ.get("REPLICA_REMOTE") or f"file://{root}/remote"  # the test's S3 server (moto)
     return ckptio.CheckpointManager(f"{root}/node{node}/ckpt/rank{rank}", keep_last=2, memory=2, replicas=1,
-                                    remote=f"file://{root}/remote/rank{rank}")
+                                    remote=f"{remote}/rank{rank}")
 
 
 def train(rank, world, port, root, killed_node):

@@ -3,8 +3,8 @@
 tier and local directory (tests/replica_cases.py). A node lost whole (its
 service SIGKILLed, its memory tier and local checkpoints deleted) resumes
 every rank at the newest step, the lost ranks from their partners'
-replicas, every tensor identical; both nodes lost, from the remote tier.
-The lost node's ranks are SIGKILLed once their saves are durable and
+replicas, every tensor identical; both nodes lost, from the remote tier (a
+local S3 server). The lost node's ranks are SIGKILLed once their saves are durable and
 replicated."""
 
 import json
@@ -15,6 +15,7 @@ import signal
 import dcp_cases
 import replica_cases
 from conftest import service_pids
+from s3_server import s3  # noqa: F401 (a fixture)
 
 
 def _lose_node(root, node):
@@ -51,7 +52,12 @@ def _resume(root, name):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(replica_cases.WORLD)]
 
 
-def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_remote_tier(tmp_path):
+def test_a_lost_node_resumes_from_its_partners_memory_and_both_lost_from_the_remote_tier(tmp_path, s3, monkeypatch):
+    fs, _ = s3  # the remote tier: a local S3 server (moto), reached by the spawned ranks through fsspec's variables
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", fs.client_kwargs.get("endpoint_url") or fs.endpoint_url)
+    monkeypatch.setenv("FSSPEC_S3_KEY", "testing")
+    monkeypatch.setenv("FSSPEC_S3_SECRET", "testing")
+    monkeypatch.setenv("REPLICA_REMOTE", "s3://ckpts/replicas")
     root = tmp_path / "job"
     try:
         _train_then_kill_node(root, 0)

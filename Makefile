@@ -75,6 +75,9 @@ test-xla: $(XLA_VENV)/.deps
 # The engine built with AddressSanitizer + UndefinedBehaviorSanitizer, then
 # with ThreadSanitizer, each installed beside (not over) the normal build and
 # preloaded into the venv's Python for the tests that drive the engine.
+# (Not test_power_loss.py: it checks which syscalls the commit protocol makes,
+# which no sanitizer sees, through engine paths the listed tests cover; it
+# took ~2 of the stage's ~9 minutes.)
 SANITIZE_BUILD = $(BIN)/pip install -q --no-build-isolation --no-deps --force-reinstall --target .sanitize/$(1) \
 	--config-settings=build-dir=build/$(1) --config-settings=cmake.build-type=RelWithDebInfo \
 	"--config-settings=cmake.define.CKPTIO_SANITIZE_FLAGS=$(2)" .
@@ -91,12 +94,12 @@ test-sanitize: $(VENV)/.deps
 	    PYTHONPATH=../.sanitize/asan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
 	    test_roundtrip.py test_corruption.py test_failures.py test_config.py test_zip64.py test_faults.py \
 	    test_hostile.py test_hostile_corpus.py test_unsafe_pickles.py test_native_pickler.py test_load_into.py \
-	    test_power_loss.py || (cat ../.sanitize/*.log* 2>/dev/null; exit 1)
+	    || (cat ../.sanitize/*.log* 2>/dev/null; exit 1)
 	$(call SANITIZE_BUILD,tsan,-fsanitize=thread)
 	cd tests && OMP_NUM_THREADS=1 LD_PRELOAD="$$(gcc -print-file-name=libtsan.so)" \
 	    TSAN_OPTIONS="halt_on_error=1 suppressions=$$PWD/tsan.supp log_path=../.sanitize/tsan.log" \
 	    PYTHONPATH=../.sanitize/tsan ../$(BIN)/python -m pytest -q -p no:cacheprovider \
-	    test_async.py test_gil.py test_manager.py test_concurrency.py test_load_into.py test_power_loss.py \
+	    test_async.py test_gil.py test_manager.py test_concurrency.py test_load_into.py \
 	    -k "not exit_without_waiting and not sigkill" \
 	    || (cat ../.sanitize/tsan.log* 2>/dev/null; exit 1)
 

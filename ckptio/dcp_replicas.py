@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-from io import BufferedReader
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,26 +123,15 @@ class DcpReplicas:
         copy where there is one) to the partner and keep the source rank's,
         on the link's thread. Called in the same order on every rank; never
         raises."""
-        if self.link.broken is not None:
-            return
         mine = memory_folder(path, self.link.rank)
-        opened: list[BufferedReader] = []
-        failure: Optional[OSError] = None
-        try:  # now: the directory may be removed (top-k) or saved over before the lane runs
-            for name in _names(self.link.rank, self.rank0_extras):
-                copy = os.path.join(mine, name)
-                opened.append(open(copy if os.path.isfile(copy) else os.fspath(path / name), "rb"))
-        except OSError as e:
-            failure = e
+        paths = [copy if os.path.isfile(copy := os.path.join(mine, name)) else os.fspath(path / name)
+                 for name in _names(self.link.rank, self.rank0_extras)]
 
-        def exchange() -> None:
-            if failure is not None:
-                raise failure
-            files, data = pack(opened)
+        def exchange(files: list[list[Any]], data: bytearray) -> None:
             header, incoming = self.link.exchange({"path": os.fspath(path), "owner": self.link.rank,
                                                    "files": files}, data)
             self._keep_replica(header, memoryview(incoming))
-        self.link.submit(os.fspath(path), exchange, tuple(opened))
+        self.link.submit(os.fspath(path), paths, exchange)
 
     def _keep_replica(self, header: dict[str, Any], data: memoryview) -> None:
         source = self.link.source

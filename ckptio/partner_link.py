@@ -51,7 +51,7 @@ def pack(sources: Sequence[str | BufferedReader]) -> tuple[list[list[Any]], byte
     from . import _C
 
     opened = [open(s, "rb") if isinstance(s, str) else s for s in sources]
-    try:  # (the caller's files too: closing twice is harmless)
+    try:  # (files opened by the caller too: closing twice is harmless)
         sizes = [os.fstat(f.fileno()).st_size for f in opened]
         data = bytearray(sum(sizes))
         files, at = [], 0
@@ -112,15 +112,30 @@ class PartnerLink:
         self._lane: Optional[ThreadPoolExecutor] = None
         self._last: Optional[Future[None]] = None
 
-    def submit(self, what: str, job: Callable[[], None], opened: tuple[BufferedReader, ...] = ()) -> None:
-        """Run replicating(what, job) on the link's own thread, after the
-        jobs submitted before it (the same order on every rank): a slow or
-        hung partner holds replication, never the saves behind it. The files
-        in `opened` (the job's to read) are closed once it has run or been
-        skipped."""
+    def submit(self, what: str, paths: Sequence[str], job: Callable[[list[list[Any]], bytearray], None]) -> None:
+        """Run job(*pack(paths)) on the link's own thread, after the jobs
+        submitted before it (the same order on every rank), as
+        replicating(what, ...): a slow or hung partner holds replication,
+        never the saves behind it. The files are opened now: a pruning or
+        a top-k removal before the thread reads them cannot pull them away."""
+        if self.broken is not None:
+            return
+        opened: list[BufferedReader] = []
+        try:
+            for path in paths:
+                opened.append(open(path, "rb"))
+        except OSError as e:
+            failure: Optional[OSError] = e
+        else:
+            failure = None
+
         def run() -> None:
             try:
-                self.replicating(what, job)
+                def packed_job() -> None:
+                    if failure is not None:
+                        raise failure  # this rank cannot send: replication fails here, as its partner's will
+                    job(*pack(opened))
+                self.replicating(what, packed_job)
             finally:
                 for f in opened:
                     f.close()

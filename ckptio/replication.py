@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from io import BufferedReader
 from typing import Any, Callable, Optional
 
 from .partner_link import PartnerLink, default_partner, pack, unpack
@@ -76,27 +75,14 @@ class Replication:
         """Send `path` (step `step`, durable) to the partner; receive and keep
         the source rank's, on the link's thread. Called on the save queue, in
         the same order on every rank; never raises."""
-        if self.link.broken is not None:
-            return
-        try:
-            opened: tuple[BufferedReader, ...] = (open(path, "rb"),)  # now: keep_last may prune it before the lane runs
-        except OSError as e:
-            failure: Optional[OSError] = e
-            opened = ()
-        else:
-            failure = None
-
-        def exchange() -> None:
-            if failure is not None:
-                raise failure
-            files, data = pack(opened)
+        def exchange(files: list[list[Any]], data: bytearray) -> None:
             header, incoming = self.link.exchange({"step": step, "owner": self.rank, "files": files}, data)
             if header.get("owner") != self.source or not isinstance(header.get("step"), int) \
                     or len(header["files"]) != 1:
                 raise ValueError(f"rank {self.source} sent an unexpected replica header {header!r:.200}")
             ((name, replica),) = unpack(header, memoryview(incoming), self.source)
             self._keep(name, replica, pattern)
-        self.link.submit(path, exchange, opened)
+        self.link.submit(path, [path], exchange)
 
     def _keep(self, name: str, data: memoryview, pattern: Any) -> None:
         """Keep a received replica: written whole, verified, then the older ones go."""

@@ -102,7 +102,7 @@ class ReplicatedCheckpoints:
     def _ckptio_replicate(self, path: str, handle: Any) -> None:
         link, plugin = self._ckptio_link_made(), self._ckptio_plugin()
 
-        def exchange() -> None:
+        def exchange(_: list[list[Any]], __: bytearray) -> None:  # its file exists only once rank 0's save is done
             from ..partner_link import pack, unpack
             from ..service.memory_tier import bytes_writer, keep_here
 
@@ -118,7 +118,7 @@ class ReplicatedCheckpoints:
                     raise ValueError(f"rank {link.source} sent {name!r} for {header['path']!r:.200}")
                 keep_here(spec, str(header["path"]), len(replica), bytes_writer(replica, site="replica"))
 
-        link.submit(path, exchange)  # on the link's thread, after rank 0's save (it waits for it)
+        link.submit(path, [], exchange)  # on the link's thread, after rank 0's save (it waits for it)
 
     def _ckptio_restore(self, path: str) -> bool:
         """Collectively: a rank with neither `path` nor its image in its node's
